@@ -1,0 +1,99 @@
+"""Trainable parts of GLASS: the feature adaptor (projection), the discriminator, and patch bookkeeping.
+
+Module names match the reference so that its checkpoints
+(``{"discriminator": ..., "pre_projection": ...}``) load unchanged:
+``layers.{i}fc`` in the projection, ``body.block{k}`` and ``tail`` in the discriminator.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def init_weight(module: torch.nn.Module) -> None:
+    """Xavier-normal Linear weights (biases keep PyTorch's default); DCGAN-style conv/BN init."""
+    if isinstance(module, torch.nn.Linear):
+        torch.nn.init.xavier_normal_(module.weight)
+    if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.data.normal_(1.0, 0.02)
+        module.bias.data.fill_(0)
+    elif isinstance(module, torch.nn.Conv2d):
+        module.weight.data.normal_(0.0, 0.02)
+
+
+class Discriminator(torch.nn.Module):
+    """Patch discriminator: ``n_layers - 1`` blocks Linear -> BatchNorm1d -> LeakyReLU(0.2), then
+    Linear(hidden, 1, no bias) -> Sigmoid. Output: (N, 1) anomaly probability per patch."""
+
+    def __init__(self, in_planes: int, n_layers: int = 2, hidden: int | None = None):
+        super().__init__()
+        # Without hidden blocks the tail sees the input directly (the reference crashes on
+        # --dsc_layers 1 with a --dsc_hidden that differs from the embedding size).
+        width = in_planes if hidden is None or n_layers < 2 else hidden
+        self.body = torch.nn.Sequential()
+        for i in range(n_layers - 1):
+            block_in = in_planes if i == 0 else width
+            width = int(width // 1.5) if hidden is None else hidden
+            self.body.add_module(
+                f"block{i + 1}",
+                torch.nn.Sequential(
+                    torch.nn.Linear(block_in, width),
+                    torch.nn.BatchNorm1d(width),
+                    torch.nn.LeakyReLU(0.2),
+                ),
+            )
+        self.tail = torch.nn.Sequential(torch.nn.Linear(width, 1, bias=False), torch.nn.Sigmoid())
+        self.apply(init_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.body(x))
+
+
+class Projection(torch.nn.Module):
+    """Feature adaptor: ``n_layers`` Linear layers (``layer_type > 1`` puts LeakyReLU between them)."""
+
+    def __init__(self, in_planes: int, out_planes: int | None = None, n_layers: int = 1, layer_type: int = 0):
+        super().__init__()
+        out_planes = in_planes if out_planes is None else out_planes
+        self.layers = torch.nn.Sequential()
+        for i in range(n_layers):
+            self.layers.add_module(f"{i}fc", torch.nn.Linear(in_planes if i == 0 else out_planes, out_planes))
+            if i < n_layers - 1 and layer_type > 1:
+                self.layers.add_module(f"{i}relu", torch.nn.LeakyReLU(0.2))
+        self.apply(init_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PatchMaker:
+    """Cuts feature maps into ``patchsize x patchsize`` neighbourhoods and reshapes patch scores."""
+
+    def __init__(self, patchsize: int, top_k: int = 0, stride: int | None = None):
+        self.patchsize = patchsize
+        self.stride = stride if stride is not None else 1
+        self.top_k = top_k
+
+    def patchify(self, features: torch.Tensor, return_spatial_info: bool = False):
+        """(B, C, H, W) -> (B, H' * W', C, p, p) with zero padding (p - 1) / 2, plus (H', W')."""
+        padding = int((self.patchsize - 1) / 2)
+        unfolded = F.unfold(features, kernel_size=self.patchsize, stride=self.stride, padding=padding)
+        grid = [
+            int((size + 2 * padding - (self.patchsize - 1) - 1) / self.stride + 1)
+            for size in features.shape[-2:]
+        ]
+        unfolded = unfolded.reshape(*features.shape[:2], self.patchsize, self.patchsize, -1)
+        unfolded = unfolded.permute(0, 4, 1, 2, 3)
+        if return_spatial_info:
+            return unfolded, grid
+        return unfolded
+
+    def unpatch_scores(self, x: torch.Tensor, batchsize: int) -> torch.Tensor:
+        return x.reshape(batchsize, -1, *x.shape[1:])
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Image score: the maximum patch score of each image."""
+        x = x[:, :, 0]
+        return torch.max(x, dim=1).values
+
+

@@ -1,0 +1,70 @@
+"""GAS, LAS and hard-sample mining on tiny tensors with known answers."""
+import pytest
+import torch
+
+from glass import global_anomaly_synthesis, hard_sample_mining, local_anomaly_synthesis, truncate_to_band
+from model import Discriminator
+
+
+def test_truncate_to_band_clamps_distances_and_keeps_directions():
+    anchors = torch.zeros(3, 2)
+    points = torch.tensor([[0.1, 0.0], [0.0, 0.7], [3.0, 4.0]])
+    out = truncate_to_band(points, anchors, 0.5, 1.0)
+    assert torch.allclose(torch.norm(out, dim=1), torch.tensor([0.5, 0.7, 1.0]), atol=1e-6)
+    assert torch.allclose(out[2], torch.tensor([0.6, 0.8]), atol=1e-6)
+
+
+@pytest.mark.parametrize("svd", [0, 1])
+def test_gas_moves_features_into_the_truncation_band(svd):
+    torch.manual_seed(0)
+    disc = Discriminator(8, n_layers=2, hidden=16)
+    true_feats = torch.randn(64, 8, requires_grad=True)
+    center = torch.zeros(64, 8)
+    r_t = torch.tensor([2.0])
+    gas = global_anomaly_synthesis(disc, true_feats, center, r_t, noise_std=0.015, steps=5, svd=svd, mining=1, radius=0.75)
+    # With 5 steps the truncation at step 5 is the last move.
+    if svd == 0:
+        dist = torch.norm(gas.gaus_feats - true_feats, dim=1)
+        assert torch.all(dist >= 0.5 - 1e-5) and torch.all(dist <= 1.0 + 1e-5)
+    else:
+        dist = torch.norm(gas.gaus_feats - center, dim=1)
+        assert torch.all(dist >= 2.0 - 1e-5) and torch.all(dist <= 4.0 + 1e-5)
+    assert gas.r_g.item() > 0
+    # The final loss reaches the true features (and through them the projection) for the backward pass.
+    gas.bce_loss.backward()
+    assert true_feats.grad is not None and torch.isfinite(true_feats.grad).all()
+
+
+def test_gas_without_mining_is_plain_gaussian_noise():
+    torch.manual_seed(0)
+    disc = Discriminator(8, n_layers=2, hidden=16)
+    true_feats = torch.randn(32, 8)
+    torch.manual_seed(1)
+    gas = global_anomaly_synthesis(disc, true_feats, torch.zeros(32, 8), torch.tensor([1.0]), 0.015, 20, 0, 0, 0.75)
+    torch.manual_seed(1)
+    expected = true_feats + torch.normal(0, 0.015, true_feats.shape)
+    assert torch.equal(gas.gaus_feats, expected)
+
+
+def test_las_pushes_only_masked_features_on_the_hypersphere():
+    feats = torch.tensor([[0.1, 0.0], [0.0, 0.2], [5.0, 0.0], [0.3, 0.4]])
+    mask = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
+    center = torch.zeros(4, 2)
+    out, r_f = local_anomaly_synthesis(feats, mask, center, torch.tensor([1.0]), svd=1, radius=0.75)
+    assert torch.allclose(torch.norm(out, dim=1), torch.tensor([2.0, 0.2, 4.0, 2.0]), atol=1e-6)
+    assert torch.equal(out[1], feats[1])
+    # r_f: 0.75 quantile of the masked distances [0.1, 5.0, 0.5]
+    assert r_f.item() == pytest.approx(torch.quantile(torch.tensor([0.1, 5.0, 0.5]), 0.75).item())
+    same, _ = local_anomaly_synthesis(feats, mask, center, torch.tensor([1.0]), svd=0, radius=0.75)
+    assert torch.equal(same, feats)
+
+
+def test_hard_sample_mining_keeps_the_largest_errors():
+    scores = torch.tensor([[0.1], [0.9], [0.4], [0.6]])
+    labels = torch.tensor([[0.0], [0.0], [1.0], [1.0]])
+    kept_scores, kept_labels = hard_sample_mining(scores, labels, 0.5)
+    # squared errors 0.01, 0.81, 0.36, 0.16 -> median 0.26 -> keep 0.9 and 0.4
+    assert kept_scores.flatten().tolist() == pytest.approx([0.9, 0.4])
+    assert kept_labels.flatten().tolist() == [0.0, 1.0]
+    all_scores, _ = hard_sample_mining(scores, labels, 0)
+    assert torch.equal(all_scores, scores)

@@ -1,0 +1,150 @@
+"""Backbones: names, where the weights come from, and the offline EfficientNet-Lite0 weights on real photos."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import backbones
+import utils
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and empty caches: HF_HUB_OFFLINE=1, a fresh TORCH_HOME and Hugging Face cache."""
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv(backbones.WEIGHTS_ENV, raising=False)
+    return tmp_path
+
+
+def _imagenet_batch(*images: np.ndarray) -> torch.Tensor:
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.Resize((224, 224)),
+        transforms.ToTensor(),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+    ])
+    return torch.stack([transform(Image.fromarray(image).convert("RGB")) for image in images])
+
+
+def test_efficientnet_lite0_bundled_weights_classify_real_photos(offline):
+    from skimage import data
+
+    model = backbones.load("efficientnet_lite0")
+    assert not model.training
+    with torch.no_grad():
+        classes = model(_imagenet_batch(data.chelsea(), data.coffee())).argmax(dim=1)
+    assert classes.tolist() == [285, 967]  # Egyptian cat, espresso
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("resnet18.seed-3", ("resnet18", 3)),
+    ("wideresnet50", ("wideresnet50", None)),
+    ("vit_deit_base.seed-0", ("vit_deit_base", 0)),
+])
+def test_parse_backbone_name(name, expected):
+    assert backbones.parse_backbone_name(name) == expected
+
+
+def test_bad_seed_suffix_is_a_user_error():
+    with pytest.raises(utils.GlassError, match="NAME.seed-N"):
+        backbones.parse_backbone_name("resnet18.seed-x")
+
+
+def test_unknown_name_suggests_close_matches_on_one_line():
+    with pytest.raises(utils.GlassError) as info:
+        backbones.load("wideresnet5")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "wideresnet50" in message and "backbones.py" in message
+
+
+@pytest.mark.parametrize("name", ["mnasnet_100", "wideresnet50"])  # timm, torchvision
+def test_missing_weights_offline_fail_fast_with_a_hint(offline, name):
+    with pytest.raises(utils.GlassError) as info:
+        backbones.load(name)
+    message = str(info.value)
+    assert "\n" not in message
+    assert name in message and backbones.WEIGHTS_ENV in message
+
+
+def test_cached_library_weights_are_used_without_network(offline):
+    """A file already in the torch hub / Hugging Face cache is loaded as is, with HF_HUB_OFFLINE=1."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    reference = torchvision.models.resnet18()
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    checkpoints = offline / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(reference.state_dict(), checkpoints / url.rsplit("/", 1)[-1])
+    model = backbones.load("resnet18")
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+
+    timm_reference = backbones.load("mnasnet_100", pretrained=False)
+    snapshot = offline / "hf" / "models--timm--mnasnet_100.rmsp_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    save_file(timm_reference.state_dict(), str(snapshot / "model.safetensors"))
+    model = backbones.load("mnasnet_100")
+    assert torch.equal(model.conv_stem.weight, timm_reference.conv_stem.weight)
+
+
+def test_local_weights_file_from_argument_and_env(offline, monkeypatch):
+    from safetensors.torch import save_file
+
+    reference = backbones.load("resnet18", pretrained=False)
+    wrapped = offline / "wrapped.pth"
+    torch.save({"state_dict": reference.state_dict()}, wrapped)
+    model = backbones.load("resnet18", weights=wrapped)
+    assert torch.equal(model.conv1.weight, reference.conv1.weight) and not model.training
+
+    plain = offline / "plain.safetensors"
+    save_file(reference.state_dict(), str(plain))
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, f"wideresnet50=/nowhere.pth,resnet18={plain}")
+    assert torch.equal(backbones.load("resnet18").layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, str(wrapped))
+    with pytest.raises(utils.GlassError, match="does not fit backbone mnasnet_100"):
+        backbones.load("mnasnet_100")
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, str(offline / "missing.pth"))
+    with pytest.raises(utils.GlassError, match="not found"):
+        backbones.load("resnet18")
+
+
+def test_every_name_resolves_to_a_library_model_without_building():
+    import timm
+    import torchvision
+
+    torchvision_models = set(torchvision.models.list_models())
+    names = backbones.available()
+    assert names == sorted(names) and {"wideresnet50", "efficientnet_lite0"} <= set(names)
+    for name in names:
+        entry = backbones.spec(name)
+        if entry.library == "torchvision":
+            assert entry.arch in torchvision_models, name
+            assert "IMAGENET1K_V1" in torchvision.models.get_model_weights(entry.arch).__members__, name
+        else:
+            assert entry.library == "timm", name
+            base, _, tag = entry.arch.partition(".")
+            assert timm.list_models(base) == [base], f"{name}: {base} is not a current timm model"
+            if tag:
+                assert entry.arch in timm.list_pretrained(base + ".*"), name
+    assert set(backbones.DEFAULT_LAYERS) <= set(names)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "mnasnet_100"])
+def test_small_backbones_build_with_random_weights(name):
+    model = backbones.load(name, pretrained=False)
+    assert not model.training
+    for layer in backbones.DEFAULT_LAYERS[name]:
+        model.get_submodule(layer)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)

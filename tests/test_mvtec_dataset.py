@@ -1,0 +1,267 @@
+"""The MVTec loader on real images (MVTec 3D-AD tire, DTD textures): items, LAS blend, masks, errors."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import PIL.Image
+import pytest
+import torch
+
+from datasets.mvtec import DatasetSplit, MVTecDataset
+from utils import GlassError
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def train_set(tire_root, dtd_root):
+    return MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE)
+
+
+@pytest.fixture(scope="module")
+def test_set(tire_root, dtd_root):
+    return MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+
+
+def make_class(tire_root, root, name="tire", n_train=3, defects=None, masks=True):
+    """A small MVTec-layout class ``root/name`` copied from tire: {type: [image numbers]} defects."""
+    defects = {"cut": [0, 1]} if defects is None else defects
+    src = tire_root / "tire"
+    (root / name / "train" / "good").mkdir(parents=True)
+    for i in range(n_train):
+        shutil.copy(src / "train" / "good" / f"{i:03d}.png", root / name / "train" / "good")
+    (root / name / "test" / "good").mkdir(parents=True)
+    shutil.copy(src / "test" / "good" / "000.png", root / name / "test" / "good")
+    for kind, numbers in defects.items():
+        (root / name / "test" / kind).mkdir(parents=True)
+        if masks:
+            (root / name / "ground_truth" / kind).mkdir(parents=True)
+        for i in numbers:
+            shutil.copy(src / "test" / kind / f"{i:03d}.png", root / name / "test" / kind)
+            if masks:
+                shutil.copy(src / "ground_truth" / kind / f"{i:03d}_mask.png", root / name / "ground_truth" / kind)
+    return root
+
+
+def test_train_item_shapes(train_set):
+    assert len(train_set) == 239
+    assert train_set.imagesize == (3, SIZE, SIZE)
+    assert train_set.classname == "tire" and train_set.dataset_name == "mvtec" and train_set.distribution == 0
+    np.random.seed(0)
+    torch.manual_seed(0)
+    item = train_set[0]
+    assert set(item) == {"image", "aug", "mask_s", "mask_gt", "is_anomaly", "anomaly", "image_path", "beta"}
+    assert item["image"].shape == item["aug"].shape == (3, SIZE, SIZE)
+    assert item["aug"].dtype == torch.float32
+    assert item["mask_s"].shape == (SIZE // 8, SIZE // 8) and item["mask_s"].dtype == torch.float32
+    assert item["mask_s"].max() == 1
+    assert item["mask_gt"].shape == (1, SIZE, SIZE) and item["mask_gt"].max() == 0
+    assert item["is_anomaly"] == 0 and item["anomaly"] == "good"
+    assert item["image_path"].endswith("train/good/000.png")
+
+
+def test_items_batch_in_a_dataloader(train_set, test_set):
+    torch.manual_seed(0)
+    batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4, shuffle=True)))
+    assert batch["aug"].shape == (4, 3, SIZE, SIZE) and batch["mask_s"].shape == (4, SIZE // 8, SIZE // 8)
+    assert batch["beta"].shape == (4,) and len(batch["image_path"]) == 4
+    batch = next(iter(torch.utils.data.DataLoader(test_set, batch_size=4)))
+    assert batch["mask_gt"].shape == (4, 1, SIZE, SIZE) and batch["is_anomaly"].tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aug_is_the_las_blend_of_image_and_texture(train_set, seed):
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    item = train_set.make_train_item(seed)
+    image, aug, texture, beta = item["image"], item["aug"], item["texture"], item["beta"]
+    mask_l = item["mask_l"]
+    assert 0.2 <= beta <= 0.8
+    assert texture.shape == image.shape
+    assert set(mask_l.unique().tolist()) <= {0.0, 1.0} and mask_l.shape == (SIZE, SIZE)
+    outside, inside = mask_l == 0, mask_l == 1
+    # Untouched outside the Perlin mask, a beta-blend of texture and image inside it.
+    assert torch.equal(aug[:, outside], image[:, outside])
+    blend = (1 - beta) * texture + beta * image
+    assert torch.allclose(aug[:, inside], blend[:, inside], atol=1e-6)
+    assert not torch.allclose(aug[:, inside], image[:, inside])
+    pooled = torch.nn.functional.max_pool2d(mask_l[None, None], 8)[0, 0].float()
+    assert torch.equal(item["mask_s"], pooled)
+
+    # __getitem__ gives the same item for the same random state.
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    public = train_set[seed]
+    assert torch.equal(public["aug"], aug) and public["beta"] == beta
+
+
+def test_without_rand_aug_textures_get_the_image_transform(tire_root, dtd_root):
+    data = MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, rand_aug=0)
+    np.random.seed(0)
+    item = data.make_train_item(0)
+    assert item["texture_path"].startswith(str(dtd_root)) and item["texture_path"].endswith(".jpg")
+    expected = data.transform_img(PIL.Image.open(item["texture_path"]).convert("RGB"))
+    assert torch.equal(item["texture"], expected)
+
+
+def test_test_items_carry_resized_masks(test_set):
+    assert len(test_set) == 112
+    kinds = [row[1] for row in test_set.data_to_iterate]
+    assert kinds == sorted(kinds)
+    for i in (0, 24, 40, 70, 90):
+        item = test_set[i]
+        classname, kind, image_path, mask_path = test_set.data_to_iterate[i]
+        assert item["image"].shape == (3, SIZE, SIZE)
+        assert item["mask_gt"].shape == (1, SIZE, SIZE)
+        assert item["mask_gt"].min() >= 0 and item["mask_gt"].max() <= 1
+        assert item["anomaly"] == kind and item["is_anomaly"] == int(kind != "good")
+        assert torch.equal(item["aug"], torch.tensor([1])) and torch.equal(item["mask_s"], torch.tensor([1]))
+        if kind == "good":
+            assert mask_path is None and item["mask_gt"].max() == 0
+        else:
+            assert item["mask_gt"].max() > 0.5  # tiny defects may lose their exact-1 core at 64 px
+
+
+def test_images_sorted_and_masks_paired_by_name(test_set):
+    for kind in ("combined", "contamination", "cut", "good", "hole"):
+        paths = [row[2] for row in test_set.data_to_iterate if row[1] == kind]
+        assert paths == sorted(paths) and len(paths) > 0
+    for _, kind, image_path, mask_path in test_set.data_to_iterate:
+        if kind != "good":
+            stem = image_path.rsplit("/", 1)[1][:-4]
+            assert mask_path.endswith(f"ground_truth/{kind}/{stem}_mask.png")
+
+
+def test_pairing_survives_an_extra_mask_and_other_mask_names(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, defects={"cut": [2, 5]})
+    gt = root / "tire" / "ground_truth" / "cut"
+    shutil.copy(tire_root / "tire" / "ground_truth" / "cut" / "000_mask.png", gt)  # no image 000
+    (gt / "005_mask.png").rename(gt / "005.png")  # the mask named like its image
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    pairs = {row[2].rsplit("/", 1)[1]: row[3] for row in data.data_to_iterate}
+    assert pairs["002.png"].endswith("cut/002_mask.png")
+    assert pairs["005.png"].endswith("cut/005.png")
+
+
+def test_wood_and_toothbrush_are_enlarged_unless_judging(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, name="wood")
+    data = MVTecDataset(root, dtd_root, classname="wood", resize=SIZE, imagesize=SIZE)
+    assert data.resize == round(SIZE * 329 / 288) == 73
+    np.random.seed(0)
+    torch.manual_seed(0)
+    item = data[0]
+    assert item["image"].shape == (3, SIZE, SIZE) and item["mask_s"].shape == (8, 8)
+    judged = MVTecDataset(root, dtd_root, classname="wood", resize=SIZE, imagesize=SIZE, distribution=1)
+    assert judged.resize == [SIZE, SIZE]
+    assert judged[0]["image"].shape == (3, SIZE, SIZE)
+    plain = MVTecDataset(tire_root, dtd_root, classname="tire", resize=80, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert plain.resize == 80
+
+
+def test_grayscale_and_odd_extensions(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, n_train=1)
+    good = root / "tire" / "train" / "good"
+    PIL.Image.open(good / "000.png").convert("L").save(good / "001.JPG")
+    (good / "notes.txt").write_text("not an image")
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE)
+    assert [row[2].rsplit("/", 1)[1] for row in data.data_to_iterate] == ["000.png", "001.JPG"]
+    item = data[1]
+    assert item["image"].shape == (3, SIZE, SIZE)
+    assert torch.allclose(item["image"][0] * 0.229 + 0.485, item["image"][2] * 0.225 + 0.406, atol=1e-5)
+
+
+def write_fg_masks(root, names, width_share=0.5):
+    """White left part, black right part, same size as each training image."""
+    (root / "fg_mask" / "tire").mkdir(parents=True)
+    for path in names:
+        w, h = PIL.Image.open(path).size
+        mask = np.zeros((h, w), np.uint8)
+        mask[:, : int(w * width_share)] = 255
+        PIL.Image.fromarray(mask).save(root / "fg_mask" / "tire" / path.name)
+
+
+def test_foreground_masks_keep_anomalies_inside(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path)
+    write_fg_masks(root, sorted((root / "tire" / "train" / "good").iterdir()))
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=1)
+    assert data.class_fg == 1
+    for seed in range(3):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        item = data.make_train_item(seed % len(data))
+        # Tire images are portrait: the crop keeps the whole width, so the left half is columns < 32;
+        # the ceil (as in the reference) also keeps the antialiased border column 32.
+        fg, mask_l = item["mask_fg"], item["mask_l"]
+        assert set(fg.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(fg[:, : SIZE // 2 + 1], torch.ones(SIZE, SIZE // 2 + 1))
+        assert fg[:, SIZE // 2 + 1 :].max() == 0
+        assert torch.all(mask_l <= fg) and mask_l.max() == 1
+        assert item["mask_s"][:, 5:].max() == 0
+
+
+def test_foreground_flag_from_the_xlsx(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path / "data")
+    excel = tmp_path / "excel"
+    excel.mkdir()
+    table = pd.DataFrame({"Class": ["mvtec_tire"], "Distribution": [0], "Foreground": [0]})
+    table.to_excel(excel / "mvtec_distribution.xlsx", index=False)
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=str(excel))
+    assert data.class_fg == 0
+    assert data[0]["aug"].shape == (3, SIZE, SIZE)
+    # Not listed anywhere -> foreground masks (the reference's fallback), which this class lacks.
+    with pytest.raises(GlassError, match="--fg 0"):
+        MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=None)
+
+
+def test_missing_foreground_masks_are_reported(tire_root, dtd_root):
+    with pytest.raises(GlassError, match=r"fg_mask.*--fg 0"):
+        MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=1)
+
+
+def test_missing_data_path(dtd_root, tmp_path):
+    with pytest.raises(GlassError, match="does not exist"):
+        MVTecDataset(tmp_path / "nowhere", dtd_root, classname="tire")
+
+
+def test_missing_class_lists_the_available_ones(tire_root, dtd_root):
+    with pytest.raises(GlassError, match=r"'bottle' not found.*available classes are tire"):
+        MVTecDataset(tire_root, dtd_root, classname="bottle")
+
+
+def test_empty_training_folder(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, n_train=0)
+    with pytest.raises(GlassError, match="no training images"):
+        MVTecDataset(root, dtd_root, classname="tire")
+
+
+def test_texture_folder_without_jpg(tire_root, tmp_path):
+    textures = tmp_path / "textures" / "banded"
+    textures.mkdir(parents=True)
+    (textures / "readme.txt").write_text("no images here")
+    with pytest.raises(GlassError, match="holds no images"):
+        MVTecDataset(tire_root, tmp_path / "textures", classname="tire", resize=SIZE, imagesize=SIZE)
+    # The test split does not need textures.
+    MVTecDataset(tire_root, tmp_path / "textures", classname="tire", split=DatasetSplit.TEST)
+
+
+def test_defect_image_without_mask(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, defects={"cut": [0, 1, 2]})
+    (root / "tire" / "ground_truth" / "cut" / "001_mask.png").unlink()
+    with pytest.raises(GlassError, match=r"no mask.*001\.png"):
+        MVTecDataset(root, dtd_root, classname="tire", split=DatasetSplit.TEST)
+
+
+def test_ground_truth_missing_entirely(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, masks=False)
+    with pytest.raises(GlassError, match="ground_truth is missing"):
+        MVTecDataset(root, dtd_root, classname="tire", split=DatasetSplit.TEST)
+
+
+def test_corrupt_image_names_the_file(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path)
+    bad = root / "tire" / "test" / "cut" / "001.png"
+    bad.write_bytes(b"\x89PNG garbage, not an image")
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    index = [row[2] for row in data.data_to_iterate].index(str(bad))
+    with pytest.raises(GlassError, match="cannot read image .*cut/001.png"):
+        data[index]

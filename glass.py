@@ -23,6 +23,7 @@ import torch
 import tqdm
 from torch.utils.tensorboard import SummaryWriter
 
+import backbones
 import common
 import metrics
 import utils
@@ -33,6 +34,11 @@ from utils import GlassError
 LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("discriminator", "pre_projection")
+CONFIG_NAME = "config.json"
+# The `net` options that shape the model (the rest only affect training).
+MODEL_OPTIONS = (
+    "pretrain_embed_dimension", "target_embed_dimension", "patchsize", "dsc_layers", "dsc_hidden", "pre_proj",
+)
 BEST_CHECKPOINT_PATTERN = re.compile(r"ckpt_best_(\d+)\.pth$")
 
 
@@ -241,6 +247,12 @@ class GLASS(torch.nn.Module):
         if results_path is not None:
             self.results_path = results_path
         self.logger = SummaryWriter(log_dir=self.tb_dir)
+
+    def save_config(self, config: dict) -> str:
+        """Write ``<class folder>/config.json``: what is needed to rebuild this model for inference."""
+        path = os.path.join(self.ckpt_dir, CONFIG_NAME)
+        utils.atomic_write(path, lambda tmp: utils.write_json(tmp, config))
+        return path
 
     def close(self) -> None:
         if self.logger is not None:
@@ -588,3 +600,33 @@ class GLASS(torch.nn.Module):
             heat = cv2.applyColorMap((heat * 255).astype("uint8"), cv2.COLORMAP_JET)
             panel = cv2.resize(np.hstack([image, target, heat]), (256 * 3, 256))
             cv2.imwrite(os.path.join(out_dir, f"{i + 1:03d}.png"), panel)
+
+
+def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint: str | None = None) -> Tuple[GLASS, dict]:
+    """Rebuild a trained model from its class folder (``<results>/models/backbone_<i>/<name>/``).
+
+    Reads ``config.json`` written at training time, builds the backbone and GLASS, and loads
+    ``checkpoint`` (default: the folder's ``ckpt_best_<epoch>.pth``). Returns the model and the config.
+    """
+    config_path = os.path.join(class_dir, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise GlassError(f"no {CONFIG_NAME} in {class_dir}: point at a class folder written by main.py (results/models/backbone_0/<dataset>_<class>)")
+    config = utils.read_json(config_path)
+    device = torch.device(device)
+    backbone = backbones.load(config["backbone"])
+    backbone.name, backbone.seed = config["backbone"], None
+    model = GLASS(device)
+    model.load(
+        backbone=backbone,
+        layers_to_extract_from=config["layers_to_extract_from"],
+        device=device,
+        input_shape=config["input_shape"],
+        **{key: config["net"][key] for key in MODEL_OPTIONS},
+    )
+    model.ckpt_dir = class_dir
+    path = checkpoint or model.best_checkpoint()
+    if path is None:
+        raise GlassError(f"no ckpt_best_*.pth in {class_dir}: train this class first")
+    model.load_checkpoint(path)
+    model.checkpoint_path = path
+    return model, config

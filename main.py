@@ -91,6 +91,13 @@ def net(backbone_names, layers_to_extract_from, **options):
             backbone.name, backbone.seed = name, backbone_seed
             model = glass.GLASS(device)
             model.load(backbone=backbone, layers_to_extract_from=layers, device=device, input_shape=input_shape, **options)
+            model.run_config = {
+                "backbone": name,
+                "backbone_seed": backbone_seed,
+                "layers_to_extract_from": layers,
+                "input_shape": list(input_shape),
+                "net": dict(options),
+            }
             models.append(model.to(device))
         return models
 
@@ -145,6 +152,11 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
             test_set = dataset_class(data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TEST, **common)
             test_loader = make_loader(test_set, batch_size, num_workers, shuffle=False)
             test_loader.name = f"{name}_{classname}"
+            test_loader.dataset_config = {
+                "name": name, "data_path": os.path.abspath(data_path), "aug_path": os.path.abspath(aug_path),
+                "classname": classname, "batch_size": batch_size, **options,
+                "resize_used": test_set.resize, "imagesize_used": test_set.imgsize,
+            }
             if test == "ckpt":
                 train_set = dataset_class(
                     data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TRAIN,
@@ -218,6 +230,8 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
                 utils.fix_seeds(model.backbone.seed, device)
             model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), dataset_name, results_path=results_path)
             model.excel_dirs = [excel_dir, SHIPPED_EXCEL_DIR]
+            if test == "ckpt" and model.best_checkpoint() is None:  # a new training run: record how to rebuild it
+                model.save_config({**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed})
             try:
                 outcome = None
                 if test == "ckpt":

@@ -83,6 +83,24 @@ def atomic_write(path: str, write: "callable") -> None:
             os.remove(tmp)
 
 
+def write_json(path: str, data: dict) -> None:
+    """JSON with sorted keys and indentation (values that JSON lacks are written as strings)."""
+    import json
+
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+
+
+def read_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise GlassError(f"cannot read {path} ({exc}): the file is damaged; train the class again") from None
+
+
 def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` through a temporary file and a rename."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

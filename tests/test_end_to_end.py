@@ -1,0 +1,51 @@
+"""Train -> test through the CLI on real images, and reproducibility of the results."""
+import csv
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY_NET, run_main, tiny_dataset_args
+
+
+def read_results(path):
+    with open(path / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_training_writes_checkpoints_logs_and_results(trained_tire):
+    class_dir = trained_tire / "models" / "backbone_0" / "mvtec_tire"
+    best = list(class_dir.glob("ckpt_best_*.pth"))
+    assert len(best) == 1 and (class_dir / "ckpt.pth").is_file() and (class_dir / "config.json").is_file()
+    events = list((class_dir / "tb").glob("events.out.tfevents.*"))
+    assert events
+    tags = EventAccumulator(str(class_dir / "tb")).Reload().Tags()["scalars"]
+    assert {"loss", "p_true", "p_fake", "r_t", "r_g", "r_f", "i-auroc", "p-auroc"} <= set(tags)
+    rows = read_results(trained_tire)
+    assert [row["Row Names"] for row in rows] == ["mvtec_tire", "Mean"]
+    assert list(rows[0]) == ["Row Names", "image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro"):
+        assert 0.0 <= float(rows[0][key]) <= 1.0
+    assert int(float(rows[0]["best_epoch"])) == int(best[0].stem.split("_")[-1])
+    heatmaps = sorted((trained_tire / "eval" / "mvtec_tire").glob("*.png"))
+    assert len(heatmaps) == 18  # one per test image
+
+
+def test_test_only_run_reproduces_the_best_epoch(trained_tire, tiny_tire, dtd_root):
+    before = read_results(trained_tire)
+    best = next((trained_tire / "models" / "backbone_0" / "mvtec_tire").glob("ckpt_best_*.pth"))
+    tb = EventAccumulator(str(best.parent / "tb")).Reload()
+    epoch = int(best.stem.split("_")[-1])
+    training_iauroc = {e.step: e.value for e in tb.Scalars("i-auroc")}[epoch]
+    training_pauroc = {e.step: e.value for e in tb.Scalars("p-auroc")}[epoch]
+
+    assert run_main(["--results_path", trained_tire, "--test", "test", *TINY_NET, *tiny_dataset_args(tiny_tire, dtd_root)]) == 0
+    after = read_results(trained_tire)
+    assert after == before
+    assert float(after[0]["image_auroc"]) == pytest.approx(training_iauroc, abs=1e-6)
+    assert float(after[0]["pixel_auroc"]) == pytest.approx(training_pauroc, abs=1e-6)
+
+
+def test_same_seed_twice_gives_identical_metrics(tmp_path, tiny_tire, dtd_root, trained_tire):
+    args = [*TINY_NET, *tiny_dataset_args(tiny_tire, dtd_root)]
+    assert run_main(["--results_path", tmp_path, *args]) == 0
+    assert read_results(tmp_path) == read_results(trained_tire)

@@ -4,7 +4,11 @@
 #   DATAPATH/<class>/test/good/*.png                        normal test images
 #   DATAPATH/<class>/test/<defect>/*.png                    defective test images
 #   DATAPATH/<class>/ground_truth/<defect>/<name>_mask.png  their masks (same size, non-zero = defect)
-# Manifold hypothesis (--distribution 2) and no foreground masks (--fg 0), as the reference's custom script.
+# Masks are optional: without ground_truth/ the pixel metrics are reported as n/a (image metrics only); with
+# masks for some defect images only, pixel metrics use the images whose ground truth is known. The layout is
+# checked before training and every problem is listed at once.
+# Manifold hypothesis (--distribution 2) and no foreground masks (--fg 0), as the reference's custom script;
+# the dataset name `custom` names the checkpoint folders (results/models/backbone_0/custom_<class>).
 # Override: DATAPATH=/data/mine AUGPATH=/data/dtd/images CLASSES="part_a part_b" bash shell/run-custom.sh
 DATAPATH=${DATAPATH:-/root/dataset/Custom}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
@@ -44,4 +48,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
     --batch_size 8 \
     --resize 288 \
     --imagesize 288 \
-    $(class_flags $CLASSES) mvtec "$DATAPATH" "$AUGPATH"
+    $(class_flags $CLASSES) custom "$DATAPATH" "$AUGPATH"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Test-only GLASS on MAD-sys (MVTec AD classes, real-world shifts) with the MVTec-trained checkpoints in RESULTS (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
+# MAD holds the MVTec AD classes in MVTec AD layout; NAME stays `mvtec` so that the checkpoints trained by
+# run-mvtec.sh (results/models/backbone_0/mvtec_<class>) are tested. To train on MAD itself, use NAME `mad`.
 # Override the paths: DATAPATH=/data/mvtec AUGPATH=/data/dtd/images bash shell/run-mad-sys.sh
 DATAPATH=${DATAPATH:-/root/dataset/MAD-sys}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}

@@ -244,24 +244,35 @@ def test_texture_folder_without_jpg(tire_root, tmp_path):
     MVTecDataset(tire_root, tmp_path / "textures", classname="tire", split=DatasetSplit.TEST)
 
 
-def test_defect_image_without_mask(tire_root, dtd_root, tmp_path):
+def test_defect_image_without_mask_has_unknown_ground_truth(tire_root, dtd_root, tmp_path, caplog):
     root = make_class(tire_root, tmp_path, defects={"cut": [0, 1, 2]})
     (root / "tire" / "ground_truth" / "cut" / "001_mask.png").unlink()
-    with pytest.raises(GlassError, match=r"no mask.*001\.png"):
-        MVTecDataset(root, dtd_root, classname="tire", split=DatasetSplit.TEST)
+    with caplog.at_level("WARNING"):
+        data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert data.unknown_masks == 1 and "1 of 3 defect test images have no mask" in caplog.text
+    by_name = {row[2].rsplit("/", 1)[1]: i for i, row in enumerate(data.data_to_iterate) if row[1] == "cut"}
+    assert torch.isnan(data[by_name["001.png"]]["mask_gt"]).all()
+    assert not torch.isnan(data[by_name["002.png"]]["mask_gt"]).any()
 
 
 def test_ground_truth_missing_entirely(tire_root, dtd_root, tmp_path):
     root = make_class(tire_root, tmp_path, masks=False)
-    with pytest.raises(GlassError, match="ground_truth is missing"):
-        MVTecDataset(root, dtd_root, classname="tire", split=DatasetSplit.TEST)
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert data.unknown_masks == 2
+    assert all(row[3] is None for row in data.data_to_iterate)
+    assert data[0]["mask_gt"].isnan().all() and data[len(data) - 1]["mask_gt"].max() == 0  # cut, then good
 
 
 def test_corrupt_image_names_the_file(tire_root, dtd_root, tmp_path):
     root = make_class(tire_root, tmp_path)
     bad = root / "tire" / "test" / "cut" / "001.png"
     bad.write_bytes(b"\x89PNG garbage, not an image")
-    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    with pytest.raises(GlassError, match=r"1 unreadable image \(tire/test/cut/001.png"):
+        MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    # Without the check (as main.py builds it), reading the item names the file.
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST,
+                        check_layout=False)
+    assert data.layout_problems
     index = [row[2] for row in data.data_to_iterate].index(str(bad))
     with pytest.raises(GlassError, match="cannot read image .*cut/001.png"):
         data[index]

@@ -1,0 +1,530 @@
+"""What every loader shares: splits, image files, the layout check and GLASS's training and test items.
+
+A loader subclasses :class:`AnomalyDataset` and says only where a class's files are
+(``_collect_items``); this module turns its rows into items. Training items carry a synthesised local
+anomaly (LAS: a Perlin-shaped DTD texture blended into the image); test items carry their ground truth.
+
+A row is ``[classname, anomaly, image_path, mask]``. ``anomaly`` is the defect type, or the loader's
+``NORMAL`` name for a defect-free image. ``mask`` is a mask file, a tuple of mask files whose union is
+the mask (MVTec LOCO), or None. Mask files count every non-zero pixel as defective.
+
+Ground truth of a test image:
+  * a normal image: an all-zero mask;
+  * a defect image with a mask: the mask, resized and cropped like the image;
+  * a defect image without a mask: unknown. Its ``mask_gt`` is filled with NaN and the evaluation leaves
+    the image out of the pixel metrics (the image metrics use every image). Pixel metrics are thus
+    computed on the images whose ground truth is known; when no defect image has a mask they are not
+    available (NaN, printed ``n/a``, an empty cell in results.csv). The loader logs which case applies.
+
+The layout check runs before training: every problem of a class folder (missing or empty folders,
+unreadable images and masks, masks of another size than their image, masks named unlike any image,
+missing foreground masks, a test split without normal or without defect images) is collected and
+reported in one :class:`~utils.GlassError`. It reads image headers only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from enum import Enum
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision import transforms
+
+import utils
+from perlin import perlin_mask
+from utils import IMAGENET_MEAN, IMAGENET_STD, GlassError
+
+LOGGER = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TEXTURE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The xlsx shipped with the project, consulted after the ones passed in (the reference reads it).
+SHIPPED_EXCEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "excel")
+# How many file names one kind of problem lists before "...".
+EXAMPLES_PER_PROBLEM = 3
+
+Mask = Union[None, str, Tuple[str, ...]]
+
+
+class DatasetSplit(Enum):
+    """Which part of a class to read."""
+
+    TRAIN = "train"
+    TEST = "test"
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+def is_image(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
+    """Whether ``name`` has an image extension (any case)."""
+    return os.path.splitext(name)[1].lower() in extensions
+
+
+def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
+    """Sorted paths of the image files directly in ``folder`` (none if it does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return [
+        os.path.join(folder, name)
+        for name in sorted(os.listdir(folder))
+        if is_image(name, extensions) and os.path.isfile(os.path.join(folder, name))
+    ]
+
+
+def subfolders(folder: str) -> List[str]:
+    """Sorted names of the folders directly in ``folder``."""
+    return sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
+
+
+def image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(width, height) from the file's header, or None when it is not a readable image."""
+    try:
+        with PIL.Image.open(path) as image:
+            return image.size
+    except Exception:  # any failure to parse the header means "unreadable"
+        return None
+
+
+def load_image(path: str, mode: Optional[str] = "RGB") -> PIL.Image.Image:
+    """Open and decode an image (converted to ``mode`` unless None); GlassError if it cannot be read."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.convert(mode) if mode is not None else image.copy()
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        raise GlassError(f"cannot read image {path} ({exc}): replace or remove the file") from None
+
+
+def mask_pixels(path: str) -> np.ndarray:
+    """Boolean defect map of a mask file: every non-zero pixel (palette masks: non-zero index)."""
+    image = load_image(path, mode=None)
+    if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F"):
+        image = image.convert("L")
+    return np.asarray(image) > 0
+
+
+def load_mask(mask: Union[str, Sequence[str]]) -> PIL.Image.Image:
+    """The union of one or more mask files as a 0/255 grey image (non-zero = defect)."""
+    paths = [mask] if isinstance(mask, str) else list(mask)
+    union = mask_pixels(paths[0])
+    for path in paths[1:]:
+        pixels = mask_pixels(path)
+        if pixels.shape != union.shape:
+            raise GlassError(f"mask {path} has another size than {paths[0]}: the masks of one image must have its size")
+        union |= pixels
+    return PIL.Image.fromarray(union.astype(np.uint8) * 255, mode="L")
+
+
+def list_textures(anomaly_source_path: str) -> List[str]:
+    """Sorted ``<anomaly_source_path>/*/*.jpg`` (also .jpeg/.png); GlassError when there are none."""
+    if not os.path.isdir(anomaly_source_path):
+        raise GlassError(
+            f"texture folder {anomaly_source_path} does not exist: pass the DTD 'images' folder "
+            "(one subfolder of .jpg files per texture)"
+        )
+    paths = []
+    for category in subfolders(anomaly_source_path):
+        paths.extend(list_images(os.path.join(anomaly_source_path, category), TEXTURE_EXTENSIONS))
+    if not paths:
+        raise GlassError(
+            f"texture folder {anomaly_source_path} holds no images as <category>/*.jpg: pass the DTD "
+            "'images' folder (one subfolder of .jpg files per texture)"
+        )
+    return sorted(paths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout problems
+
+class LayoutProblems:
+    """The problems found in one class of a dataset, grouped by kind and reported together."""
+
+    def __init__(self, root: str, classname: str) -> None:
+        self.root = root
+        self.classname = classname
+        self.groups: Dict[str, Dict[str, Any]] = {}
+
+    def add(self, what: str, item: str, plural: Optional[str] = None, hint: str = "") -> None:
+        """Record one problem: ``what`` names its kind (singular), ``item`` the file or folder."""
+        group = self.groups.setdefault(what, {"plural": plural or what + "s", "hint": hint, "items": []})
+        if item not in group["items"]:
+            group["items"].append(item)
+
+    def merge(self, other: "LayoutProblems") -> None:
+        for what, group in other.groups.items():
+            for item in group["items"]:
+                self.add(what, item, group["plural"], group["hint"])
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def describe(self) -> str:
+        """One line: ``<n> <kind> (<examples>[; hint]); ...``."""
+        parts = []
+        for what, group in self.groups.items():
+            items = group["items"]
+            shown = ", ".join(items[:EXAMPLES_PER_PROBLEM]) + (", ..." if len(items) > EXAMPLES_PER_PROBLEM else "")
+            hint = f"; {group['hint']}" if group["hint"] else ""
+            parts.append(f"{len(items)} {what if len(items) == 1 else group['plural']} ({shown}{hint})")
+        return f"dataset layout problems in {self.root} (class {self.classname}): " + "; ".join(parts)
+
+
+def raise_layout_problems(datasets: Iterable[Optional["AnomalyDataset"]]) -> None:
+    """One GlassError for every layout problem of the given datasets (merged per class); nothing if none."""
+    merged: Dict[Tuple[str, str], LayoutProblems] = {}
+    for data in datasets:
+        if data is None or not data.layout_problems:
+            continue
+        problems = data.layout_problems
+        key = (problems.root, problems.classname)
+        merged.setdefault(key, LayoutProblems(*key)).merge(problems)
+    if merged:
+        raise GlassError(" | ".join(p.describe() for p in merged.values()) + ": fix them and run again")
+
+
+# --------------------------------------------------------------------------------------------------
+
+class AnomalyDataset(torch.utils.data.Dataset):
+    """One class of an anomaly-detection dataset as GLASS training or test items.
+
+    Train items: ``image`` (3, S, S), ``aug`` the image with a Perlin-shaped texture blended in,
+    ``mask_s`` (S/downsampling, S/downsampling) where it was blended, ``mask_gt`` zeros, ``beta``.
+    Test items: ``image``, ``mask_gt`` (1, S, S) (zeros for normal images, NaN where unknown), ``aug``
+    and ``mask_s`` as ``torch.tensor([1])``. Both carry ``is_anomaly``, ``anomaly`` and ``image_path``.
+    Subclasses implement ``_collect_items``.
+    """
+
+    # The ``anomaly`` name of defect-free images.
+    NORMAL = "good"
+    # Classes whose images are resized by 329/288 before the centre crop (unless distribution == 1).
+    ENLARGED_CLASSES: Tuple[str, ...] = ()
+    # The reference binarises VisA masks after resizing (> 0); MVTec masks keep their resized values.
+    BINARIZE_RESIZED_MASK = False
+    # Human name of the layout, for messages.
+    LAYOUT = "dataset"
+
+    def __init__(
+        self,
+        source: str,
+        anomaly_source_path: str,
+        dataset_name: str = "mvtec",
+        classname: str = "leather",
+        resize: int = 288,
+        imagesize: int = 288,
+        split: DatasetSplit = DatasetSplit.TRAIN,
+        rotate_degrees: float = 0,
+        translate: float = 0,
+        brightness_factor: float = 0,
+        contrast_factor: float = 0,
+        saturation_factor: float = 0,
+        gray_p: float = 0,
+        h_flip_p: float = 0,
+        v_flip_p: float = 0,
+        distribution: int = 0,
+        mean: float = 0.5,
+        std: float = 0.1,
+        fg: int = 0,
+        rand_aug: int = 1,
+        scale: float = 0,
+        batch_size: int = 8,
+        downsampling: int = 8,
+        excel_dir: Union[str, Sequence[str], None] = None,
+        check_layout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            source: the dataset's root folder (holding the class folders).
+            anomaly_source_path: texture folder (DTD ``images``), ``<category>/*.jpg``.
+            dataset_name: the CLI's dataset name; names the xlsx and its ``Class`` keys.
+            classname: class to read.
+            resize: shorter side after resizing (a square side with ``distribution == 1``).
+            imagesize: side of the centre crop.
+            split: ``DatasetSplit.TRAIN`` or ``DatasetSplit.TEST``.
+            rotate_degrees, translate, scale, brightness_factor, contrast_factor, saturation_factor,
+                gray_p, h_flip_p, v_flip_p: optional augmentation of the images.
+            distribution: the ``--distribution`` mode (1 = judge: square resize, no enlargement).
+            mean, std: blend weight ``beta ~ N(mean, std)`` clipped to [0.2, 0.8].
+            fg: foreground masks: 0 none, 1 from ``<source>/fg_mask/<class>/``, 2 as the xlsx says.
+            rand_aug: 1 applies three random transforms to each texture.
+            batch_size: kept for the trainer.
+            downsampling: image size / feature grid size; ``mask_s`` has side imagesize // downsampling.
+            excel_dir: folder(s) with ``<dataset_name>_distribution.xlsx`` for ``fg == 2``; the
+                shipped ``datasets/excel`` is consulted after them.
+            check_layout: raise the layout problems at once (GlassError). With False they are kept in
+                ``layout_problems`` for :func:`raise_layout_problems`, which reports several splits together.
+        """
+        super().__init__()
+        self.source = str(source)
+        self.anomaly_source_path = str(anomaly_source_path)
+        self.dataset_name = dataset_name
+        self.classname = classname
+        self.split = split
+        self.batch_size = batch_size
+        self.distribution = distribution
+        self.mean = mean
+        self.std = std
+        self.fg = fg
+        self.rand_aug = rand_aug
+        self.downsampling = downsampling
+        self.imgsize = imagesize
+        self.imagesize = (3, self.imgsize, self.imgsize)
+        self.resize: Union[int, List[int]] = resize if distribution != 1 else [resize, resize]
+        if distribution != 1 and classname in self.ENLARGED_CLASSES:
+            self.resize = round(self.imgsize * 329 / 288)
+
+        if not os.path.isdir(self.source):
+            raise GlassError(f"data path {self.source} does not exist: pass the folder that holds the class folders")
+        self.layout_problems = LayoutProblems(self.source, classname)
+        self.unknown_masks = 0  # defect test images without a mask
+        self.data_to_iterate: List[list] = self._collect_items()
+        self.anomaly_source_paths: List[str] = []
+        self.class_fg = 0
+        if split == DatasetSplit.TRAIN:
+            self.class_fg = self._foreground_flag(excel_dir)
+        self._check_files()
+        if split == DatasetSplit.TEST:
+            self._check_test_labels()
+            self._log_ground_truth()
+        if check_layout:
+            raise_layout_problems([self])
+        if split == DatasetSplit.TRAIN:
+            self.anomaly_source_paths = list_textures(self.anomaly_source_path)
+
+        self.transform_img = transforms.Compose([
+            transforms.Resize(self.resize),
+            transforms.ColorJitter(brightness_factor, contrast_factor, saturation_factor),
+            transforms.RandomHorizontalFlip(h_flip_p),
+            transforms.RandomVerticalFlip(v_flip_p),
+            transforms.RandomGrayscale(gray_p),
+            transforms.RandomAffine(
+                rotate_degrees,
+                translate=(translate, translate),
+                scale=(1.0 - scale, 1.0 + scale),
+                interpolation=transforms.InterpolationMode.BILINEAR,
+            ),
+            transforms.CenterCrop(self.imgsize),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ])
+        self.transform_mask = transforms.Compose([
+            transforms.Resize(self.resize),
+            transforms.CenterCrop(self.imgsize),
+            transforms.ToTensor(),
+        ])
+        LOGGER.info(
+            "%s_%s %s: %d images%s", dataset_name, classname, split.value, len(self.data_to_iterate),
+            f", {len(self.anomaly_source_paths)} textures, fg {self.class_fg}" if split == DatasetSplit.TRAIN else "",
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # What a loader provides
+
+    def _collect_items(self) -> List[list]:
+        """Rows ``[classname, anomaly, image_path, mask]`` of the split; problems go to ``layout_problems``."""
+        raise NotImplementedError
+
+    def relative(self, path: str) -> str:
+        """``path`` relative to the dataset root, for messages."""
+        return os.path.relpath(path, self.source)
+
+    # ------------------------------------------------------------------------------------------
+    # Checks (header reads only)
+
+    def _check_files(self) -> None:
+        """Every image and mask of the rows (and foreground mask) exists, is readable, masks fit their image."""
+        problems = self.layout_problems
+        for _, _, image_path, mask in self.data_to_iterate:
+            size = image_size(image_path)
+            if size is None:
+                missing = not os.path.isfile(image_path)
+                problems.add("missing image" if missing else "unreadable image", self.relative(image_path),
+                             hint="" if missing else "replace or remove them")
+            for mask_path in ([mask] if isinstance(mask, str) else list(mask or ())):
+                mask_size = image_size(mask_path)
+                if mask_size is None:
+                    problems.add("missing mask" if not os.path.isfile(mask_path) else "unreadable mask",
+                                 self.relative(mask_path))
+                elif size is not None and mask_size != size:
+                    problems.add(
+                        "mask of another size than its image", f"{self.relative(mask_path)} {mask_size[0]}x"
+                        f"{mask_size[1]} vs {size[0]}x{size[1]}", plural="masks of another size than their image",
+                    )
+            if self.class_fg:
+                fg_path = self.fg_mask_path(image_path)
+                if image_size(fg_path) is None:
+                    problems.add("missing or unreadable foreground mask", self.relative(fg_path),
+                                 plural="missing or unreadable foreground masks",
+                                 hint="create them (same file names as the training images) or use --fg 0")
+
+    def _check_test_labels(self) -> None:
+        """Image AUROC needs normal and defect test images."""
+        kinds = {row[1] == self.NORMAL for row in self.data_to_iterate}
+        if not self.data_to_iterate:
+            return  # already reported by the loader
+        where = f"{self.classname} test split"
+        if True not in kinds:
+            self.layout_problems.add("test split without normal images", where,
+                                     hint="image AUROC needs normal and defect test images")
+        if False not in kinds:
+            self.layout_problems.add("test split without defect images", where,
+                                     hint="image AUROC needs normal and defect test images")
+
+    def _log_ground_truth(self) -> None:
+        """Say how pixel metrics will be computed when some defect images lack a mask."""
+        defects = [row for row in self.data_to_iterate if row[1] != self.NORMAL]
+        unknown = [row[2] for row in defects if row[3] is None]
+        self.unknown_masks = len(unknown)
+        name = f"{self.dataset_name}_{self.classname}"
+        if not defects or not unknown:
+            return
+        if len(unknown) == len(defects):
+            LOGGER.warning(
+                "%s: none of the %d defect test images has a ground-truth mask: pixel metrics (pixel AUROC, AP, "
+                "PRO) are not available (n/a); image metrics use all %d test images",
+                name, len(defects), len(self.data_to_iterate),
+            )
+        else:
+            shown = ", ".join(self.relative(p) for p in unknown[:EXAMPLES_PER_PROBLEM])
+            more = ", ..." if len(unknown) > EXAMPLES_PER_PROBLEM else ""
+            LOGGER.warning(
+                "%s: %d of %d defect test images have no mask (%s%s): pixel metrics are computed on the %d test "
+                "images whose ground truth is known (normal images and defect images with masks); image metrics "
+                "use all %d", name, len(unknown), len(defects), shown, more,
+                len(self.data_to_iterate) - len(unknown), len(self.data_to_iterate),
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Foreground masks
+
+    def _foreground_flag(self, excel_dir: Union[str, Sequence[str], None]) -> int:
+        """Whether training items use foreground masks (``fg`` 0/1, or the xlsx entry for 2)."""
+        if self.fg != 2:
+            return int(self.fg == 1)
+        dirs = [excel_dir] if isinstance(excel_dir, (str, os.PathLike)) else list(excel_dir or [])
+        dirs = [str(d) for d in dirs] + [SHIPPED_EXCEL_DIR]
+        key = f"{self.dataset_name}_{self.classname}"
+        try:
+            found = utils.lookup_distribution(dirs, self.dataset_name, key)
+        except Exception as exc:  # the reference falls back to foreground masks on any failure
+            LOGGER.warning("Could not look up the foreground flag of %s (%s); using fg masks", key, exc)
+            found = None
+        if found is None:
+            LOGGER.info("%s is not in any %s_distribution.xlsx: using fg masks", key, self.dataset_name)
+            return 1
+        return int(found[1])
+
+    def fg_mask_path(self, image_path: str) -> str:
+        """``<source>/fg_mask/<class>/<image file name>``."""
+        return os.path.join(self.source, "fg_mask", self.classname, os.path.basename(image_path))
+
+    def _foreground(self, image_path: str) -> torch.Tensor:
+        """Foreground mask (S, S) of 0/1, or ``torch.tensor([1])`` when foreground masks are off."""
+        if not self.class_fg:
+            return torch.tensor([1])
+        path = self.fg_mask_path(image_path)
+        if not os.path.isfile(path):
+            raise GlassError(f"foreground mask {path} is missing: create it or use --fg 0")
+        mask_fg = torch.ceil(self.transform_mask(load_image(path, mode=None))[0])
+        if float(mask_fg.max()) <= 0:
+            raise GlassError(f"foreground mask {path} is empty after resizing and cropping: fix it or use --fg 0")
+        return mask_fg
+
+    # ------------------------------------------------------------------------------------------
+    # Items
+
+    def rand_augmenter(self) -> transforms.Compose:
+        """Texture transform with three distinct random augmentations between resize and crop."""
+        candidates = [
+            transforms.ColorJitter(contrast=(0.8, 1.2)),
+            transforms.ColorJitter(brightness=(0.8, 1.2)),
+            transforms.ColorJitter(saturation=(0.8, 1.2), hue=(-0.2, 0.2)),
+            transforms.RandomHorizontalFlip(p=1),
+            transforms.RandomVerticalFlip(p=1),
+            transforms.RandomGrayscale(p=1),
+            transforms.RandomAutocontrast(p=1),
+            transforms.RandomEqualize(p=1),
+            transforms.RandomAffine(degrees=(-45, 45)),
+        ]
+        chosen = np.random.choice(np.arange(len(candidates)), 3, replace=False)
+        return transforms.Compose([
+            transforms.Resize(self.resize),
+            *(candidates[i] for i in chosen),
+            transforms.CenterCrop(self.imgsize),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ])
+
+    def make_train_item(self, idx: int) -> Dict[str, Any]:
+        """A training item with its intermediate pieces (``texture``, ``mask_l``, ``mask_fg``).
+
+        The random draws follow the reference's order: image transform (torch), texture file and
+        augmentation choice (NumPy), texture transform (torch), Perlin mask, beta (NumPy).
+        """
+        classname, anomaly, image_path, _ = self.data_to_iterate[idx]
+        image = self.transform_img(load_image(image_path))
+
+        texture_path = self.anomaly_source_paths[np.random.choice(len(self.anomaly_source_paths))]
+        transform_tex = self.rand_augmenter() if self.rand_aug else self.transform_img
+        texture = transform_tex(load_image(texture_path))
+
+        mask_fg = self._foreground(image_path)
+        try:
+            mask_s, mask_l = perlin_mask(image.shape, self.imgsize // self.downsampling, 0, 6, mask_fg, 1)
+        except ValueError as exc:
+            raise GlassError(f"cannot place an anomaly in {image_path}: {exc}; fix its fg mask or use --fg 0") from None
+        mask_s = torch.from_numpy(mask_s)
+        mask_l = torch.from_numpy(mask_l)
+
+        beta = float(np.clip(np.random.normal(loc=self.mean, scale=self.std), 0.2, 0.8))
+        aug = image * (1 - mask_l) + (1 - beta) * texture * mask_l + beta * image * mask_l
+        return {
+            "image": image,
+            "aug": aug.float(),
+            "mask_s": mask_s,
+            "mask_gt": torch.zeros([1, *image.shape[1:]]),
+            "is_anomaly": int(anomaly != self.NORMAL),
+            "anomaly": anomaly,
+            "image_path": image_path,
+            "beta": beta,
+            "texture": texture,
+            "texture_path": texture_path,
+            "mask_l": mask_l,
+            "mask_fg": mask_fg,
+        }
+
+    def mask_gt(self, anomaly: str, mask: Mask, size: Sequence[int]) -> torch.Tensor:
+        """Ground truth (1, H, W): zeros for normal images, NaN where unknown, else the resized mask."""
+        if mask is None:
+            fill = 0.0 if anomaly == self.NORMAL else float("nan")
+            return torch.full([1, *size], fill)
+        # Kept as resized (edges fractional), as the reference: the metrics decide what counts.
+        resized = self.transform_mask(load_mask(mask))
+        if self.BINARIZE_RESIZED_MASK:
+            resized = (resized > 0).to(torch.float32)
+        return resized
+
+    def __getitem__(self, idx: int) -> Dict[str, Any]:
+        if self.split == DatasetSplit.TRAIN:
+            item = self.make_train_item(idx)
+            return {key: item[key] for key in
+                    ("image", "aug", "mask_s", "mask_gt", "is_anomaly", "anomaly", "image_path", "beta")}
+
+        _, anomaly, image_path, mask = self.data_to_iterate[idx]
+        image = self.transform_img(load_image(image_path))
+        return {
+            "image": image,
+            "aug": torch.tensor([1]),
+            "mask_s": torch.tensor([1]),
+            "mask_gt": self.mask_gt(anomaly, mask, image.shape[1:]),
+            "is_anomaly": int(anomaly != self.NORMAL),
+            "anomaly": anomaly,
+            "image_path": image_path,
+        }
+
+    def __len__(self) -> int:
+        return len(self.data_to_iterate)

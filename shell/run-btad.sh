@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GLASS on BTAD with the paper's MVTec AD settings (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
+# Layout: <class>/train/ok, <class>/test/{ok,ko}, masks <class>/ground_truth/ko/<name>.png|.bmp, or the MVTec layout that python -m datasets.fetch btad writes.
+# The paper has no settings for BTAD: no distribution table and no foreground masks ship with it, so each
+# class's hypothesis is judged from its training images (--distribution 0 with no table: judged, recorded
+# under RESULTS/datasets/excel, then trained) and no foreground masks are used (--fg 0).
+# Override the paths: DATAPATH=/data/btad AUGPATH=/data/dtd/images bash shell/run-btad.sh
+DATAPATH=${DATAPATH:-/root/dataset/BTAD}
+AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
+RESULTS=${RESULTS:-results}
+CLASSES=${CLASSES:-"01 02 03"}
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+"$PYTHON" main.py \
+    --gpu "${GPU:-0}" \
+    --seed 0 \
+    --test ckpt \
+    --results_path "$RESULTS" \
+  net \
+    -b wideresnet50 \
+    -le layer2 \
+    -le layer3 \
+    --pretrain_embed_dimension 1536 \
+    --target_embed_dimension 1536 \
+    --patchsize 3 \
+    --meta_epochs 640 \
+    --eval_epochs 1 \
+    --dsc_layers 2 \
+    --dsc_hidden 1024 \
+    --pre_proj 1 \
+    --mining 1 \
+    --noise 0.015 \
+    --radius 0.75 \
+    --p 0.5 \
+    --step 20 \
+    --limit 392 \
+  dataset \
+    --distribution 0 \
+    --mean 0.5 \
+    --std 0.1 \
+    --fg 0 \
+    --rand_aug 1 \
+    --batch_size 8 \
+    --resize 288 \
+    --imagesize 288 \
+    $(class_flags $CLASSES) btad "$DATAPATH" "$AUGPATH"

@@ -1,0 +1,369 @@
+"""Every dataset layout on real images: VisA, MVTec 3D-AD, MVTec LOCO, BTAD, custom data without masks or
+with some masks, through the loaders and one short train -> test run each; the layout check; class lists.
+
+Each dataset is a small copy (16 training, 8 test images) of MVTec 3D-AD `tire` or Magnetic-tile images,
+renamed and re-encoded into the dataset's own layout.
+"""
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import glass
+import main
+from conftest import DTD, MAGNETIC, MVTEC3D, ROOT, TINY_NET, copy_class_subset, run_main, tiny_dataset_args
+from datasets.base import DatasetSplit
+from datasets.btad import BTADDataset
+from datasets.loco import LOCODataset
+from datasets.mvtec import MVTecDataset
+from datasets.mvtec3d import MVTec3DDataset
+from datasets.visa import VisADataset
+from utils import GlassError
+
+TIRE = MVTEC3D / "tire"
+TILE = MAGNETIC / "magnetic_tile"
+SIZE = 64
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_pro")
+
+
+def first(folder: Path, count: int, start: int = 0):
+    return sorted(folder.iterdir())[start:start + count]
+
+
+def save(src: Path, dst: Path, values=None) -> Path:
+    """Copy ``src`` to ``dst`` (re-encoded when the extension differs; masks 0/255 -> ``values`` if given)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if values is not None:
+        mask = np.asarray(PIL.Image.open(src).convert("L")) > 0
+        PIL.Image.fromarray(np.where(mask, values, 0).astype(np.uint8)).save(dst)
+    elif src.suffix.lower() == dst.suffix.lower():
+        shutil.copyfile(src, dst)
+    else:
+        PIL.Image.open(src).convert("RGB").save(dst)
+    return dst
+
+
+def tire_mask(kind: str, image: Path) -> Path:
+    return TIRE / "ground_truth" / kind / f"{image.stem}_mask.png"
+
+
+def run_tiny(results: Path, root: Path, name: str, classname: str) -> int:
+    """One tiny train -> test run (1 epoch) of dataset ``name`` through the CLI."""
+    net = list(TINY_NET)
+    net[net.index("--meta_epochs") + 1] = "1"
+    data = tiny_dataset_args(root, DTD, classes=(classname,))
+    data[-3] = name
+    return run_main(["--results_path", results, *net, *data])
+
+
+def read_results(results: Path):
+    with open(results / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_full_row(results: Path, row_name: str):
+    rows = read_results(results)
+    assert [row["Row Names"] for row in rows] == [row_name, "Mean"]
+    for key in ("image_auroc", "image_ap", *PIXEL_KEYS):
+        assert 0.0 <= float(rows[0][key]) <= 1.0
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders: one small class in each dataset's own layout
+
+def build_visa(root: Path, n_train=16, n_good=4) -> Path:
+    """VisA: `candle/Data/Images/{Normal,Anomaly}/*.JPG`, integer-label masks, `split_csv/1cls.csv`."""
+    rows = [("object", "split", "label", "image", "mask")]
+    data = root / "candle" / "Data"
+    for i, src in enumerate(first(TIRE / "train" / "good", n_train + n_good)):
+        rel = f"candle/Data/Images/Normal/{i:04d}.JPG"
+        save(src, root / rel)
+        rows.append(("candle", "train" if i < n_train else "test", "normal", rel, ""))
+    defects = [(kind, p) for kind in ("cut", "hole") for p in first(TIRE / "test" / kind, 2)]
+    for j, (kind, src) in enumerate(defects):
+        rel, rel_mask = f"candle/Data/Images/Anomaly/{j:03d}.JPG", f"candle/Data/Masks/Anomaly/{j:03d}.png"
+        save(src, root / rel)
+        save(tire_mask(kind, src), root / rel_mask, values=j % 3 + 1)  # small integer labels, as VisA's
+        rows.append(("candle", "test", "anomaly", rel, rel_mask))
+    rows.append(("pcb1", "train", "normal", "pcb1/Data/Images/Normal/0000.JPG", ""))  # another class: ignored
+    (root / "split_csv").mkdir(parents=True)
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    assert data.is_dir()
+    return root
+
+
+def build_mvtec3d(root: Path) -> Path:
+    """MVTec 3D-AD: `tire/{train,validation}/good/rgb`, `tire/test/<type>/{rgb,gt}`."""
+    cls = root / "tire"
+    for src in first(TIRE / "train" / "good", 16):
+        save(src, cls / "train" / "good" / "rgb" / src.name)
+    save(first(TIRE / "train" / "good", 1, start=30)[0], cls / "validation" / "good" / "rgb" / "000.png")
+    (cls / "test" / "good" / "gt").mkdir(parents=True)
+    for src in first(TIRE / "test" / "good", 4):
+        save(src, cls / "test" / "good" / "rgb" / src.name)
+        PIL.Image.new("L", PIL.Image.open(src).size).save(cls / "test" / "good" / "gt" / src.name)  # all normal
+    for kind in ("cut", "hole"):
+        for src in first(TIRE / "test" / kind, 2):
+            save(src, cls / "test" / kind / "rgb" / src.name)
+            save(tire_mask(kind, src), cls / "test" / kind / "gt" / src.name)
+    return root
+
+
+def build_loco(root: Path) -> Path:
+    """MVTec LOCO: masks as `ground_truth/<type>/<stem>/000.png, 001.png` (two halves of one defect)."""
+    cls = root / "juice_bottle"
+    for src in first(TIRE / "train" / "good", 16):
+        save(src, cls / "train" / "good" / src.name)
+    save(first(TIRE / "train" / "good", 1, start=30)[0], cls / "validation" / "good" / "000.png")
+    for src in first(TIRE / "test" / "good", 4):
+        save(src, cls / "test" / "good" / src.name)
+    for kind, tire_kind in (("logical_anomalies", "hole"), ("structural_anomalies", "cut")):
+        for src in first(TIRE / "test" / tire_kind, 2):
+            save(src, cls / "test" / kind / src.name)
+            mask = np.asarray(PIL.Image.open(tire_mask(tire_kind, src))) > 0
+            top, bottom = mask.copy(), mask.copy()
+            top[mask.shape[0] // 2:] = False
+            bottom[: mask.shape[0] // 2] = False
+            folder = cls / "ground_truth" / kind / src.stem
+            folder.mkdir(parents=True)
+            PIL.Image.fromarray(top.astype(np.uint8) * 255).save(folder / "000.png")
+            PIL.Image.fromarray(bottom.astype(np.uint8) * 7).save(folder / "001.png")  # any non-zero value
+    return root
+
+
+def build_btad(root: Path) -> Path:
+    """BTAD as published: `01/train/ok/*.bmp`, `01/test/{ok,ko}/*.bmp`, `01/ground_truth/ko/*.png`."""
+    cls = root / "01"
+    for i, src in enumerate(first(TILE / "train" / "good", 16)):
+        save(src, cls / "train" / "ok" / f"{i:04d}.bmp")
+    for i, src in enumerate(first(TILE / "test" / "good", 4)):
+        save(src, cls / "test" / "ok" / f"{i:04d}.bmp")
+    for i, src in enumerate(first(TILE / "test" / "uneven", 2) + first(TILE / "test" / "fray", 2, start=2)):
+        save(src, cls / "test" / "ko" / f"{i:04d}.bmp")
+        kind = src.parent.name
+        save(TILE / "ground_truth" / kind / f"{src.stem}_mask.png", cls / "ground_truth" / "ko" / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture()
+def custom_part(tmp_path) -> Path:
+    """A custom class `part` in MVTec AD layout: 16 training images, 4 good and 8 defective test images."""
+    root = tmp_path / "data"
+    copy_class_subset(TIRE, root / "part", n_train=16, n_good=4, n_per_defect=2)
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+def test_visa_items_follow_the_split_file(tmp_path):
+    root = build_visa(tmp_path / "visa")
+    train = VisADataset(root, DTD, classname="candle", resize=SIZE, imagesize=SIZE)
+    assert len(train) == 16 and {row[1] for row in train.data_to_iterate} == {"normal"}
+    np.random.seed(0)
+    torch.manual_seed(0)
+    item = train[0]
+    assert item["aug"].shape == (3, SIZE, SIZE) and item["mask_s"].max() == 1 and item["is_anomaly"] == 0
+    test = VisADataset(root, DTD, classname="candle", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert [row[1] for row in test.data_to_iterate] == ["anomaly"] * 4 + ["normal"] * 4  # anomalies first
+    for i in range(len(test)):
+        item = test[i]
+        values = set(item["mask_gt"].unique().tolist())
+        assert item["is_anomaly"] == int(i < 4)
+        assert values == ({0.0, 1.0} if i < 4 else {0.0})  # labels 1..3 binarised, after the resize too
+
+
+def test_visa_trains_and_tests(tmp_path):
+    results = tmp_path / "results"
+    assert run_tiny(results, build_visa(tmp_path / "visa"), "visa", "candle") == 0
+    assert_full_row(results, "visa_candle")
+    assert list((results / "models" / "backbone_0" / "visa_candle").glob("ckpt_best_*.pth"))
+
+
+def test_mvtec3d_reads_rgb_and_gt_subfolders(tmp_path):
+    root = build_mvtec3d(tmp_path / "mvtec3d")
+    train = MVTec3DDataset(root, DTD, dataset_name="mvtec3d", classname="tire", resize=SIZE, imagesize=SIZE)
+    assert len(train) == 16 and all("/train/good/rgb/" in row[2] for row in train.data_to_iterate)
+    test = MVTec3DDataset(root, DTD, dataset_name="mvtec3d", classname="tire", resize=SIZE, imagesize=SIZE,
+                          split=DatasetSplit.TEST)
+    masks = {row[2]: row[3] for row in test.data_to_iterate}
+    assert len(masks) == 8
+    for image, mask in masks.items():
+        assert mask is None if "/good/" in image else mask == image.replace("/rgb/", "/gt/")
+    # The same images in MVTec AD layout (the shared `tire`) read the same way.
+    flat = MVTec3DDataset(MVTEC3D, DTD, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert len(flat) == 112 and flat.unknown_masks == 0
+    results = tmp_path / "results"
+    assert run_tiny(results, root, "mvtec3d", "tire") == 0
+    assert_full_row(results, "mvtec3d_tire")
+
+
+def test_loco_unites_the_masks_of_an_image(tmp_path):
+    root = build_loco(tmp_path / "loco")
+    test = LOCODataset(root, DTD, dataset_name="loco", classname="juice_bottle", resize=SIZE, imagesize=SIZE,
+                       split=DatasetSplit.TEST)
+    kinds = [row[1] for row in test.data_to_iterate]
+    assert kinds == ["good"] * 4 + ["logical_anomalies"] * 2 + ["structural_anomalies"] * 2
+    reference = MVTecDataset(MVTEC3D, DTD, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    for i in (4, 6):
+        _, kind, image, mask = test.data_to_iterate[i]
+        assert len(mask) == 2 and mask[0].endswith(f"{Path(image).stem}/000.png")
+        tire_kind = "hole" if kind == "logical_anomalies" else "cut"
+        original = reference.transform_mask(PIL.Image.open(tire_mask(tire_kind, Path(image))).convert("L"))
+        assert torch.equal(test[i]["mask_gt"], original)  # the union is the whole defect
+    results = tmp_path / "results"
+    assert run_tiny(results, root, "loco", "juice_bottle") == 0
+    assert_full_row(results, "loco_juice_bottle")
+
+
+def test_btad_original_layout_with_bmp_images(tmp_path):
+    root = build_btad(tmp_path / "btad")
+    test = BTADDataset(root, DTD, dataset_name="btad", classname="01", resize=SIZE, imagesize=SIZE,
+                       split=DatasetSplit.TEST)
+    assert [row[1] for row in test.data_to_iterate] == ["ko"] * 4 + ["good"] * 4  # ok images are the normal ones
+    assert all(row[3].endswith(Path(row[2]).stem + ".png") for row in test.data_to_iterate[:4])
+    assert [test[i]["is_anomaly"] for i in (0, 7)] == [1, 0]
+    results = tmp_path / "results"
+    assert run_tiny(results, root, "btad", "01") == 0
+    assert_full_row(results, "btad_01")
+
+
+def test_btad_converted_layout(custom_part):
+    """The MVTec AD layout that `datasets.fetch btad` writes (`good`, `<stem>_mask.png`)."""
+    data = BTADDataset(custom_part, DTD, dataset_name="btad", classname="part", resize=SIZE, imagesize=SIZE,
+                       split=DatasetSplit.TEST)
+    assert len(data) == 12 and data.unknown_masks == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# No masks, some masks
+
+def test_custom_data_without_masks_reports_pixel_metrics_as_not_available(custom_part, tmp_path, capsys):
+    shutil.rmtree(custom_part / "part" / "ground_truth")
+    results = tmp_path / "results"
+    assert run_tiny(results, custom_part, "custom", "part") == 0
+    rows = read_results(results)
+    assert [row["Row Names"] for row in rows] == ["custom_part", "Mean"]
+    for row in rows:
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0
+        assert [row[key] for key in PIXEL_KEYS] == ["", "", ""]
+    out = capsys.readouterr().out
+    assert re.search(r"custom_part: image_auroc:\d+\.\d\d image_ap:\d+\.\d\d "
+                     r"pixel_auroc:n/a pixel_ap:n/a pixel_pro:n/a", out)
+    assert len(list((results / "eval" / "custom_part").glob("*.png"))) == 12
+    tb = EventAccumulator(str(results / "models" / "backbone_0" / "custom_part" / "tb")).Reload()
+    assert np.isnan(tb.Scalars("p-auroc")[0].value) and np.isfinite(tb.Scalars("i-auroc")[0].value)
+
+
+def test_partial_masks_score_pixels_of_the_known_images(custom_part, tmp_path, caplog):
+    gt = custom_part / "part" / "ground_truth"
+    for name in ("cut/000_mask.png", "hole/001_mask.png", "combined/000_mask.png"):
+        (gt / name).unlink()
+    results = tmp_path / "results"
+    with caplog.at_level("WARNING"):
+        assert run_tiny(results, custom_part, "custom", "part") == 0
+    assert "3 of 8 defect test images have no mask" in caplog.text
+    assert_full_row(results, "custom_part")
+
+
+def test_evaluate_leaves_unknown_ground_truth_out_of_pixel_metrics():
+    rng = np.random.default_rng(0)
+    maps = rng.random((6, 16, 16))
+    masks = np.zeros((6, 1, 16, 16), np.float32)
+    masks[3:, 0, 4:9, 4:9] = 1
+    maps[3:, 4:9, 4:9] += 0.5
+    scores, labels = maps.max(axis=(1, 2)), np.array([0, 0, 0, 1, 1, 1])
+    known = glass.GLASS._evaluate(None, scores[:5], maps[:5], labels[:5], masks[:5], path="eval")
+    masks[5] = np.nan  # the sixth image's mask is unknown
+    partial = glass.GLASS._evaluate(None, scores, maps, labels, masks, path="eval")
+    assert partial[2:] == known[2:]
+    masks[3:] = np.nan
+    assert np.isnan(glass.GLASS._evaluate(None, scores, maps, labels, masks, path="eval")[2:]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout check
+
+def test_every_layout_problem_is_reported_at_once(custom_part, capsys):
+    cls = custom_part / "part"
+    (cls / "train" / "good" / "003.png").write_bytes(b"not an image")
+    mask = cls / "ground_truth" / "cut" / "001_mask.png"
+    PIL.Image.open(mask).resize((100, 50)).save(mask)
+    for path in (cls / "ground_truth" / "hole").iterdir():
+        path.rename(path.with_name("defect_" + path.name))
+    shutil.rmtree(cls / "test" / "good")
+    code = run_tiny(custom_part.parent / "results", custom_part, "custom", "part")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"Error: dataset layout problems in {custom_part} (class part): ")
+    assert "1 unreadable image (part/train/good/003.png; replace or remove them)" in err  # training split
+    assert "1 mask of another size than its image (part/ground_truth/cut/001_mask.png 100x50 vs 320x427)" in err
+    assert "1 mask folder matching no image (part/ground_truth/hole" in err
+    assert "1 test split without normal images" in err
+    assert not (custom_part.parent / "results" / "models").exists()  # nothing trained
+
+
+def test_missing_folders_and_foreground_masks(tmp_path):
+    cls = tmp_path / "part"
+    (cls / "train" / "bad").mkdir(parents=True)
+    with pytest.raises(GlassError) as error:
+        MVTecDataset(tmp_path, DTD, classname="part", fg=1)
+    assert "1 missing training folder (part/train/good; put the defect-free training images there)" in str(error.value)
+    with pytest.raises(GlassError, match=r"1 missing folder \(part/test;"):
+        MVTecDataset(tmp_path, DTD, classname="part", split=DatasetSplit.TEST)
+    save(first(TIRE / "train" / "good", 1)[0], cls / "train" / "good" / "000.png")
+    with pytest.raises(GlassError, match=r"1 missing or unreadable foreground mask \(fg_mask/part/000.png; .*--fg 0\)"):
+        MVTecDataset(tmp_path, DTD, classname="part", fg=1)
+
+
+def test_visa_split_file_naming_missing_files(tmp_path):
+    root = build_visa(tmp_path / "visa")
+    (root / "candle" / "Data" / "Images" / "Normal" / "0017.JPG").unlink()
+    (root / "candle" / "Data" / "Masks" / "Anomaly" / "002.png").unlink()
+    with pytest.raises(GlassError) as error:
+        VisADataset(root, DTD, classname="candle", split=DatasetSplit.TEST)
+    message = str(error.value)
+    assert "1 missing image (candle/Data/Images/Normal/0017.JPG)" in message
+    assert "1 missing mask (candle/Data/Masks/Anomaly/002.png)" in message
+    with pytest.raises(GlassError, match="'pcb4' not found .*available classes are candle, pcb1"):
+        VisADataset(root, DTD, classname="pcb4")
+    (root / "split_csv" / "1cls.csv").unlink()
+    with pytest.raises(GlassError, match="split_csv/1cls.csv is missing"):
+        VisADataset(root, DTD, classname="candle")
+
+
+# --------------------------------------------------------------------------------------------------
+# Names, class lists and scripts
+
+SCRIPTS = {"mvtec": "run-mvtec.sh", "visa": "run-visa.sh", "mpdd": "run-mpdd.sh", "wfdd": "run-wfdd.sh",
+           "mad": "run-mad-man.sh", "mvtec3d": "run-mvtec3d.sh", "loco": "run-loco.sh", "btad": "run-btad.sh"}
+
+
+@pytest.mark.parametrize("name", sorted(main._DATASETS))
+def test_every_dataset_name_reaches_a_loader_with_its_classes(name):
+    module_name, class_name = main._DATASETS[name]
+    module = __import__(module_name, fromlist=[class_name])
+    loader = getattr(module, class_name)
+    assert module.DatasetSplit is DatasetSplit
+    assert name in loader.CLASSNAMES
+    if name in SCRIPTS:
+        script = (ROOT / "shell" / SCRIPTS[name]).read_text()
+        classes = re.search(r'CLASSES=\$\{CLASSES:-"([^"]*)"\}', script).group(1).split()
+        assert tuple(classes) == loader.CLASSNAMES[name]
+    for script in ROOT.glob("shell/run-*.sh"):
+        used = re.search(r"\) (\w+) \"\$DATAPATH\"", script.read_text())
+        assert used is None or used.group(1) in main._DATASETS
+
+
+def test_visa_classes_agree_with_the_downloader():
+    from datasets import fetch, visa
+
+    assert tuple(fetch.VISA_CLASSES) == visa.VISA_CLASSES

@@ -1,0 +1,277 @@
+"""Score images with an exported GLASS model (``glass.onnx``) using onnxruntime only.
+
+Deployable alone: it needs numpy, Pillow, OpenCV and onnxruntime, not this repository. The
+preprocessing is the test transform of training (Resize of the shorter side, CenterCrop, ToTensor,
+ImageNet Normalize), with the sizes and mean/std read from the model's metadata.
+
+Writes ``<output>/predictions.csv`` (image, score, threshold, anomalous, heatmap, overlay) and, per
+image, ``<name>_heatmap.png`` (the anomaly map, 0..1 on the jet colour scale) and ``<name>_overlay.png``
+(the cropped input blended with the heatmap).
+
+Example::
+
+    python onnx/ort.py results/models/backbone_0/mvtec_tire/glass.onnx 'new_images/*.png' -o ort_out
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+LOGGER = logging.getLogger("glass.ort")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+CSV_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the inputs; printed as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and metadata
+
+def _numbers(text: str, kind=float) -> List:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def read_metadata(session: onnxruntime.InferenceSession) -> Dict:
+    """Preprocessing and provenance from the model's metadata_props (as written by pth2onnx.py)."""
+    props = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ("resize", "imagesize", "mean", "std") if key not in props]
+    if missing:
+        raise UsageError(f"the model has no {', '.join(missing)} in its metadata: export it with onnx/pth2onnx.py")
+    meta = dict(props)
+    meta["resize"] = _numbers(props["resize"], int)
+    meta["imagesize"] = _numbers(props["imagesize"], int)
+    meta["mean"] = np.asarray(_numbers(props["mean"]), dtype=np.float32)
+    meta["std"] = np.asarray(_numbers(props["std"]), dtype=np.float32)
+    meta["threshold"] = float(props["threshold"]) if props.get("threshold") else None
+    return meta
+
+
+def open_session(model_path: str, providers: Optional[Sequence[str]] = None) -> onnxruntime.InferenceSession:
+    """An inference session on ``providers`` (default: every provider this onnxruntime has)."""
+    if not os.path.isfile(model_path):
+        raise UsageError(f"model {model_path} does not exist: export one with onnx/pth2onnx.py")
+    available = onnxruntime.get_available_providers()
+    chosen = list(providers) if providers else available
+    unknown = [p for p in chosen if p not in available]
+    if unknown:
+        raise UsageError(f"provider(s) {', '.join(unknown)} not available in this onnxruntime: choose from {', '.join(available)}")
+    try:
+        return onnxruntime.InferenceSession(model_path, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception types for damaged files
+        raise UsageError(f"cannot load {model_path} ({type(exc).__name__}): the file is damaged or not an ONNX model") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+def collect_images(inputs: Sequence[str]) -> List[str]:
+    """Image files named by ``inputs``: files, folders (searched recursively) and glob patterns, in order."""
+    found: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            matches = sorted(glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True))
+        elif os.path.isfile(item):
+            matches = [item]
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise UsageError(f"{item} matched no file: give image files, folders or glob patterns such as 'dir/*.png'")
+        images = [m for m in matches if os.path.isfile(m) and os.path.splitext(m)[1].lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise UsageError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        found.extend(images)
+    return list(dict.fromkeys(found))
+
+
+def output_stems(paths: Sequence[str]) -> List[str]:
+    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    stems, seen = [], set()
+    for i, path in enumerate(absolute):
+        stem = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_")
+        if stem in seen:
+            stem = f"{stem}_{i}"
+        seen.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _resized_size(width: int, height: int, resize: Sequence[int]) -> Tuple[int, int]:
+    """torchvision's Resize: one number sets the shorter side (the longer one rounded down), two set (h, w)."""
+    if len(resize) > 1:
+        return int(resize[1]), int(resize[0])
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = int(resize[0]), int(int(resize[0]) * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision's CenterCrop (zero padding when the image is smaller than the crop)."""
+    if width > image.width or height > image.height:
+        left = (width - image.width) // 2 if width > image.width else 0
+        top = (height - image.height) // 2 if height > image.height else 0
+        canvas = Image.new(image.mode, (max(width, image.width), max(height, image.height)))
+        canvas.paste(image, (left, top))
+        image = canvas
+        if image.size == (width, height):
+            return image
+    top = int(round((image.height - height) / 2.0))
+    left = int(round((image.width - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
+    """(3, H, W) float32 model input and the (H, W, 3) uint8 RGB crop it was made from."""
+    try:
+        with Image.open(path) as handle:
+            image = handle.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"cannot read image {path} ({exc}): replace or remove the file") from None
+    size = _resized_size(image.width, image.height, meta["resize"])
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    height, width = (meta["imagesize"] * 2)[:2] if len(meta["imagesize"]) == 1 else meta["imagesize"][:2]
+    crop = np.asarray(_center_crop(image, height, width), dtype=np.uint8)
+    tensor = (crop.astype(np.float32) / 255.0 - meta["mean"]) / meta["std"]
+    return np.ascontiguousarray(tensor.transpose(2, 0, 1), dtype=np.float32), crop
+
+
+def heatmap_image(anomaly_map: np.ndarray) -> np.ndarray:
+    """BGR jet colouring of a map whose values are anomaly probabilities (0..1, not rescaled per image)."""
+    levels = np.round(np.clip(anomaly_map, 0.0, 1.0) * 255).astype(np.uint8)
+    return cv2.applyColorMap(levels, cv2.COLORMAP_JET)
+
+
+def overlay_image(crop_rgb: np.ndarray, heatmap_bgr: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The cropped input (BGR) blended with the heatmap."""
+    return cv2.addWeighted(cv2.cvtColor(crop_rgb, cv2.COLOR_RGB2BGR), 1 - alpha, heatmap_bgr, alpha, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+def score_images(
+    session: onnxruntime.InferenceSession, meta: Dict, paths: Sequence[str], batch_size: int = 8
+):
+    """Yield ``(path, score, anomaly_map, crop)`` for every image, batch by batch."""
+    input_name = session.get_inputs()[0].name
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        prepared = [preprocess(path, meta) for path in chunk]
+        batch = np.stack([tensor for tensor, _ in prepared])
+        scores, maps = session.run(["image_score", "anomaly_map"], {input_name: batch})
+        for path, (_, crop), score, anomaly_map in zip(chunk, prepared, scores, maps):
+            yield path, float(score), anomaly_map, crop
+
+
+def predict(
+    model_path: str,
+    inputs: Sequence[str],
+    output: str,
+    threshold: Optional[float] = None,
+    batch_size: int = 8,
+    providers: Optional[Sequence[str]] = None,
+    write_images: bool = True,
+) -> List[Dict[str, str]]:
+    """Score ``inputs`` with the model; write the CSV (and PNGs). Returns the CSV rows."""
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, not {batch_size}")
+    session = open_session(model_path, providers)
+    meta = read_metadata(session)
+    threshold = meta["threshold"] if threshold is None else threshold
+    paths = collect_images(inputs)
+    stems = output_stems(paths)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {output} ({exc.strerror}): choose another --output") from None
+    rows = []
+    for stem, (path, score, anomaly_map, crop) in zip(stems, score_images(session, meta, paths, batch_size)):
+        row = {"image": path, "score": repr(score), "threshold": "", "anomalous": "", "heatmap": "", "overlay": ""}
+        if threshold is not None:
+            row["threshold"] = repr(float(threshold))
+            row["anomalous"] = str(int(score >= threshold))
+        if write_images:
+            heat = heatmap_image(anomaly_map)
+            row["heatmap"] = os.path.join(output, f"{stem}_heatmap.png")
+            row["overlay"] = os.path.join(output, f"{stem}_overlay.png")
+            cv2.imwrite(row["heatmap"], heat)
+            cv2.imwrite(row["overlay"], overlay_image(crop, heat))
+        rows.append(row)
+    with open(os.path.join(output, "predictions.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default only where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"Error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python onnx/ort.py",
+        description="Score images with an exported GLASS model (onnxruntime only): a CSV of image scores and "
+                    "decisions, and heatmap and overlay PNGs.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("model", help="the .onnx file written by onnx/pth2onnx.py")
+    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or quoted glob patterns")
+    parser.add_argument("-o", "--output", default="ort_predictions", help="folder for predictions.csv and the PNGs")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="score at or above which an image is anomalous (default: the one stored in the model, if any)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per onnxruntime call")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated onnxruntime execution providers (default: all available, e.g. CUDAExecutionProvider first)")
+    parser.add_argument("--no_images", action="store_true", help="write only the CSV, no heatmap/overlay PNGs")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; mistakes print one line on stderr and exit with code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    try:
+        rows = predict(args.model, args.inputs, args.output, threshold=args.threshold, batch_size=args.batch_size,
+                       providers=providers, write_images=not args.no_images)
+    except UsageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    flagged = sum(row["anomalous"] == "1" for row in rows)
+    decision = f", {flagged} anomalous at threshold {rows[0]['threshold']}" if rows and rows[0]["threshold"] else ""
+    print(f"Scored {len(rows)} image(s){decision}: {os.path.join(args.output, 'predictions.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

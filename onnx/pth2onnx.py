@@ -1,0 +1,460 @@
+"""Export a trained GLASS class to ONNX: image batch -> ``image_score`` (B,) and ``anomaly_map`` (B, H, W).
+
+The exported graph is the whole inference path of ``GLASS._predict``: backbone up to the deepest
+feature layer, patch neighbourhoods, alignment of the deeper layers, the two average-pooling
+reductions, feature adaptor, discriminator, image score (max patch score), bilinear upsampling and
+the Gaussian smoothing of the map (scipy's ``gaussian_filter(sigma=4)``, written as two fixed 1-D
+convolutions over a 'reflect'-padded map). The batch axis is dynamic. How to preprocess an image
+(resize, crop, ImageNet mean/std) is recorded in the model's ``metadata_props``; ``onnx/ort.py``
+reads it from there.
+
+Examples::
+
+    python onnx/pth2onnx.py --results_path results -d tire            # results/models/backbone_0/mvtec_tire/glass.onnx
+    python onnx/pth2onnx.py --class_dir results/models/backbone_0/mvtec_bottle
+    python onnx/pth2onnx.py --checkpoint ckpt_best_219.pth -b wideresnet50 -le layer2 -le layer3 \\
+        --pretrain_embed_dimension 1536 --imagesize 288 --resize 288 --class_name grid_cloth
+
+Differences from the reference's ``onnx/pth2onnx.py``: no paths in the file, a dynamic batch (the
+reference fixed 8 images at 288 px on CUDA), and the image score and the smoothed map come out of the
+graph (the reference returned the raw patch-score grid and left upsampling and blur to the caller).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import common  # noqa: E402
+import glass  # noqa: E402
+import utils  # noqa: E402
+from utils import GlassError  # noqa: E402
+
+LOGGER = logging.getLogger(__name__)
+
+OPSET = 18
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("image_score", "anomaly_map")
+DEFAULT_NAME = "glass.onnx"
+SMOOTHING_SIGMA = 4.0
+SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+# Paper settings (shell/run-mvtec.sh), used for a bare checkpoint without config.json.
+PAPER_DEFAULTS = {
+    "backbone": "wideresnet50",
+    "layers": ["layer2", "layer3"],
+    "imagesize": 288,
+    "resize": 288,
+    "pretrain_embed_dimension": 1536,
+    "patchsize": 3,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Traceable pieces
+
+def gaussian_kernel1d(sigma: float, truncate: float = SMOOTHING_TRUNCATE) -> np.ndarray:
+    """The 1-D weights scipy's ``gaussian_filter`` uses: radius ``int(truncate * sigma + 0.5)``, sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 / (float(sigma) ** 2) * x ** 2)
+    return weights / weights.sum()
+
+
+def reflect_indices(length: int, radius: int) -> np.ndarray:
+    """Source index of every position of a line padded by ``radius`` in scipy's 'reflect' mode.
+
+    scipy's 'reflect' repeats the edge sample (``d c b a | a b c d | d c b a``), unlike ONNX's and
+    PyTorch's 'reflect'; the index also folds correctly when ``radius`` exceeds ``length``.
+    """
+    positions = np.arange(-radius, length + radius) % (2 * length)
+    return np.where(positions >= length, 2 * length - 1 - positions, positions).astype(np.int64)
+
+
+class GaussianSmoothing(torch.nn.Module):
+    """``scipy.ndimage.gaussian_filter(map, sigma)`` on (B, 1, H, W) maps: rows then columns, 'reflect' borders."""
+
+    def __init__(self, height: int, width: int, sigma: float = SMOOTHING_SIGMA):
+        super().__init__()
+        kernel = torch.from_numpy(gaussian_kernel1d(sigma)).float()
+        radius = (len(kernel) - 1) // 2
+        self.register_buffer("kernel_h", kernel.reshape(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_w", kernel.reshape(1, 1, 1, -1), persistent=False)
+        self.register_buffer("index_h", torch.from_numpy(reflect_indices(height, radius)), persistent=False)
+        self.register_buffer("index_w", torch.from_numpy(reflect_indices(width, radius)), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        maps = F.conv2d(maps.index_select(2, self.index_h), self.kernel_h)  # scipy filters axis 0 first
+        return F.conv2d(maps.index_select(3, self.index_w), self.kernel_w)
+
+
+class AdaptiveAvgPool1d(torch.nn.Module):
+    """``F.adaptive_avg_pool1d`` of (N, L) rows to ``out_len`` values with fixed windows (static shapes).
+
+    PyTorch's own operator is not exported with a dynamic batch; here every output gathers its window
+    ``[floor(i L / out), ceil((i + 1) L / out))`` (padded to the longest window with zero weights) and
+    averages it.
+    """
+
+    def __init__(self, in_len: int, out_len: int):
+        super().__init__()
+        starts = (np.arange(out_len) * in_len) // out_len
+        ends = -((-(np.arange(out_len) + 1) * in_len) // out_len)
+        width = int((ends - starts).max())
+        offsets = np.arange(width)
+        index = starts[:, None] + offsets[None, :]
+        valid = index < ends[:, None]
+        self.in_len, self.out_len = in_len, out_len
+        self.register_buffer("index", torch.from_numpy(np.where(valid, index, starts[:, None])), persistent=False)
+        self.register_buffer("valid", torch.from_numpy(valid.astype(np.float32)), persistent=False)
+        self.register_buffer("counts", torch.from_numpy((ends - starts).astype(np.float32)), persistent=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        windows = rows[:, self.index]  # (N, out, width)
+        return (windows * self.valid).sum(dim=-1) / self.counts
+
+
+def _store_output(captured: Dict[str, torch.Tensor], name: str, module, inputs, output) -> None:
+    captured[name] = output
+
+
+class LayerTap(torch.nn.Module):
+    """A copy of the backbone that returns the wanted layer maps (same hook places as ``common``).
+
+    The training-time hooks stop the forward with an exception, which the exporter cannot trace;
+    here the forward runs through and the exporter drops the layers after the deepest wanted one.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, layers: Sequence[str]):
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone).eval()
+        for module in self.backbone.modules():
+            module._forward_hooks.clear()
+        self.backbone.hook_handles = []
+        self.layers = list(layers)
+        self.targets = [common.resolve_layer(self.backbone, name) for name in dict.fromkeys(self.layers)]
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        captured: Dict[str, torch.Tensor] = {}
+        handles = [
+            module.register_forward_hook(functools.partial(_store_output, captured, name))
+            for name, module in zip(dict.fromkeys(self.layers), self.targets)
+        ]
+        try:
+            self.backbone(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [common.to_feature_map(captured[name]) for name in self.layers]
+
+
+class GlassOnnx(torch.nn.Module):
+    """``GLASS._predict`` as one traceable module: (B, 3, H, W) -> image scores (B,), maps (B, H, W)."""
+
+    def __init__(self, model: glass.GLASS):
+        super().__init__()
+        embedder = model.embedder
+        self.input_shape = tuple(int(v) for v in model.input_shape)
+        self.tap = LayerTap(model.backbone, model.layers_to_extract_from)
+        self.patch_maker = model.patch_maker
+        with torch.no_grad():
+            maps = self.tap(torch.zeros(1, *self.input_shape))
+        self.channels = [int(m.shape[1]) for m in maps]
+        self.grids = [self.patch_maker.patchify(m, return_spatial_info=True)[1] for m in maps]
+        patch_len = self.patch_maker.patchsize ** 2
+        pretrain_dim = embedder.preprocessing.output_dim
+        self.layer_pools = torch.nn.ModuleList(AdaptiveAvgPool1d(c * patch_len, pretrain_dim) for c in self.channels)
+        self.aggregate = AdaptiveAvgPool1d(len(self.channels) * pretrain_dim, embedder.preadapt_aggregator.target_dim)
+        self.projection = copy.deepcopy(model.pre_projection).eval() if model.pre_proj > 0 else torch.nn.Identity()
+        self.discriminator = copy.deepcopy(model.discriminator).eval()
+        self.smoothing = GaussianSmoothing(*self.input_shape[-2:], sigma=model.anomaly_segmentor.smoothing)
+        self.eval()
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        layer_maps = self.tap(image)
+        pooled = []
+        for i, (feature_map, pool) in enumerate(zip(layer_maps, self.layer_pools)):
+            patches = self.patch_maker.patchify(feature_map)
+            if i > 0:
+                patches = common.align_patches(patches, self.grids[i], self.grids[0])
+            pooled.append(pool(patches.reshape(-1, pool.in_len)))
+        embeddings = self.aggregate(torch.stack(pooled, dim=1).reshape(-1, self.aggregate.in_len))
+        patch_scores = self.discriminator(self.projection(embeddings))
+        grid = patch_scores.reshape(-1, 1, *self.grids[0])
+        image_score = grid.amax(dim=(1, 2, 3))
+        maps = F.interpolate(grid, size=self.input_shape[-2:], mode="bilinear", align_corners=False)
+        return image_score, self.smoothing(maps).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which model to export
+
+def class_dir_of(results_path: str, class_name: str, dataset: str = "mvtec", backbone_index: int = 0) -> str:
+    """``<results>/models/backbone_<i>/<dataset>_<class>``."""
+    return os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{dataset}_{class_name}")
+
+
+def config_from_checkpoint(
+    checkpoint: str,
+    backbone: str,
+    layers: Sequence[str],
+    imagesize: int,
+    resize: int,
+    pretrain_embed_dimension: int,
+    patchsize: int,
+    class_name: str = "",
+    dataset: str = "",
+) -> dict:
+    """A config.json-like description of a bare checkpoint; the trained parts' sizes are read from it."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise GlassError(f"cannot read checkpoint {checkpoint} ({type(exc).__name__}): give a ckpt_best_<epoch>.pth written by GLASS") from None
+    if not isinstance(state, dict) or "discriminator" not in state:
+        raise GlassError(f"{checkpoint} is not a GLASS checkpoint: it has no 'discriminator' entry")
+    discriminator = state["discriminator"]
+    blocks = sorted({key.split(".")[1] for key in discriminator if key.startswith("body.")})
+    if blocks:
+        target_dim = int(discriminator["body.block1.0.weight"].shape[1])
+        hidden = int(discriminator["body.block1.0.weight"].shape[0])
+    else:
+        target_dim = hidden = int(discriminator["tail.0.weight"].shape[1])
+    projection = state.get("pre_projection") or {}
+    pre_proj = len([key for key in projection if key.endswith("fc.weight")])
+    net = {
+        "pretrain_embed_dimension": int(pretrain_embed_dimension), "target_embed_dimension": target_dim,
+        "patchsize": int(patchsize), "dsc_layers": len(blocks) + 1, "dsc_hidden": hidden, "pre_proj": pre_proj,
+    }
+    return {
+        "backbone": backbone,
+        "layers_to_extract_from": list(layers),
+        "input_shape": [3, int(imagesize), int(imagesize)],
+        "net": net,
+        "dataset": {"name": dataset, "classname": class_name, "resize_used": int(resize), "imagesize_used": int(imagesize)},
+    }
+
+
+def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str]:
+    """The model, its config and the checkpoint path named by the command line."""
+    model_options = {
+        "backbone": args.backbone, "layers": args.layers_to_extract_from or None, "imagesize": args.imagesize,
+        "resize": args.resize, "pretrain_embed_dimension": args.pretrain_embed_dimension, "patchsize": args.patchsize,
+    }
+    if args.class_dir and args.results_path:
+        raise GlassError("give either --class_dir or --results_path with -d, not both")
+    class_dir = args.class_dir
+    if args.results_path:
+        if not args.subdataset:
+            raise GlassError("--results_path needs the class: add -d CLASS (and --dataset if it is not mvtec)")
+        class_dir = class_dir_of(args.results_path, args.subdataset, args.dataset, args.backbone_index)
+    if class_dir is None and args.checkpoint is None:
+        raise GlassError("nothing to export: give --results_path R -d CLASS, --class_dir DIR or --checkpoint FILE (see --help)")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise GlassError(f"checkpoint {args.checkpoint} does not exist: give the path of a ckpt_best_<epoch>.pth")
+    if class_dir is None:
+        class_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    elif not os.path.isdir(class_dir):
+        raise GlassError(f"class folder {class_dir} does not exist: check --results_path, -d and --dataset (or --class_dir)")
+
+    if os.path.isfile(os.path.join(class_dir, glass.CONFIG_NAME)):
+        given = [f"--{key}" for key, value in model_options.items() if value is not None]
+        if given:
+            raise GlassError(f"{', '.join(given)} describe a bare checkpoint, but {class_dir} has a config.json that describes the model: leave them out")
+        model, config = glass.load_trained(class_dir, device="cpu", checkpoint=args.checkpoint)
+        return model, config, model.checkpoint_path
+    if args.checkpoint is None:
+        raise GlassError(f"no {glass.CONFIG_NAME} in {class_dir}: point at a class folder written by main.py, or give --checkpoint with the model options")
+    options = {key: (PAPER_DEFAULTS[key] if value is None else value) for key, value in model_options.items()}
+    config = config_from_checkpoint(
+        args.checkpoint, options["backbone"], options["layers"], options["imagesize"], options["resize"],
+        options["pretrain_embed_dimension"], options["patchsize"], class_name=args.class_name or "", dataset=args.dataset,
+    )
+    model = glass.build_model(config, device="cpu")
+    model.load_checkpoint(args.checkpoint)
+    return model, config, args.checkpoint
+
+
+def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = None) -> Dict[str, str]:
+    """What ``ort.py`` needs to preprocess an image, and where the model came from (all strings)."""
+    dataset = config.get("dataset", {})
+    input_shape = [int(v) for v in config["input_shape"]]
+    resize = dataset.get("resize_used", dataset.get("resize", input_shape[-1]))
+    resize = [int(v) for v in resize] if isinstance(resize, (list, tuple)) else [int(resize)]
+    metadata = {
+        "format": "glass-onnx/1",
+        "input_shape": ",".join(map(str, input_shape)),
+        "resize": ",".join(map(str, resize)),
+        "imagesize": ",".join(map(str, input_shape[-2:])),
+        "mean": ",".join(map(str, utils.IMAGENET_MEAN)),
+        "std": ",".join(map(str, utils.IMAGENET_STD)),
+        "backbone": str(config["backbone"]),
+        "layers": ",".join(config["layers_to_extract_from"]),
+        "dataset": str(dataset.get("name", "")),
+        "class": str(dataset.get("classname", "")),
+        "checkpoint": os.path.basename(checkpoint),
+        "smoothing_sigma": str(SMOOTHING_SIGMA),
+        "outputs": "image_score: max patch score (B,); anomaly_map: upsampled, Gaussian-smoothed patch scores (B,H,W)",
+    }
+    if threshold is not None:
+        metadata["threshold"] = repr(float(threshold))
+    return metadata
+
+
+def stored_threshold(class_dir: str, checkpoint: str) -> Optional[float]:
+    """The threshold in ``<class_dir>/threshold.json`` if it was chosen for this checkpoint."""
+    path = os.path.join(class_dir, "threshold.json")
+    if not os.path.isfile(path):
+        return None
+    record = utils.read_json(path)
+    if record.get("checkpoint") not in (None, os.path.basename(checkpoint)):
+        return None
+    return float(record["threshold"]) if "threshold" in record else None
+
+
+def export(
+    model: glass.GLASS,
+    config: dict,
+    path: str,
+    checkpoint: str = "",
+    threshold: Optional[float] = None,
+    opset: int = OPSET,
+    check: bool = True,
+) -> Dict[str, float]:
+    """Write ``model`` to ``path`` as ONNX with metadata; with ``check``, compare onnxruntime to PyTorch.
+
+    Returns ``{"max_abs_score": ..., "max_abs_map": ...}`` of the check (empty without it).
+    """
+    import onnx
+
+    wrapper = GlassOnnx(model)
+    example = torch.zeros(2, *wrapper.input_shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    LOGGER.info("Exporting %s to %s (opset %d, dynamic batch)", checkpoint or "the model", path, opset)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (example,), None, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            )
+    except Exception as exc:  # the exporter's errors are long; keep the whole story in the debug log
+        LOGGER.debug("torch.onnx.export failed", exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise GlassError(
+            f"torch.onnx.export failed for backbone {getattr(model.backbone, 'name', '?')} ({type(exc).__name__}: {first}); "
+            "try another --opset, or report it with the backbone name"
+        ) from None
+    proto = program.model_proto
+    for key, value in export_metadata(config, checkpoint, threshold).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = "GLASS anomaly detector: image (B,3,H,W) ImageNet-normalised -> image_score (B,), anomaly_map (B,H,W)"
+    onnx.checker.check_model(proto)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        utils.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    except OSError as exc:
+        raise GlassError(f"cannot write {path} ({exc.strerror}): choose another --output") from None
+    return check_export(wrapper, path) if check else {}
+
+
+def check_export(wrapper: GlassOnnx, path: str, batch: int = 2, seed: int = 0) -> Dict[str, float]:
+    """Run a random batch through onnxruntime and through the PyTorch model; the largest differences."""
+    import onnxruntime
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, *wrapper.input_shape, generator=generator)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    scores, maps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
+    with torch.no_grad():
+        ref_scores, ref_maps = wrapper(images)
+    diff = {
+        "max_abs_score": float(np.abs(scores - ref_scores.numpy()).max()),
+        "max_abs_map": float(np.abs(maps - ref_maps.numpy()).max()),
+    }
+    LOGGER.info("onnxruntime vs PyTorch on %d random images: score %.2e, map %.2e (max abs)", batch, *diff.values())
+    if max(diff.values()) > 1e-3:
+        raise GlassError(f"the exported model differs from PyTorch by {max(diff.values()):.2e}: report this with the backbone name")
+    return diff
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default only where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (like the project's other tools)
+        self.exit(2, f"Error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python onnx/pth2onnx.py",
+        description="Export a trained GLASS class (backbone, feature pipeline, adaptor, discriminator, upsampled and "
+                    "Gaussian-smoothed anomaly map) to ONNX with a dynamic batch axis. Name the model with "
+                    "--results_path and -d, with --class_dir, or with --checkpoint.",
+        formatter_class=_HelpFormatter,
+    )
+    source = parser.add_argument_group("which model")
+    source.add_argument("--results_path", help="results folder of main.py; the class folder is <results_path>/models/backbone_<i>/<dataset>_<class>")
+    source.add_argument("-d", "--subdataset", help="class name, with --results_path (e.g. bottle)")
+    source.add_argument("--dataset", default="mvtec", help="dataset name used at training (mvtec, visa, mpdd, wfdd); part of the class folder name")
+    source.add_argument("--backbone_index", type=int, default=0, help="which backbone_<i> folder, with --results_path")
+    source.add_argument("--class_dir", help="class folder holding config.json and ckpt_best_<epoch>.pth (instead of --results_path/-d)")
+    source.add_argument("--checkpoint", help="checkpoint to export (default: the class folder's ckpt_best_<epoch>.pth); alone, its folder is the class folder")
+    bare = parser.add_argument_group("model options, only for a checkpoint whose folder has no config.json (defaults: the paper's MVTec settings)")
+    bare.add_argument("-b", "--backbone", help=f"backbone name (default {PAPER_DEFAULTS['backbone']})")
+    bare.add_argument("-le", "--layers_to_extract_from", action="append", help="feature layer, repeat for several (default: layer2, layer3)")
+    bare.add_argument("--imagesize", type=int, help=f"side of the square model input (default {PAPER_DEFAULTS['imagesize']})")
+    bare.add_argument("--resize", type=int, help=f"shorter side after resizing, before the centre crop (default {PAPER_DEFAULTS['resize']})")
+    bare.add_argument("--pretrain_embed_dimension", type=int, help=f"per-layer embedding size (default {PAPER_DEFAULTS['pretrain_embed_dimension']})")
+    bare.add_argument("--patchsize", type=int, help=f"patch neighbourhood (default {PAPER_DEFAULTS['patchsize']})")
+    bare.add_argument("--class_name", help="class name to record in the metadata")
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")
+    out.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    out.add_argument("--no_check", action="store_true", help="skip comparing onnxruntime with PyTorch on two random images after export")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; user mistakes print one line and exit with code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript"):  # their optimiser passes log every step at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        model, config, checkpoint = load_for_export(args)
+        class_dir = os.path.dirname(os.path.abspath(checkpoint))
+        output = args.output or os.path.join(class_dir, DEFAULT_NAME)
+        threshold = stored_threshold(class_dir, checkpoint)
+        diff = export(model, config, output, checkpoint=checkpoint, threshold=threshold, opset=args.opset, check=not args.no_check)
+    except GlassError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Wrote {output}" + (f" (onnxruntime vs PyTorch: score {diff['max_abs_score']:.1e}, map {diff['max_abs_map']:.1e})" if diff else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

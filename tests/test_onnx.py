@@ -1,0 +1,178 @@
+"""ONNX export (onnx/pth2onnx.py) and onnxruntime inference (onnx/ort.py) against PyTorch on real tire images."""
+import ast
+import csv
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import scipy.ndimage as ndimage
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+import glass
+from datasets.mvtec import DatasetSplit, MVTecDataset
+
+TOLERANCE = 1e-4
+
+
+def load_script(name):
+    """Import onnx/<name>.py under another module name (the folder must not shadow the onnx package)."""
+    spec = importlib.util.spec_from_file_location(f"glass_onnx_{name}", ROOT / "onnx" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pth2onnx = load_script("pth2onnx")
+ort_script = load_script("ort")
+
+
+@pytest.fixture(scope="module")
+def class_dir(trained_tire, tmp_path_factory):
+    """A copy of the trained tire class folder (checkpoint + config.json), so that exports stay out of the shared run."""
+    source = trained_tire / "models" / "backbone_0" / "mvtec_tire"
+    target = tmp_path_factory.mktemp("onnx_results") / "models" / "backbone_0" / "mvtec_tire"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("tb"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def exported(class_dir):
+    """glass.onnx exported through the command line from --results_path and -d."""
+    results = class_dir.parents[2]
+    assert pth2onnx.main(["--results_path", str(results), "-d", "tire"]) == 0
+    path = class_dir / "glass.onnx"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(class_dir):
+    return glass.load_trained(str(class_dir))[0]
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_tire, dtd_root):
+    """The 18 real tire test images through the test transform of training, and their paths."""
+    data = MVTecDataset(str(tiny_tire), str(dtd_root), classname="tire", resize=64, imagesize=64, split=DatasetSplit.TEST)
+    items = [data[i] for i in range(len(data))]
+    return torch.stack([item["image"] for item in items]), [item["image_path"] for item in items]
+
+
+def test_gaussian_smoothing_equals_scipy_including_reflect_borders():
+    rng = np.random.default_rng(0)
+    for height, width in ((64, 64), (10, 37)):  # 10 < kernel radius 16: reflection folds more than once
+        maps = rng.random((2, height, width)).astype(np.float32)
+        smoothed = pth2onnx.GaussianSmoothing(height, width, sigma=4)(torch.from_numpy(maps).unsqueeze(1)).squeeze(1).numpy()
+        expected = np.stack([ndimage.gaussian_filter(m, sigma=4) for m in maps])
+        assert np.abs(smoothed - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("in_len,out_len", [(360, 128), (9216, 1536), (100, 7), (24, 128), (256, 128)])
+def test_adaptive_pooling_equals_torch(in_len, out_len):
+    rows = torch.randn(5, in_len)
+    expected = F.adaptive_avg_pool1d(rows.unsqueeze(1), out_len).squeeze(1)
+    assert torch.allclose(pth2onnx.AdaptiveAvgPool1d(in_len, out_len)(rows), expected, atol=1e-6)
+
+
+def test_export_metadata_and_dynamic_batch(exported):
+    proto = onnx.load(str(exported))
+    meta = {entry.key: entry.value for entry in proto.metadata_props}
+    assert meta["input_shape"] == "3,64,64" and meta["resize"] == "64" and meta["imagesize"] == "64,64"
+    assert meta["mean"] == "0.485,0.456,0.406" and meta["std"] == "0.229,0.224,0.225"
+    assert meta["backbone"] == "efficientnet_lite0" and meta["layers"] == "blocks.2,blocks.4"
+    assert meta["class"] == "tire" and meta["dataset"] == "mvtec" and meta["checkpoint"].startswith("ckpt_best_")
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    [image] = session.get_inputs()
+    assert image.name == "image" and isinstance(image.shape[0], str) and image.shape[1:] == [3, 64, 64]
+    assert [o.name for o in session.get_outputs()] == ["image_score", "anomaly_map"]
+
+
+def test_onnxruntime_equals_pytorch_on_real_images(exported, model, test_images):
+    images, _ = test_images
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    for batch in (images[:1], images[5:6], images):  # batch 1 twice, then all 18 at once
+        scores, maps = session.run(None, {"image": batch.numpy()})
+        ref_scores, ref_maps = model._predict(batch)
+        assert scores.shape == (len(batch),) and maps.shape == (len(batch), 64, 64)
+        assert np.abs(scores - np.asarray(ref_scores)).max() < TOLERANCE
+        assert np.abs(maps - np.stack(ref_maps)).max() < TOLERANCE
+        assert maps.std() > 0  # a real map, not a constant
+
+
+def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported, model, test_images, tiny_tire, tmp_path):
+    # Deployable alone: it imports nothing from this repository ...
+    tree = ast.parse((ROOT / "onnx" / "ort.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "argparse", "csv", "glob", "logging", "os", "sys", "typing", "cv2", "numpy", "onnxruntime", "PIL"}
+
+    # ... its preprocessing is the test transform of training (bit for bit) ...
+    images, paths = test_images
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    meta = ort_script.read_metadata(session)
+    for i in (0, 7, 17):
+        tensor, crop = ort_script.preprocess(paths[i], meta)
+        assert np.array_equal(tensor, images[i].numpy()) and crop.shape == (64, 64, 3)
+
+    # ... and run as a copied file in a fresh process, it scores a folder like PyTorch does.
+    shutil.copy(ROOT / "onnx" / "ort.py", tmp_path / "ort.py")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "ort.py", str(exported), str(tiny_tire / "tire" / "test"), "-o", str(out), "--batch_size", "5",
+         "--threshold", "0.6"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["image"] for row in rows] == paths
+    ref_scores, _ = model._predict(images)
+    assert np.abs(np.array([float(r["score"]) for r in rows]) - np.asarray(ref_scores)).max() < TOLERANCE
+    assert all(row["anomalous"] == str(int(float(row["score"]) >= 0.6)) for row in rows)
+    for row in rows:
+        for key in ("heatmap", "overlay"):
+            picture = cv2.imread(row[key])
+            assert picture is not None and picture.shape == (64, 64, 3) and picture.std() > 0
+
+    bad = subprocess.run([sys.executable, "ort.py", str(exported), str(tmp_path / "none" / "*.png")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("Error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_images, tmp_path, capsys):
+    """A checkpoint without config.json: the model options on the command line, trained sizes read from it."""
+    bare = tmp_path / "ckpt_best_219.pth"
+    shutil.copy(model.checkpoint_path, bare)
+    options = ["-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--imagesize", "64", "--resize", "64",
+               "--pretrain_embed_dimension", "128", "--class_name", "tire"]
+    assert pth2onnx.main(["--checkpoint", str(bare), *options, "--no_check"]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "glass.onnx"), providers=["CPUExecutionProvider"])
+    images, _ = test_images
+    scores, _ = session.run(None, {"image": images[:4].numpy()})
+    assert np.abs(scores - np.asarray(model._predict(images[:4])[0])).max() < TOLERANCE
+
+    # Model options next to a config.json are refused, in one line.
+    capsys.readouterr()
+    assert pth2onnx.main(["--class_dir", str(class_dir), "-b", "resnet18", "--no_check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: --backbone")
+    assert pth2onnx.main(["--results_path", str(tmp_path), "-d", "tire"]) == 2
+    assert capsys.readouterr().err.strip().startswith("Error: class folder")
+
+
+def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path):
+    (tmp_path / "threshold.json").write_text('{"threshold": 0.42, "checkpoint": "ckpt_best_3.pth"}')
+    assert pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_3.pth")) == 0.42
+    assert pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_4.pth")) is None  # made for another one
+    config = {"backbone": "resnet18", "layers_to_extract_from": ["layer2"], "input_shape": [3, 32, 32],
+              "dataset": {"resize_used": [40, 40]}}
+    meta = pth2onnx.export_metadata(config, "ckpt_best_3.pth", 0.42)
+    assert meta["threshold"] == "0.42" and meta["resize"] == "40,40" and meta["imagesize"] == "32,32"

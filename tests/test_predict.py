@@ -1,0 +1,149 @@
+"""`python main.py predict`: scoring new images with a saved checkpoint, thresholds, and reference checkpoints."""
+import csv
+import json
+import shutil
+from collections import OrderedDict
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_main
+
+import glass
+import metrics
+from datasets.mvtec import DatasetSplit, MVTecDataset
+
+
+@pytest.fixture(scope="module")
+def results(trained_tire, tmp_path_factory):
+    """A results folder holding a copy of the trained tire class (so threshold.json stays out of the shared run)."""
+    copy = tmp_path_factory.mktemp("predict_results")
+    shutil.copytree(trained_tire / "models" / "backbone_0" / "mvtec_tire", copy / "models" / "backbone_0" / "mvtec_tire",
+                    ignore=shutil.ignore_patterns("tb"))
+    return copy
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_predict_a_folder_calibrates_and_writes_csv_and_pngs(results, tiny_tire, tmp_path):
+    class_dir = results / "models" / "backbone_0" / "mvtec_tire"
+    test_dir = tiny_tire / "tire" / "test"
+    out = tmp_path / "out"
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", out, test_dir]) == 0
+
+    # threshold.json: chosen on the test set, saying how and for which checkpoint.
+    record = json.loads((class_dir / "threshold.json").read_text())
+    model, _ = glass.load_trained(str(class_dir))
+    assert record["checkpoint"] == model.checkpoint_path.split("/")[-1]
+    assert "compute_best_threshold" in record["method"] and record["test_images"] == 18 and record["test_anomalous"] == 12
+
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == 18 and list(rows[0]) == glass.PREDICTION_COLUMNS
+    scores = np.array([float(row["score"]) for row in rows])
+    labels = np.array([int("/good/" not in row["image"]) for row in rows])
+    # The inputs are the test set itself, so the stored threshold is the F1-best one of these scores ...
+    assert record["threshold"] == pytest.approx(metrics.compute_best_threshold(labels, scores), abs=1e-7)
+    # ... every decision follows from score and threshold ...
+    for row in rows:
+        assert float(row["threshold"]) == record["threshold"]
+        assert row["anomalous"] == str(int(float(row["score"]) >= record["threshold"]))
+    # ... and the scores are those of the test transform used in training.
+    data = MVTecDataset(str(tiny_tire), str(tiny_tire), classname="tire", resize=64, imagesize=64, split=DatasetSplit.TEST)
+    expected, _ = model._predict(torch.stack([data[i]["image"] for i in range(len(data))]))
+    assert [row["image"] for row in rows] == [item[2] for item in data.data_to_iterate]
+    assert np.abs(scores - np.asarray(expected)).max() < 1e-5  # batches of 8 vs 18: rounding only
+
+    names = {row["heatmap"] for row in rows} | {row["overlay"] for row in rows}
+    assert len(names) == 36  # test/good/000.png and test/hole/000.png get distinct names
+    for name in names:
+        picture = cv2.imread(name)
+        assert picture is not None and picture.shape == (64, 64, 3) and picture.std() > 0
+
+
+def test_threshold_from_option_file_or_recalibration(results, tiny_tire, tmp_path):
+    class_dir = results / "models" / "backbone_0" / "mvtec_tire"
+    images = [str(p) for p in sorted((tiny_tire / "tire" / "test" / "good").glob("*.png"))[:2]]
+    threshold_file = class_dir / "threshold.json"
+    if not threshold_file.exists():
+        assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "a", *images]) == 0
+    calibrated = json.loads(threshold_file.read_text())
+
+    # --threshold wins and leaves threshold.json alone.
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.25", "--output", tmp_path / "b", *images]) == 0
+    assert {row["threshold"] for row in read_csv(tmp_path / "b" / "predictions.csv")} == {"0.25"}
+    assert json.loads(threshold_file.read_text()) == calibrated
+
+    # A stored threshold is used as it is (here one edited by hand) ...
+    threshold_file.write_text(json.dumps({**calibrated, "threshold": 0.99}))
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "c", *images]) == 0
+    rows = read_csv(tmp_path / "c" / "predictions.csv")
+    assert [row["threshold"] for row in rows] == ["0.99", "0.99"] and [row["anomalous"] for row in rows] == ["0", "0"]
+
+    # ... until --calibrate chooses it again on the test set.
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--calibrate", "--output", tmp_path / "d", images[0]]) == 0
+    assert json.loads(threshold_file.read_text())["threshold"] == calibrated["threshold"]
+
+
+def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, capsys):
+    image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
+    assert run_main(["--results_path", results, "predict", "-d", "bottle", image]) == 2
+    assert "no trained class folder" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", str(tmp_path / "*.png")]) == 2
+    assert "matched no file" in one_error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert run_main(["--results_path", results, "predict", "-d", "tire", tmp_path / "empty"]) == 2
+    assert "holds no images" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--calibrate", image]) == 2
+    assert "not both" in one_error_line(capsys)
+
+
+def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, tiny_tire, tmp_path):
+    """ckpt_best_<epoch>.pth as the reference writes it: {"discriminator", "pre_projection"} with its module names."""
+    class_dir = results / "models" / "backbone_0" / "mvtec_tire"
+    ours, _ = glass.load_trained(str(class_dir))
+    dsc, proj = ours.discriminator, ours.pre_projection
+    linear, norm = dsc.body.block1[0], dsc.body.block1[1]
+    reference = {
+        "discriminator": OrderedDict([
+            ("body.block1.0.weight", linear.weight), ("body.block1.0.bias", linear.bias),
+            ("body.block1.1.weight", norm.weight), ("body.block1.1.bias", norm.bias),
+            ("body.block1.1.running_mean", norm.running_mean), ("body.block1.1.running_var", norm.running_var),
+            ("body.block1.1.num_batches_tracked", norm.num_batches_tracked),
+            ("tail.0.weight", dsc.tail[0].weight),
+        ]),
+        "pre_projection": OrderedDict([
+            ("layers.0fc.weight", proj.layers[0].weight), ("layers.0fc.bias", proj.layers[0].bias),
+        ]),
+    }
+    reference = {part: OrderedDict((k, v.detach().clone()) for k, v in state.items()) for part, state in reference.items()}
+    fresh = tmp_path / "reference_results" / "models" / "backbone_0" / "mvtec_tire"
+    fresh.mkdir(parents=True)
+    shutil.copy(class_dir / "config.json", fresh / "config.json")
+    torch.save(reference, fresh / "ckpt_best_219.pth")
+
+    loaded, _ = glass.load_trained(str(fresh))
+    assert loaded.checkpoint_path.endswith("ckpt_best_219.pth")
+    data = MVTecDataset(str(tiny_tire), str(tiny_tire), classname="tire", resize=64, imagesize=64, split=DatasetSplit.TEST)
+    images = torch.stack([data[i]["image"] for i in (0, 6, 12, 17)])
+    (ref_scores, ref_maps), (our_scores, our_maps) = loaded._predict(images), ours._predict(images)
+    assert np.array_equal(np.asarray(ref_scores), np.asarray(our_scores))
+    assert all(np.array_equal(a, b) for a, b in zip(ref_maps, our_maps))
+
+    # The predict command takes it as it is.
+    out = tmp_path / "out"
+    assert run_main(["--results_path", tmp_path / "reference_results", "predict", "-d", "tire", "--threshold", "0.5",
+                     "--output", out, data.data_to_iterate[0][2]]) == 0
+    [row] = read_csv(out / "predictions.csv")
+    assert float(row["score"]) == pytest.approx(float(our_scores[0]), abs=1e-5)  # batch 1 vs 4: rounding only

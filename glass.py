@@ -14,8 +14,10 @@ import glob
 import logging
 import math
 import os
+import random
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+import signal
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -40,6 +42,15 @@ MODEL_OPTIONS = (
     "pretrain_embed_dimension", "target_embed_dimension", "patchsize", "dsc_layers", "dsc_hidden", "pre_proj",
 )
 BEST_CHECKPOINT_PATTERN = re.compile(r"ckpt_best_(\d+)\.pth$")
+TRAINING_CHECKPOINT = "ckpt.pth"
+# Version of the extra (resume) entries of ckpt.pth; see GLASS.training_checkpoint.
+RESUME_FORMAT = 1
+# What else, besides MODEL_OPTIONS, must match to continue training in (or test) a class folder.
+SHAPING_KEYS = ("backbone", "layers_to_extract_from", "input_shape")
+# Test-only hook: "EPOCH:STEP" makes the trainer SIGKILL itself just before that training step of that
+# epoch (both 0-based), "EPOCH:saved" right after that epoch's ckpt.pth is written (before its new best
+# checkpoint), so that tests can interrupt a run at a known point. Never set it in normal use.
+KILL_HOOK_ENV = "GLASS_TEST_KILL_AT"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +152,92 @@ def hard_sample_mining(scores: torch.Tensor, labels: torch.Tensor, p: float) -> 
     error = (scores - labels) ** 2
     keep = error >= torch.quantile(error, q=p)
     return scores[keep].unsqueeze(1), labels[keep].unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint files, random-generator states and saved configurations (the resume machinery).
+
+def read_checkpoint_file(path: str, device: torch.device | str = "cpu", fix: str = "delete it and train again") -> dict:
+    """``torch.load(path, weights_only=True)`` as a dict; a damaged or foreign file is a GlassError."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise GlassError(f"cannot read checkpoint {path} ({reason}): it is damaged or not a checkpoint; {fix}") from None
+    if not isinstance(state, dict) or "discriminator" not in state:
+        raise GlassError(f"{path} is not a GLASS checkpoint (it has no 'discriminator' entry): {fix}")
+    return state
+
+
+def rng_state() -> Dict[str, Any]:
+    """The state of every global random generator (python, NumPy, torch, CUDA) as plain values and tensors.
+
+    Plain lists, numbers and tensors only, so that ``torch.load(weights_only=True)`` can read it back.
+    """
+    version, internal, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": [int(version), [int(x) for x in internal], gauss_next],
+        "numpy": [str(np_name), torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), int(np_pos), int(np_has_gauss), float(np_gauss)))
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available():
+        saved = state.get("cuda")
+        if saved is not None and len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in saved])
+        else:
+            LOGGER.warning("The CUDA random state was saved with %s device(s), this machine has %d: the resumed run "
+                           "will not repeat an uninterrupted one exactly", "no" if saved is None else len(saved),
+                           torch.cuda.device_count())
+
+
+def config_differences(saved: dict, current: dict) -> List[str]:
+    """The model-shaping options that differ between two ``config.json`` contents, as ``name: old -> new``."""
+    def shaping(config: dict) -> Dict[str, Any]:
+        values = {key: config.get(key) for key in SHAPING_KEYS}
+        net = config.get("net", {}) or {}
+        values.update({key: net.get(key) for key in MODEL_OPTIONS + ("train_backbone",)})
+        # JSON turns tuples into lists; compare like with like.
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    old, new = shaping(saved), shaping(current)
+    return [f"{key}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
+
+
+def other_differences(saved: dict, current: dict) -> List[str]:
+    """The options that do not shape the model but differ (training options, data options, seed)."""
+    def flat(config: dict) -> Dict[str, Any]:
+        values = {f"net.{k}": v for k, v in (config.get("net") or {}).items() if k not in MODEL_OPTIONS + ("train_backbone",)}
+        values.update({f"dataset.{k}": v for k, v in (config.get("dataset") or {}).items()})
+        values["seed"] = config.get("seed")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    old, new = flat(saved), flat(current)
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+class NonFiniteLossError(GlassError):
+    """The training loss became NaN or infinite; training of the class stops."""
+
+
+def _kill_hook(epoch: int, step: int | str) -> None:
+    """The test-only ``GLASS_TEST_KILL_AT=EPOCH:STEP`` hook: SIGKILL this process at that point."""
+    wanted = os.environ.get(KILL_HOOK_ENV)
+    if wanted and wanted == f"{epoch}:{step}":
+        LOGGER.warning("%s=%s: killing this process (test hook)", KILL_HOOK_ENV, wanted)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,12 +372,10 @@ class GLASS(torch.nn.Module):
 
     def load_checkpoint(self, path: str) -> None:
         """Load a checkpoint written by this project or by the reference; refuse mismatching ones."""
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:
-            raise GlassError(f"cannot read checkpoint {path} ({type(exc).__name__}): it is damaged or not a checkpoint; delete it and train again") from None
-        if not isinstance(state, dict) or "discriminator" not in state:
-            raise GlassError(f"{path} is not a GLASS checkpoint: it has no 'discriminator' entry")
+        self._load_weights(read_checkpoint_file(path, self.device), path)
+
+    def _load_weights(self, state: dict, path: str) -> None:
+        """Load the ``discriminator`` (and ``pre_projection``) entries of a checkpoint read from ``path``."""
         self._load_part(self.discriminator, state["discriminator"], "discriminator", path)
         if self.pre_proj > 0:
             if "pre_projection" not in state:
@@ -289,6 +384,8 @@ class GLASS(torch.nn.Module):
 
     @staticmethod
     def _load_part(module: torch.nn.Module, state: dict, part: str, path: str) -> None:
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise GlassError(f"{path}: its '{part}' entry is not a state dict of tensors: use a checkpoint written by GLASS")
         expected = module.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -306,6 +403,140 @@ class GLASS(torch.nn.Module):
         module.load_state_dict(state)
 
     # ----------------------------------------------------------------------------------------------
+    # Training checkpoint (ckpt.pth): the reference's two entries plus what resuming needs
+
+    def training_checkpoint(self, epoch: int, weights: dict, best_record: Optional[Sequence[float]],
+                            best_path: Optional[str]) -> Dict[str, Any]:
+        """Content of ``ckpt.pth`` after ``epoch``: the model ``weights`` and the whole training state.
+
+        Top level, as the reference: ``discriminator``, ``pre_projection``. Added: ``format``, ``epoch``
+        (just finished), ``meta_epochs``, ``best_record`` ([i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch] or
+        None), ``best_checkpoint`` (file name or None), ``svd``, ``judged_distribution``, ``global_step``
+        (TensorBoard), optimiser states ``dsc_opt``, ``proj_opt`` and, with --train_backbone,
+        ``backbone_opt`` and ``backbone`` (weights), and ``rng`` (see :func:`rng_state`). Only tensors and
+        plain values, so that it loads with ``weights_only=True``.
+        """
+        state: Dict[str, Any] = dict(weights)
+        state.update({
+            "format": RESUME_FORMAT,
+            "epoch": int(epoch),
+            "meta_epochs": int(self.meta_epochs),
+            "best_record": None if best_record is None else [float(v) for v in best_record[:-1]] + [int(best_record[-1])],
+            "best_checkpoint": None if best_path is None else os.path.basename(best_path),
+            "svd": int(self.svd),
+            "judged_distribution": None if self.judged_distribution is None else int(self.judged_distribution),
+            "global_step": int(self.global_step),
+            "dsc_opt": self.dsc_opt.state_dict(),
+            "rng": rng_state(),
+        })
+        if self.pre_proj > 0:
+            state["proj_opt"] = self.proj_opt.state_dict()
+        if self.train_backbone:
+            state["backbone_opt"] = self.backbone_opt.state_dict()
+            state["backbone"] = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+        return state
+
+    def read_training_checkpoint(self) -> Optional[dict]:
+        """The class folder's ``ckpt.pth`` (None when absent); a damaged file is a GlassError."""
+        path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
+        if not os.path.isfile(path):
+            return None
+        # On the CPU: load_state_dict moves weights and optimiser states to their parameters' device.
+        return read_checkpoint_file(path, "cpu", fix=f"delete it to train {os.path.basename(self.ckpt_dir)} from the start")
+
+    def training_status(self, state: Optional[dict]) -> str:
+        """``new``, ``resume`` (ckpt.pth stopped before the last epoch) or ``finished``.
+
+        A ckpt.pth with training state decides by its epoch. Without one (a folder written by the
+        reference, or none at all) a present ``ckpt_best_*.pth`` means finished, as in the reference.
+        """
+        if state is not None and "epoch" in state:
+            return "finished" if int(state["epoch"]) >= self.meta_epochs - 1 else "resume"
+        return "finished" if self.best_checkpoint() is not None else "new"
+
+    def check_config(self, config: dict, training: bool) -> None:
+        """Refuse a class folder trained with other model-shaping options; record ``config.json`` for new runs.
+
+        ``config`` is what ``main.run`` knows about this run (backbone, layers, input shape, options).
+        """
+        state = self.read_training_checkpoint()
+        status = self.training_status(state)
+        path = os.path.join(self.ckpt_dir, CONFIG_NAME)
+        if status != "new" and os.path.isfile(path):
+            saved = utils.read_json(path)
+            differences = config_differences(saved, config)
+            if differences:
+                raise GlassError(
+                    f"{self.ckpt_dir} holds a model trained with other options ({'; '.join(differences)}): "
+                    "rerun with the options it was trained with, or use another --results_path"
+                )
+            if training and status == "resume":
+                changed = other_differences(saved, config)
+                if changed:
+                    LOGGER.warning("Resuming %s with other training options than it started with (%s): the result will "
+                                   "differ from an uninterrupted run", os.path.basename(self.ckpt_dir), "; ".join(changed))
+        if training and (status == "new" or (status == "resume" and not os.path.isfile(path))):
+            self.save_config(config)
+        if status == "resume" and not training:
+            LOGGER.warning("Training of %s stopped after %d of %d epochs: testing its best checkpoint so far "
+                           "(rerun with --test ckpt to finish training)", os.path.basename(self.ckpt_dir),
+                           int(state["epoch"]) + 1, self.meta_epochs)
+        if state is not None and "epoch" in state:
+            self._settle_best_checkpoint(state)
+
+    def _settle_best_checkpoint(self, state: dict) -> None:
+        """Make the folder's best checkpoint the one ckpt.pth records (a kill may leave it missing or doubled).
+
+        ckpt.pth is written before a new best file and the old best is removed last, so a missing
+        recorded best is always the epoch of ckpt.pth itself and is rewritten from its weights.
+        """
+        recorded = state.get("best_checkpoint")
+        if recorded is not None and not os.path.isfile(os.path.join(self.ckpt_dir, recorded)):
+            path = os.path.join(self.ckpt_dir, recorded)
+            if state.get("best_record") is None or int(state["best_record"][-1]) != int(state["epoch"]):
+                raise GlassError(
+                    f"the best checkpoint {path} recorded in ckpt.pth is missing: restore it, or delete "
+                    f"{self.ckpt_dir} to train this class again"
+                )
+            LOGGER.warning("Writing %s from ckpt.pth (the run was killed before writing it)", path)
+            weights = {key: {k: v.cpu() for k, v in state[key].items()} for key in CHECKPOINT_KEYS if key in state}
+            utils.atomic_torch_save(weights, path)
+        for path in glob.glob(os.path.join(self.ckpt_dir, "ckpt_best_*.pth")):
+            if BEST_CHECKPOINT_PATTERN.search(path) and os.path.basename(path) != recorded:
+                LOGGER.warning("Removing %s: ckpt.pth records %s as the best (the run was killed before removing it)",
+                               path, recorded)
+                os.remove(path)
+
+    def restore_training_checkpoint(self, state: dict, path: str) -> Tuple[int, Optional[list], Optional[str]]:
+        """Load weights, optimisers and counters from a ckpt.pth state; returns (epoch, best_record, best_path).
+
+        The random generators are restored separately (:func:`set_rng_state`), right before the next epoch.
+        """
+        needed = ["epoch", "dsc_opt", "rng", "global_step", "svd"] + (["proj_opt"] if self.pre_proj > 0 else [])
+        needed += ["backbone_opt", "backbone"] if self.train_backbone else []
+        missing = [key for key in needed if key not in state]
+        if missing or int(state.get("format", 0)) > RESUME_FORMAT:
+            raise GlassError(f"{path} cannot be resumed (missing {missing or 'nothing'}, format {state.get('format')}): "
+                             "delete it to train this class from the start")
+        self._load_weights(state, path)
+        try:
+            if self.train_backbone:
+                self.backbone.load_state_dict(state["backbone"])
+                self.backbone_opt.load_state_dict(state["backbone_opt"])
+            self.dsc_opt.load_state_dict(state["dsc_opt"])
+            if self.pre_proj > 0:
+                self.proj_opt.load_state_dict(state["proj_opt"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise GlassError(f"{path}: the optimiser state does not fit this model ({str(exc).splitlines()[0]}): "
+                             "delete it to train this class from the start") from None
+        self.svd = int(state["svd"])
+        self.judged_distribution = state.get("judged_distribution")
+        self.global_step = int(state["global_step"])
+        best_record = state.get("best_record")
+        best_path = os.path.join(self.ckpt_dir, state["best_checkpoint"]) if state.get("best_checkpoint") else None
+        return int(state["epoch"]), (list(best_record) if best_record is not None else None), best_path
+
+    # ----------------------------------------------------------------------------------------------
     # Features
 
     def _embed(self, images: torch.Tensor, evaluation: bool = False) -> Tuple[torch.Tensor, List[List[int]]]:
@@ -321,27 +552,71 @@ class GLASS(torch.nn.Module):
     def trainer(self, training_data, val_data, name: str):
         """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs``.
 
-        Returns the best record ``[i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch]``; ``None`` when a best
-        checkpoint already exists (training is skipped); the judged flag (int) for ``--distribution 1``.
+        Returns the best record ``[i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch]``; ``None`` when the class
+        was trained before (training is skipped); the judged flag (int) for ``--distribution 1``.
+
+        Resuming: ``ckpt.pth`` is written after every epoch with the whole training state (see
+        :meth:`training_checkpoint`). When it stops before the last epoch, training continues with the
+        next epoch, the random generators restored as they were, so that the run ends as an
+        uninterrupted one would (CPU, same options). The DataLoader's shuffling and its workers' seeds
+        are drawn from torch's global generator in the main process, so this holds with
+        ``--num_workers 0`` and with workers too, as long as the worker count is the same as before
+        (it changes the random stream; config.json does not record it). On CUDA, kernels that are not
+        deterministic can make any two runs differ, resumed or not. Per epoch the files are written in
+        the order ckpt.pth, new ``ckpt_best_<epoch>.pth``, removal of the old best: a kill at any moment
+        leaves a state that :meth:`_settle_best_checkpoint` puts right. TensorBoard events that the
+        killed run wrote after its last ckpt.pth are purged (``purge_step``).
         """
-        if self.best_checkpoint() is not None:
-            LOGGER.info("%s: %s exists, skipping training", name, os.path.basename(self.best_checkpoint()))
+        state = self.read_training_checkpoint()
+        status = self.training_status(state)
+        if status == "finished":
+            if state is not None and "epoch" in state:
+                self._settle_best_checkpoint(state)
+                LOGGER.info("%s: training finished before (%d of %d epochs), skipping it", name, int(state["epoch"]) + 1,
+                            self.meta_epochs)
+            else:
+                LOGGER.info("%s: %s exists, skipping training", name, os.path.basename(self.best_checkpoint()))
             return None
 
-        judge_only = self._choose_distribution(training_data, name)
-        if judge_only:
-            return self.svd
+        if getattr(getattr(training_data, "dataset", None), "distribution", 0) != 1:  # not for judging only
+            self.check_mask_grid(training_data)
+        start_epoch, best_record, best_path = 0, None, None
+        if status == "resume":
+            ckpt_path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
+            self._settle_best_checkpoint(state)
+            last_epoch, best_record, best_path = self.restore_training_checkpoint(state, ckpt_path)
+            start_epoch = last_epoch + 1
+            LOGGER.info("%s: resuming from %s (%d of %d epochs done)", name, ckpt_path, last_epoch + 1, self.meta_epochs)
+            if self.logger is not None:  # hide what the interrupted run logged after its last checkpoint
+                self.logger.close()
+                self.logger = SummaryWriter(log_dir=self.tb_dir, purge_step=self.global_step)
+        else:
+            if state is not None:
+                LOGGER.warning("%s: %s holds no training state (written by the reference?): training from the start",
+                               name, TRAINING_CHECKPOINT)
+            judge_only = self._choose_distribution(training_data, name)
+            if judge_only:
+                return self.svd
 
-        ckpt_path_save = os.path.join(self.ckpt_dir, "ckpt.pth")
-        best_record = None
-        best_path = None
-        summary = ""
-        pbar = tqdm.tqdm(range(self.meta_epochs), unit="epoch", desc=name, dynamic_ncols=True)
+        summary = self._summary(best_record[:-1], int(best_record[-1]), best_record) if best_record is not None else ""
+        pbar = tqdm.tqdm(range(start_epoch, self.meta_epochs), initial=start_epoch, total=self.meta_epochs,
+                         unit="epoch", desc=name, dynamic_ncols=True)
+        if status == "resume":  # last, so that nothing draws from the generators before the epoch does
+            set_rng_state(state["rng"])
+            del state
         for epoch in pbar:
             self._compute_center(training_data)
-            epoch_str = self._train_discriminator(training_data, epoch, pbar, summary)
-            state = self.checkpoint_state()
+            try:
+                epoch_str = self._train_discriminator(training_data, epoch, pbar, summary)
+            except NonFiniteLossError as exc:
+                kept = f"{os.path.basename(best_path)} is kept" if best_path else "there is no best checkpoint yet"
+                raise NonFiniteLossError(
+                    f"{name}: {exc} in epoch {epoch}, so training of this class stopped ({kept}): "
+                    "lower --lr or check the training images"
+                ) from None
+            weights = self.checkpoint_state()
 
+            new_best = None
             if (epoch + 1) % self.eval_epochs == 0:
                 images, scores, segmentations, labels_gt, masks_gt = self.predict(val_data)
                 result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
@@ -351,21 +626,48 @@ class GLASS(torch.nn.Module):
                 if best_record is None or self._selection_score(result) > self._selection_score(best_record):
                     best_record = [*result, epoch]
                     new_best = os.path.join(self.ckpt_dir, f"ckpt_best_{epoch}.pth")
-                    utils.atomic_torch_save(state, new_best)
-                    if best_path is not None and best_path != new_best and os.path.exists(best_path):
-                        os.remove(best_path)
-                    best_path = new_best
                     self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
-
-                summary = " ".join(
-                    f"{label}:{utils.format_metric(now)}({utils.format_metric(best)})"
-                    for label, now, best in zip(("IAUC", "IAP", "PAUC", "PAP", "PRO"), result, best_record)
-                ) + f" E:{epoch}({best_record[-1]})"
+                summary = self._summary(result, epoch, best_record)
                 pbar.set_description_str(f"{epoch_str} {summary}")
 
-            utils.atomic_torch_save(state, ckpt_path_save)
+            # ckpt.pth first (it names the new best), then the new best, then the old best goes.
+            ckpt = self.training_checkpoint(epoch, weights, best_record, new_best or best_path)
+            utils.atomic_torch_save(ckpt, os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT))
+            _kill_hook(epoch, "saved")
+            if new_best is not None:
+                utils.atomic_torch_save(weights, new_best)
+                if best_path is not None and best_path != new_best and os.path.exists(best_path):
+                    os.remove(best_path)
+                best_path = new_best
         self.logger.flush()
         return best_record
+
+    @staticmethod
+    def _summary(result: Sequence[float], epoch: int, best_record: Sequence[float]) -> str:
+        """Progress-bar text: the metrics of ``epoch`` with the best ones (and their epoch) in brackets."""
+        return " ".join(
+            f"{label}:{utils.format_metric(now)}({utils.format_metric(best)})"
+            for label, now, best in zip(("IAUC", "IAP", "PAUC", "PAP", "PRO"), result, best_record)
+        ) + f" E:{epoch}({int(best_record[-1])})"
+
+    def check_mask_grid(self, training_data) -> None:
+        """Refuse, before training, a Perlin mask grid (imagesize // downsampling) unlike the feature grid."""
+        dataset = getattr(training_data, "dataset", None)
+        size, downsampling = getattr(dataset, "imgsize", None), getattr(dataset, "downsampling", None)
+        if size is None or not downsampling:
+            return
+        with torch.no_grad():
+            _, grids = self._embed(torch.zeros(1, *self.input_shape, device=self.device), evaluation=True)
+        grid = tuple(int(g) for g in grids[0])
+        mask_side = size // downsampling
+        if grid != (mask_side, mask_side):
+            stride = size / grid[0] if grid[0] else 0
+            hint = (f"use --downsampling {int(stride)}" if stride == int(stride) and grid[0] == grid[1]
+                    else "choose --imagesize and --downsampling so that imagesize / downsampling is that grid")
+            raise GlassError(
+                f"--imagesize {size} with --downsampling {downsampling} gives a {mask_side}x{mask_side} anomaly mask grid "
+                f"but layer {self.layers_to_extract_from[0]} gives a {grid[0]}x{grid[1]} feature grid: {hint}"
+            )
 
     @staticmethod
     def _selection_score(record: Sequence[float]) -> float:
@@ -439,7 +741,8 @@ class GLASS(torch.nn.Module):
         history: Dict[str, List[float]] = {k: [] for k in ("loss", "p_true", "p_fake", "r_t", "r_g", "r_f")}
         sample_num = 0
         epoch_str = ""
-        for batch in training_data:
+        for step, batch in enumerate(training_data):
+            _kill_hook(epoch, step)
             stats = self._train_step(batch)
             for key, value in stats.items():
                 self.logger.add_scalar(key, value, self.global_step)
@@ -500,8 +803,8 @@ class GLASS(torch.nn.Module):
         focal_loss = self.focal_loss(torch.cat([1 - hard_scores, hard_scores], dim=1), hard_labels)
 
         loss = gas.bce_loss + focal_loss
-        if not torch.isfinite(loss):
-            raise GlassError("the training loss became NaN/inf: lower --lr or check the input images; the best checkpoint so far is kept")
+        if not torch.isfinite(loss):  # checked before the update, so the weights stay finite
+            raise NonFiniteLossError(f"the training loss became {loss.item()} at step {self.global_step}")
         loss.backward()
         if self.pre_proj > 0:
             self.proj_opt.step()
@@ -577,10 +880,13 @@ class GLASS(torch.nn.Module):
         image_metrics = metrics.compute_imagewise_retrieval_metrics(norm_scores, labels_gt, path)
 
         masks = np.asarray(masks_gt)
-        if masks.size == 0 or not np.any(masks > 0):
+        segmentations = np.asarray(segmentations)
+        if masks.size:  # pixel metrics leave out the images whose ground truth is unknown (NaN masks)
+            known = ~np.isnan(masks.reshape(len(masks), -1)).any(axis=1)
+            masks, segmentations = masks[known], segmentations[known]
+        if masks.size == 0 or not np.any(masks >= 1):  # no pixel counts as defective: not available
             nan = float("nan")
             return [image_metrics["auroc"], image_metrics["ap"], nan, nan, nan]
-        segmentations = np.asarray(segmentations)
         norm_maps = (segmentations - segmentations.min()) / (segmentations.max() - segmentations.min() + 1e-10)
         pixel_metrics = metrics.compute_pixelwise_retrieval_metrics(norm_maps, masks, path)
         pixel_pro = metrics.compute_pro(np.squeeze(masks, axis=1) if masks.ndim == 4 else masks, norm_maps) if path == "eval" else 0.0
@@ -595,11 +901,28 @@ class GLASS(torch.nn.Module):
         masks = np.asarray(masks_gt)
         for i in range(len(images)):
             image = utils.torch_format_2_numpy_img(images[i])
-            target = utils.torch_format_2_numpy_img(masks[i]) if masks.ndim == 4 else np.zeros_like(image)
+            # An unknown ground truth (NaN mask) is drawn grey.
+            target = utils.torch_format_2_numpy_img(np.nan_to_num(masks[i], nan=0.5)) if masks.ndim == 4 else np.zeros_like(image)
             heat = cv2.resize(norm_maps[i], (image.shape[1], image.shape[0]))
             heat = cv2.applyColorMap((heat * 255).astype("uint8"), cv2.COLORMAP_JET)
             panel = cv2.resize(np.hstack([image, target, heat]), (256 * 3, 256))
             cv2.imwrite(os.path.join(out_dir, f"{i + 1:03d}.png"), panel)
+
+
+def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:
+    """An untrained GLASS as ``config`` (the layout of config.json) describes it: backbone, layers, sizes."""
+    device = torch.device(device)
+    backbone = backbones.load(config["backbone"])
+    backbone.name, backbone.seed = config["backbone"], None
+    model = GLASS(device)
+    model.load(
+        backbone=backbone,
+        layers_to_extract_from=config["layers_to_extract_from"],
+        device=device,
+        input_shape=config["input_shape"],
+        **{key: config["net"][key] for key in MODEL_OPTIONS},
+    )
+    return model
 
 
 def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint: str | None = None) -> Tuple[GLASS, dict]:
@@ -612,17 +935,7 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
     if not os.path.isfile(config_path):
         raise GlassError(f"no {CONFIG_NAME} in {class_dir}: point at a class folder written by main.py (results/models/backbone_0/<dataset>_<class>)")
     config = utils.read_json(config_path)
-    device = torch.device(device)
-    backbone = backbones.load(config["backbone"])
-    backbone.name, backbone.seed = config["backbone"], None
-    model = GLASS(device)
-    model.load(
-        backbone=backbone,
-        layers_to_extract_from=config["layers_to_extract_from"],
-        device=device,
-        input_shape=config["input_shape"],
-        **{key: config["net"][key] for key in MODEL_OPTIONS},
-    )
+    model = build_model(config, device)
     model.ckpt_dir = class_dir
     path = checkpoint or model.best_checkpoint()
     if path is None:
@@ -630,3 +943,140 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
     model.load_checkpoint(path)
     model.checkpoint_path = path
     return model, config
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction on new images (``python main.py predict``)
+
+THRESHOLD_NAME = "threshold.json"
+PREDICTION_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def collect_images(inputs: Sequence[str]) -> List[str]:
+    """Image files named by ``inputs``: files, folders (searched recursively) and glob patterns, in order."""
+    found: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            matches = sorted(glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True))
+        elif os.path.isfile(item):
+            matches = [item]
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise GlassError(f"{item} matched no file: give image files, folders or glob patterns such as 'dir/*.png'")
+        images = [m for m in matches if os.path.isfile(m) and os.path.splitext(m)[1].lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise GlassError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        found.extend(images)
+    return list(dict.fromkeys(found))
+
+
+def output_stems(paths: Sequence[str]) -> List[str]:
+    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    stems: List[str] = []
+    for i, path in enumerate(absolute):
+        stem = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_")
+        stems.append(f"{stem}_{i}" if stem in stems else stem)
+    return stems
+
+
+def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
+    """The F1-best image-score threshold on a labelled test set, with how it was chosen and how it does there."""
+    _, scores, _, labels, _ = model.predict(test_loader)
+    labels = np.asarray(labels).astype(int)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise GlassError("the test set needs both good and defective images to choose a threshold: pass --threshold instead")
+    threshold = metrics.compute_best_threshold(labels, scores)
+    flagged = scores >= threshold
+    true_pos = int(np.sum(flagged & (labels == 1)))
+    precision = true_pos / max(int(flagged.sum()), 1)
+    recall = true_pos / int(labels.sum())
+    return {
+        "threshold": float(threshold),
+        "method": "F1-best image-score threshold on the test set (metrics.compute_best_threshold); anomalous when score >= threshold",
+        "checkpoint": os.path.basename(getattr(model, "checkpoint_path", "")),
+        "test_set": getattr(test_loader, "name", ""),
+        "test_images": int(labels.size),
+        "test_anomalous": int(labels.sum()),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0,
+    }
+
+
+def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = None, calibrate: bool = False,
+                     make_test_loader=None) -> Dict[str, Any]:
+    """The decision threshold and how it was chosen: ``--threshold``, ``threshold.json``, or calibrated now.
+
+    Calibration (``threshold.json`` missing, made for another checkpoint, or ``calibrate``) runs
+    ``calibrate_threshold`` on ``make_test_loader()`` and stores the record in ``<class_dir>/threshold.json``.
+    """
+    if threshold is not None:
+        if calibrate:
+            raise GlassError("give either --threshold or --calibrate, not both")
+        return {"threshold": float(threshold), "method": "given with --threshold"}
+    path = os.path.join(class_dir, THRESHOLD_NAME)
+    checkpoint = os.path.basename(getattr(model, "checkpoint_path", ""))
+    if os.path.isfile(path) and not calibrate:
+        record = utils.read_json(path)
+        if "threshold" in record and record.get("checkpoint") == checkpoint:
+            return record
+        LOGGER.info("%s was not chosen for %s: choosing the threshold again", path, checkpoint)
+    record = calibrate_threshold(model, make_test_loader())
+    utils.atomic_write(path, lambda tmp: utils.write_json(tmp, record))
+    LOGGER.info("Threshold %.6f written to %s", record["threshold"], path)
+    return record
+
+
+def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir: str, threshold: float,
+                   batch_size: int = 8) -> List[Dict[str, str]]:
+    """Score images with the test transform of training; write heatmap/overlay PNGs and ``predictions.csv``.
+
+    The heatmap colours the anomaly map on a fixed 0..1 jet scale (not rescaled per image); the overlay
+    blends it with the resized, cropped input. Returns the CSV rows.
+    """
+    from torchvision import transforms
+
+    from datasets.mvtec import load_image
+
+    dataset = config.get("dataset", {})
+    resize = dataset.get("resize_used", config["input_shape"][-1])
+    imagesize = dataset.get("imagesize_used", config["input_shape"][-1])
+    geometry = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(imagesize)])
+    to_input = transforms.Compose([transforms.ToTensor(), transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        raise GlassError(f"cannot create the output folder {output_dir} ({exc.strerror}): choose another --output") from None
+    stems = output_stems(paths)
+    rows: List[Dict[str, str]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        crops = [geometry(load_image(path)) for path in chunk]
+        scores, maps = model._predict(torch.stack([to_input(crop) for crop in crops]))
+        for path, stem, crop, score, anomaly_map in zip(chunk, stems[start:], crops, scores, maps):
+            heat = cv2.applyColorMap(np.round(np.clip(anomaly_map, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+            image = cv2.cvtColor(np.asarray(crop, dtype=np.uint8), cv2.COLOR_RGB2BGR)
+            row = {
+                "image": path, "score": repr(float(score)), "threshold": repr(float(threshold)),
+                "anomalous": str(int(float(score) >= threshold)),
+                "heatmap": os.path.join(output_dir, f"{stem}_heatmap.png"),
+                "overlay": os.path.join(output_dir, f"{stem}_overlay.png"),
+            }
+            cv2.imwrite(row["heatmap"], heat)
+            cv2.imwrite(row["overlay"], cv2.addWeighted(image, 0.5, heat, 0.5, 0))
+            rows.append(row)
+
+    def write(tmp: str) -> None:
+        import csv
+
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    utils.atomic_write(os.path.join(output_dir, "predictions.csv"), write)
+    return rows

@@ -18,6 +18,7 @@ import torch
 import backbones
 import glass
 import utils
+from datasets.base import raise_layout_problems
 from utils import GlassError
 
 LOGGER = logging.getLogger("glass")
@@ -25,12 +26,18 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_EXCEL_DIR = os.path.join(REPO_ROOT, "datasets", "excel")
 METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]
 
-# Dataset name -> (module, class). mpdd and wfdd share the MVTec AD layout.
+# Dataset name -> (module, class). mpdd, wfdd, mad (MAD-man, MAD-sys) and custom folders share the MVTec AD
+# layout; mvtec3d, loco and btad are small adapters of it; each module lists its classes in CLASSNAMES.
 _DATASETS = {
     "mvtec": ("datasets.mvtec", "MVTecDataset"),
     "mpdd": ("datasets.mvtec", "MVTecDataset"),
     "wfdd": ("datasets.mvtec", "MVTecDataset"),
+    "mad": ("datasets.mvtec", "MVTecDataset"),
+    "custom": ("datasets.mvtec", "MVTecDataset"),
     "visa": ("datasets.visa", "VisADataset"),
+    "mvtec3d": ("datasets.mvtec3d", "MVTec3DDataset"),
+    "loco": ("datasets.loco", "LOCODataset"),
+    "btad": ("datasets.btad", "BTADDataset"),
 }
 
 
@@ -101,6 +108,7 @@ def net(backbone_names, layers_to_extract_from, **options):
             models.append(model.to(device))
         return models
 
+    get_glass.options = {"backbone_names": backbone_names, "layers_to_extract_from": layers, **options}  # for run.json
     return "get_glass", get_glass
 
 
@@ -133,7 +141,7 @@ def net(backbone_names, layers_to_extract_from, **options):
 @click.option("--downsampling", default=8, type=click.IntRange(min=1), show_default=True, help="Image size / feature grid size.")
 @click.option("--augment", is_flag=True, help="Accepted for compatibility; unused.")
 def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **options):
-    """The data: NAME (mvtec, visa, mpdd, wfdd), DATA_PATH, AUG_PATH (DTD images) and loader options."""
+    """The data: NAME (mvtec, visa, mpdd, wfdd, mad, mvtec3d, loco, btad, custom), DATA_PATH, AUG_PATH (DTD images) and loader options."""
     if name not in _DATASETS:
         raise click.BadParameter(f"unknown dataset '{name}': choose one of {', '.join(sorted(_DATASETS))}", param_hint="NAME")
     module_name, class_name = _DATASETS[name]
@@ -148,7 +156,9 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
         dataset_class = getattr(module, class_name)
         loaders = []
         for classname in subdatasets:
-            common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"], seed=seed)
+            # Layout problems of the test and training splits are reported together, before any loader is built.
+            common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"], seed=seed,
+                          check_layout=False)
             test_set = dataset_class(data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TEST, **common)
             test_loader = make_loader(test_set, batch_size, num_workers, shuffle=False)
             test_loader.name = f"{name}_{classname}"
@@ -168,16 +178,72 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                     fg=options["fg"], rand_aug=options["rand_aug"], downsampling=options["downsampling"],
                     augment=options["augment"], batch_size=batch_size, excel_dir=excel_dir, **common,
                 )
+                raise_layout_problems([test_set, train_set])
                 train_loader = make_loader(train_set, batch_size, num_workers, shuffle=True)
                 train_loader.name = test_loader.name
                 LOGGER.info("Dataset %s: train=%d test=%d", classname, len(train_set), len(test_set))
             else:
+                raise_layout_problems([test_set])
                 train_loader = test_loader
                 LOGGER.info("Dataset %s: train=0 test=%d", classname, len(test_set))
             loaders.append({"training": train_loader, "testing": test_loader})
         return loaders
 
+    get_dataloaders.options = {  # for run.json
+        "name": name, "data_path": os.path.abspath(data_path), "aug_path": os.path.abspath(aug_path),
+        "subdatasets": list(subdatasets), "batch_size": batch_size, "num_workers": num_workers, **options,
+    }
     return "get_dataloaders", get_dataloaders
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--subdataset", "-d", required=True, help="Trained class to use, e.g. -d bottle.")
+@click.option("--dataset", "dataset_name", default="mvtec", show_default=True,
+              help="Dataset name used at training; the model is <results_path>/models/backbone_<i>/<dataset>_<class>.")
+@click.option("--backbone_index", default=0, type=click.IntRange(min=0), show_default=True, help="Which backbone_<i> folder.")
+@click.option("--threshold", type=float, default=None,
+              help="Score at or above which an image is anomalous. Default: <class folder>/threshold.json, chosen on the test set when missing.")
+@click.option("--calibrate", is_flag=True, help="Choose the threshold on the test set again (F1-best) and rewrite threshold.json.")
+@click.option("--output", type=str, default=None, help="Folder for predictions.csv and the PNGs [default: <results_path>/predict/<dataset>_<class>].")
+@click.option("--data_path", type=str, default=None, help="Dataset root for calibration [default: the one recorded in config.json].")
+@click.option("--batch_size", default=8, type=click.IntRange(min=1), show_default=True, help="Images per forward pass.")
+def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibrate, output, data_path, batch_size):
+    """Score new images with a trained class. INPUTS: image files, folders (recursive) or quoted glob patterns."""
+
+    def run_predict(results_path: str, device: torch.device) -> None:
+        class_dir = os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{dataset_name}_{subdataset}")
+        if not os.path.isdir(class_dir):
+            raise GlassError(f"no trained class folder {class_dir}: check --results_path, -d and --dataset, or train the class first")
+        paths = glass.collect_images(inputs)
+        model, config = glass.load_trained(class_dir, device=device)
+
+        def make_test_loader() -> torch.utils.data.DataLoader:
+            recorded = config.get("dataset", {})
+            root = data_path or recorded.get("data_path")
+            name = recorded.get("name", dataset_name)
+            if not root or not os.path.isdir(root):
+                raise GlassError(f"the test set to choose a threshold on is not at {root}: pass --data_path or --threshold")
+            module_name, class_name = _DATASETS[name]
+            module = __import__(module_name, fromlist=[class_name])
+            test_set = getattr(module, class_name)(
+                root, recorded.get("aug_path", root), dataset_name=name, split=module.DatasetSplit.TEST,
+                classname=recorded.get("classname", subdataset), resize=recorded.get("resize", config["input_shape"][-1]),
+                imagesize=recorded.get("imagesize", config["input_shape"][-1]),
+            )
+            loader = make_loader(test_set, batch_size, 0, shuffle=False)
+            loader.name = f"{name}_{test_set.classname}"
+            return loader
+
+        record = glass.choose_threshold(model, class_dir, threshold, calibrate, make_test_loader)
+        out_dir = output or os.path.join(results_path, "predict", f"{dataset_name}_{subdataset}")
+        rows = glass.predict_images(model, config, paths, out_dir, record["threshold"], batch_size)
+        flagged = sum(row["anomalous"] == "1" for row in rows)
+        click.echo(f"{dataset_name}_{subdataset}: {flagged} of {len(rows)} image(s) anomalous at threshold "
+                   f"{record['threshold']:.6f} ({record['method'].split(';')[0]})")
+        click.echo(f"Predictions: {os.path.join(out_dir, 'predictions.csv')}")
+
+    return "predict", run_predict
 
 
 def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch.utils.data.DataLoader:
@@ -204,8 +270,16 @@ def ensure_writable(path: str) -> str:
 
 @main.result_callback()
 def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test):
-    """Train and/or test every class, printing metrics and rewriting results.csv after each one."""
+    """Train and/or test every class, printing metrics and rewriting results.csv after each one.
+
+    A class whose training was interrupted resumes from its ``ckpt.pth``; a finished one is only
+    tested. The run is recorded in ``<results>/run_<timestamp>.json`` and ``<results>/run.json``.
+    """
     methods = dict(methods)
+    predict_images = methods.pop("predict", None)
+    if predict_images is not None and not methods:  # `predict` alone: score images with a trained class
+        predict_images(results_path, utils.select_device(gpu))
+        return
     missing = [cmd for cmd, key in (("net", "get_glass"), ("dataset", "get_dataloaders")) if key not in methods]
     if missing:
         raise GlassError(f"missing subcommand(s): {', '.join(missing)}; usage: python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH")
@@ -213,9 +287,24 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     excel_dir = os.path.join(results_path, "datasets", "excel")
     list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir)
     device = utils.select_device(gpu)
+    group_options = dict(results_path=results_path, gpu=list(gpu), seed=seed, log_group=log_group,
+                         log_project=log_project, run_name=run_name, test=test)
+    record = RunRecord(results_path, group_options, methods, device)
+    try:
+        _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, record)
+    except BaseException as exc:
+        record.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {utils.error_message(exc)}")
+        raise
+    record.finish("finished")
+    if predict_images is not None:  # chained after training/testing: score the images with the new checkpoint
+        predict_images(results_path, device)
 
+
+def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, record) -> None:
+    """The per-class loop of :func:`run`."""
     rows, row_names = [], []
     judged: Dict[str, int] = {}
+    stopped: List[str] = []  # classes whose training stopped on a non-finite loss
     dataset_name = None
     for index, dataloaders in enumerate(list_of_dataloaders):
         utils.fix_seeds(seed, device)
@@ -230,18 +319,24 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
                 utils.fix_seeds(model.backbone.seed, device)
             model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), dataset_name, results_path=results_path)
             model.excel_dirs = [excel_dir, SHIPPED_EXCEL_DIR]
-            if test == "ckpt" and model.best_checkpoint() is None:  # a new training run: record how to rebuild it
-                model.save_config({**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed})
             try:
-                outcome = None
+                # Refuses a folder trained with other model options; records config.json for a new run.
+                model.check_config({**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed},
+                                   training=test == "ckpt")
                 if test == "ckpt":
-                    outcome = model.trainer(dataloaders["training"], dataloaders["testing"], dataset_name)
+                    try:
+                        outcome = model.trainer(dataloaders["training"], dataloaders["testing"], dataset_name)
+                    except glass.NonFiniteLossError as exc:
+                        LOGGER.error("%s", exc)
+                        stopped.append(str(exc))
+                        continue
                     if model.judged_distribution is not None:
                         judged[dataset_name] = model.judged_distribution
                     if isinstance(outcome, int):  # --distribution 1: judged only
                         continue
                     if outcome is None:
-                        LOGGER.info("%s was trained before: testing its best checkpoint", dataset_name)
+                        click.echo(f"{dataset_name}: already trained, testing its best checkpoint "
+                                   f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], dataset_name))
             finally:
                 model.close()
@@ -252,6 +347,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
                 for key, value in zip(METRIC_NAMES, result)
             ))
             utils.compute_and_store_final_results(results_path, rows, METRIC_NAMES, row_names=row_names)
+            record.add_result(dataset_name if len(models) == 1 else f"{dataset_name}/backbone_{i}", result)
 
     if judged:
         path = utils.record_distributions(excel_dir, dataset_name.split("_")[0], judged)
@@ -259,6 +355,65 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     if rows:
         click.echo(results_table(rows, row_names))
         click.echo(f"Results: {os.path.join(results_path, 'results.csv')}")
+    if stopped:
+        raise GlassError(stopped[0] if len(stopped) == 1 else f"training stopped for {len(stopped)} classes: " + " | ".join(stopped))
+
+
+class RunRecord:
+    """``<results>/run_<timestamp>.json`` (and a copy as ``run.json``): how a run was made and how it ended.
+
+    Holds the command line, every option, the device, Python, platform and package versions, the git
+    commit of this code (``unknown`` outside a git checkout), start and end times, status and results.
+    """
+
+    def __init__(self, results_path: str, group_options: dict, methods: dict, device: torch.device) -> None:
+        import platform
+
+        started = datetime.now()
+        stamp = started.strftime("%Y%m%d-%H%M%S")
+        self.path = os.path.join(results_path, f"run_{stamp}.json")
+        suffix = 1
+        while os.path.exists(self.path):
+            suffix += 1
+            self.path = os.path.join(results_path, f"run_{stamp}-{suffix}.json")
+        self.latest = os.path.join(results_path, "run.json")
+        ctx = click.get_current_context(silent=True)
+        argv = (ctx.obj or {}).get("argv") if ctx is not None and isinstance(ctx.obj, dict) else None
+        self.data = {
+            "command_line": ["main.py", *(argv if argv is not None else sys.argv[1:])],
+            "cwd": os.getcwd(),
+            "options": {
+                "main": group_options,
+                "net": getattr(methods.get("get_glass"), "options", None),
+                "dataset": getattr(methods.get("get_dataloaders"), "options", None),
+            },
+            "device": str(device),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "packages": utils.package_versions(),
+            "cuda": torch.version.cuda,
+            "git_commit": utils.git_commit(REPO_ROOT),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": None,
+            "status": "running",
+            "results": {},
+        }
+        self.write()
+
+    def add_result(self, name: str, result: List[float]) -> None:
+        self.data["results"][name] = dict(zip(METRIC_NAMES, [None if not np.isfinite(v) else float(v) for v in result]))
+        self.write()
+
+    def finish(self, status: str) -> None:
+        self.data.update(status=status, finished=datetime.now().isoformat(timespec="seconds"))
+        try:
+            self.write()
+        except OSError as exc:  # never hide the run's own outcome behind a failed record
+            LOGGER.warning("Could not update %s (%s)", self.path, exc)
+
+    def write(self) -> None:
+        for path in (self.path, self.latest):
+            utils.atomic_write(path, lambda tmp: utils.write_json(tmp, self.data))
 
 
 def results_table(rows: List[List[float]], row_names: List[str]) -> str:
@@ -281,16 +436,25 @@ def cli(argv: List[str] | None = None) -> int:
     """Entry point: user mistakes end with one line on stderr and exit code 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     LOGGER.info("Command line arguments: %s", " ".join(sys.argv if argv is None else ["main.py", *argv]))
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        main.main(args=argv, standalone_mode=False)
+        main.main(args=args, prog_name="main.py", standalone_mode=False, obj={"argv": args})
     except GlassError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {utils.error_message(exc)}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
+    except click.UsageError as exc:  # one line for the mistake, one for where to look
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())) and exc.ctx is not None:
+            click.echo(exc.ctx.get_help(), err=True)  # no arguments at all: the help, as click shows it
+            return 2
+        click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+        if exc.ctx is not None:
+            click.echo(f"Try '{exc.ctx.command_path} --help' for help.", err=True)
+        return 2
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
         return 2
     return 0
 

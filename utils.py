@@ -77,10 +77,28 @@ def atomic_write(path: str, write: "callable") -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes the file private (0600); keep the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()  # read once, at import, while no other thread can be creating files
+
+
+def _file_mode(path: str) -> int:
+    """The mode of the file being replaced, or that of a new file under the process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def write_json(path: str, data: dict) -> None:
@@ -233,3 +251,57 @@ def record_distributions(excel_dir: str, dataset_name: str, judged: dict[str, in
     table = new_rows if table.empty else pd.concat([table, new_rows], ignore_index=True)
     atomic_write(path, lambda tmp: table.to_excel(tmp, index=False, engine="openpyxl"))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Error messages and the record of a run
+
+def error_message(exc: BaseException) -> str:
+    """One line for the user from an exception, unwrapping DataLoader workers' re-raised errors.
+
+    A worker's exception comes back as ``Caught GlassError in DataLoader worker process 0.`` plus the
+    worker's traceback, all in the message; the original message is the traceback's last line.
+    """
+    text = str(exc).strip()
+    if "\n" in text and "Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        name = type(exc).__name__
+        text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return " ".join(text.split())
+
+
+PACKAGES = (
+    "torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "scikit-image", "pillow",
+    "opencv-python", "opencv-python-headless", "pandas", "openpyxl", "click", "tensorboard", "tqdm",
+)
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict:
+    """Installed version of each distribution (those not installed are left out)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(directory: str) -> str:
+    """The commit checked out in ``directory`` (``+dirty`` with local changes), or ``unknown``."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        # --no-optional-locks: a read that never writes the index.
+        return subprocess.run(["git", "--no-optional-locks", "-C", directory, *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "") if commit else "unknown"
+

@@ -1,0 +1,275 @@
+"""Interrupted runs: a killed training run resumes from ckpt.pth and ends as an uninterrupted one would.
+
+Runs use the tiny profile on an even smaller `tire` subset, 3 epochs, on the CPU. Training is
+interrupted with the test-only hook ``GLASS_TEST_KILL_AT=EPOCH:STEP`` (glass.KILL_HOOK_ENV): the
+trainer SIGKILLs itself just before that step (or, with ``EPOCH:saved``, right after writing that
+epoch's ckpt.pth and before its new best checkpoint), which is what an external ``kill -9`` at that
+moment would do, without the timing races of killing from outside.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import glass
+import utils
+from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
+
+ROOT = Path(__file__).resolve().parents[1]
+# 3 epochs of one training step each; with this learning rate every epoch is a new best, so best
+# checkpoints get replaced.
+NET = [*TINY_NET, "--meta_epochs", "3", "--limit", "4", "--lr", "0.001"]
+CLASS_DIR = Path("models") / "backbone_0" / "mvtec_tire"
+
+
+@pytest.fixture(scope="module")
+def small_tire(tmp_path_factory, tire_root) -> Path:
+    """8 training images, 3 good and 4 defective test images."""
+    root = tmp_path_factory.mktemp("small_tire")
+    copy_class_subset(tire_root / "tire", root / "tire", n_train=8, n_good=3, n_per_defect=1)
+    return root
+
+
+def arguments(results: Path, data: Path, dtd: Path, net_extra=()) -> list:
+    return ["--results_path", str(results), *NET, *net_extra, *tiny_dataset_args(data, dtd)]
+
+
+def run_subprocess(args, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``python main.py ARGS`` in a fresh process (optionally with the kill hook set)."""
+    env = {key: value for key, value in os.environ.items() if key != glass.KILL_HOOK_ENV}
+    if kill_at is not None:
+        env[glass.KILL_HOOK_ENV] = kill_at
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def flatten(value, prefix=""):
+    """(path, leaf) pairs of a nested checkpoint (dicts, lists, tuples)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from flatten(item, f"{prefix}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from flatten(item, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+def assert_same_checkpoint(path_a: Path, path_b: Path) -> None:
+    """Every tensor and value of two checkpoint files is identical (NaN equals NaN)."""
+    a = dict(flatten(torch.load(path_a, weights_only=True)))
+    b = dict(flatten(torch.load(path_b, weights_only=True)))
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key
+
+
+def read_rows(results: Path) -> list:
+    with open(results / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def best_files(class_dir: Path) -> list:
+    return sorted(p.name for p in class_dir.glob("ckpt_best_*.pth"))
+
+
+def assert_same_outcome(a: Path, b: Path) -> None:
+    """Same results.csv, same best checkpoint (name and tensors), same ckpt.pth (all of it)."""
+    assert read_rows(a) == read_rows(b)
+    assert best_files(a / CLASS_DIR) == best_files(b / CLASS_DIR) and len(best_files(a / CLASS_DIR)) == 1
+    best = best_files(a / CLASS_DIR)[0]
+    assert_same_checkpoint(a / CLASS_DIR / best, b / CLASS_DIR / best)
+    assert_same_checkpoint(a / CLASS_DIR / "ckpt.pth", b / CLASS_DIR / "ckpt.pth")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_tire, dtd_root) -> Path:
+    """Results of an uninterrupted 3-epoch run (in this process)."""
+    results = tmp_path_factory.mktemp("uninterrupted")
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert best_files(results / CLASS_DIR) == ["ckpt_best_2.pth"]  # earlier bests were replaced
+    return results
+
+
+@pytest.fixture(scope="module")
+def killed_in_epoch_1(tmp_path_factory, small_tire, dtd_root) -> Path:
+    """Results folder of a run killed during epoch 1 (centre computed, before its training step)."""
+    results = tmp_path_factory.mktemp("killed")
+    done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:0")
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    state = torch.load(results / CLASS_DIR / "ckpt.pth", weights_only=True)
+    assert state["epoch"] == 0 and state["best_checkpoint"] == "ckpt_best_0.pth"
+    assert not (results / "results.csv").exists()
+    return results
+
+
+def test_killed_run_resumes_and_ends_as_an_uninterrupted_run(tmp_path, killed_in_epoch_1, uninterrupted, small_tire, dtd_root,
+                                                              caplog):
+    caplog.set_level("INFO")
+    results = tmp_path / "results"
+    shutil.copytree(killed_in_epoch_1, results)
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert "resuming from" in caplog.text and "(1 of 3 epochs done)" in caplog.text
+    assert_same_outcome(results, uninterrupted)
+
+
+def test_kill_between_ckpt_and_new_best_is_repaired(tmp_path, uninterrupted, small_tire, dtd_root):
+    results = tmp_path / "results"
+    done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:saved")
+    assert done.returncode == -signal.SIGKILL
+    # ckpt.pth of epoch 1 names ckpt_best_1.pth, which was not written yet; the old best is still there.
+    assert best_files(results / CLASS_DIR) == ["ckpt_best_0.pth"]
+    assert torch.load(results / CLASS_DIR / "ckpt.pth", weights_only=True)["best_checkpoint"] == "ckpt_best_1.pth"
+
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert_same_outcome(results, uninterrupted)
+
+
+def test_same_seed_gives_identical_metrics_and_checkpoints(tmp_path, uninterrupted, small_tire, dtd_root):
+    results = tmp_path / "results"
+    done = run_subprocess(arguments(results, small_tire, dtd_root))  # another process, same command
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_outcome(results, uninterrupted)
+
+
+def test_finished_class_is_only_tested(tmp_path, uninterrupted, small_tire, dtd_root, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(uninterrupted, results)
+    before = {p.name: p.read_bytes() for p in (results / CLASS_DIR).glob("*.pth")}
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert "mvtec_tire: already trained, testing its best checkpoint" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (results / CLASS_DIR).glob("*.pth")} == before
+    assert read_rows(results) == read_rows(uninterrupted)
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--target_embed_dimension", "64"], "target_embed_dimension: 128 -> 64"),
+    (["-le", "blocks.3"], "layers_to_extract_from: ['blocks.2', 'blocks.4'] -> ['blocks.2', 'blocks.4', 'blocks.3']"),
+])
+def test_resume_refuses_other_model_options(tmp_path, killed_in_epoch_1, small_tire, dtd_root, capsys, change, named):
+    results = tmp_path / "results"
+    shutil.copytree(killed_in_epoch_1, results)
+    before = {p.name: p.read_bytes() for p in (results / CLASS_DIR).iterdir() if p.is_file()}
+    assert run_main(arguments(results, small_tire, dtd_root, net_extra=change)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and named in errors[0] and "another --results_path" in errors[0]
+    assert {p.name: p.read_bytes() for p in (results / CLASS_DIR).iterdir() if p.is_file()} == before
+
+
+def test_run_record(uninterrupted):
+    latest = json.loads((uninterrupted / "run.json").read_text())
+    stamped = sorted(uninterrupted.glob("run_*.json"))
+    assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == latest
+    assert latest["status"] == "finished" and latest["finished"] >= latest["started"]
+    assert latest["command_line"][:3] == ["main.py", "--results_path", str(uninterrupted)]
+    assert latest["options"]["main"]["seed"] == 0 and latest["options"]["net"]["meta_epochs"] == 3
+    assert latest["options"]["dataset"]["imagesize"] == 64 and latest["options"]["dataset"]["subdatasets"] == ["tire"]
+    assert {"torch", "torchvision", "timm", "numpy"} <= set(latest["packages"])
+    assert latest["packages"]["torch"] == torch.__version__.split("+")[0]
+    commit = latest["git_commit"]
+    assert commit == "unknown" or len(commit.split("+")[0]) == 40
+    assert set(latest["results"]) == {"mvtec_tire"} and latest["results"]["mvtec_tire"]["best_epoch"] == 2
+
+
+def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
+    assert utils.git_commit(str(tmp_path)) == "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Unit tests: the resume state and the atomic writes
+
+@pytest.fixture(scope="module")
+def tiny_model_factory():
+    import backbones
+
+    def make(seed: int) -> glass.GLASS:
+        torch.manual_seed(seed)
+        model = glass.GLASS(torch.device("cpu"))
+        model.load(backbone=backbones.load("efficientnet_lite0"), layers_to_extract_from=["blocks.2", "blocks.4"],
+                   device=torch.device("cpu"), input_shape=(3, 64, 64), pretrain_embed_dimension=32,
+                   target_embed_dimension=32, dsc_hidden=16, meta_epochs=3, step=2)
+        return model
+    return make
+
+
+def test_training_state_round_trip(tmp_path, tiny_model_factory):
+    model = tiny_model_factory(seed=1)
+    model.ckpt_dir = str(tmp_path)
+    batch = {"image": torch.randn(2, 3, 64, 64), "aug": torch.randn(2, 3, 64, 64),
+             "mask_s": (torch.rand(2, 8, 8) > 0.5).float()}
+    model._compute_center([batch])
+    model._train_step(batch)  # fills the optimisers' states
+    model.global_step, model.svd, model.judged_distribution = 7, 1, 1
+    record = [np.float64(0.75), 0.0, float("nan"), 0.0, 0.0, 2]
+
+    path = tmp_path / "ckpt.pth"
+    utils.atomic_torch_save(model.training_checkpoint(2, model.checkpoint_state(), record, str(tmp_path / "ckpt_best_2.pth")), path)
+    draws = (random.random(), np.random.rand(3).tolist(), torch.rand(3))  # right after the state was taken
+
+    state = torch.load(path, weights_only=True)  # plain tensors and values only
+    assert {"discriminator", "pre_projection", "dsc_opt", "proj_opt", "rng", "epoch", "best_record"} <= set(state)
+    other = tiny_model_factory(seed=2)
+    other.ckpt_dir = str(tmp_path)
+    epoch, best_record, best_path = other.restore_training_checkpoint(state, str(path))
+    assert (epoch, best_path, other.global_step, other.svd, other.judged_distribution) == (2, str(tmp_path / "ckpt_best_2.pth"), 7, 1, 1)
+    assert best_record[:2] == [0.75, 0.0] and np.isnan(best_record[2]) and best_record[-1] == 2
+    for a, b in ((model.discriminator, other.discriminator), (model.pre_projection, other.pre_projection)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    for a, b in ((model.dsc_opt, other.dsc_opt), (model.proj_opt, other.proj_opt)):
+        assert dict(flatten(a.state_dict()["state"])).keys() == dict(flatten(b.state_dict()["state"])).keys()
+        for (_, x), (_, y) in zip(flatten(a.state_dict()["state"]), flatten(b.state_dict()["state"])):
+            assert torch.equal(x, y)
+
+    glass.set_rng_state(state["rng"])
+    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+    assert again[:2] == draws[:2] and torch.equal(again[2], draws[2])
+
+
+def test_settle_best_checkpoint(tmp_path, tiny_model_factory):
+    model = tiny_model_factory(seed=1)
+    model.ckpt_dir = str(tmp_path)
+    weights = model.checkpoint_state()
+    state = model.training_checkpoint(4, weights, [0.9, 0, 0.9, 0, 0, 4], str(tmp_path / "ckpt_best_4.pth"))
+    torch.save({"discriminator": {}}, tmp_path / "ckpt_best_1.pth")  # the previous best, not yet removed
+    model._settle_best_checkpoint(state)
+    assert best_files(tmp_path) == ["ckpt_best_4.pth"]  # written from ckpt.pth's weights, the old one gone
+    assert_same_checkpoint(tmp_path / "ckpt_best_4.pth", _saved(tmp_path / "expected.pth", weights))
+
+    os.remove(tmp_path / "ckpt_best_4.pth")
+    state = model.training_checkpoint(5, weights, [0.9, 0, 0.9, 0, 0, 4], str(tmp_path / "ckpt_best_4.pth"))
+    with pytest.raises(utils.GlassError, match="ckpt_best_4.pth recorded in ckpt.pth is missing"):
+        model._settle_best_checkpoint(state)
+
+
+def _saved(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "results.csv"
+    target.write_text("old\n")
+
+    def fail(tmp):
+        Path(tmp).write_text("half of the new")
+        raise KeyboardInterrupt  # as if the run were stopped in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_write(str(target), fail)
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["results.csv"]
+    utils.atomic_write(str(target), lambda tmp: Path(tmp).write_text("new\n"))
+    assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["results.csv"]

@@ -10,14 +10,17 @@ One training step (paper Sec. 3, spec "Training"):
 """
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import glob
 import logging
 import math
 import os
 import random
 import re
+import shutil
 import signal
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -47,6 +50,11 @@ TRAINING_CHECKPOINT = "ckpt.pth"
 RESUME_FORMAT = 1
 # What else, besides MODEL_OPTIONS, must match to continue training in (or test) a class folder.
 SHAPING_KEYS = ("backbone", "layers_to_extract_from", "input_shape")
+# `net` options that never change a number (not compared when resuming), and the defaults of the speed
+# options for config.json files written before they existed.
+NUMERICALLY_NEUTRAL_OPTIONS = ("cache",)
+SPEED_OPTION_DEFAULTS = {"cache_dtype": "float32", "amp": "off", "compile": False, "channels_last": False}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Test-only hook: "EPOCH:STEP" makes the trainer SIGKILL itself just before that training step of that
 # epoch (both 0-based), "EPOCH:saved" right after that epoch's ckpt.pth is written (before its new best
 # checkpoint), so that tests can interrupt a run at a known point. Never set it in normal use.
@@ -203,6 +211,24 @@ def set_rng_state(state: Dict[str, Any]) -> None:
                            torch.cuda.device_count())
 
 
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without touching the global python, NumPy and torch (CPU) generators.
+
+    Passes that must not change the random stream of training run inside it: the centre pass, building
+    the feature cache and evaluation. Iterating a DataLoader draws its workers' base seed from torch's
+    generator, and with ``num_workers 0`` the image transforms draw from it too; so these passes
+    consume the same random numbers (none) whether their features come from the cache or not.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def config_differences(saved: dict, current: dict) -> List[str]:
     """The model-shaping options that differ between two ``config.json`` contents, as ``name: old -> new``."""
     def shaping(config: dict) -> Dict[str, Any]:
@@ -219,7 +245,9 @@ def config_differences(saved: dict, current: dict) -> List[str]:
 def other_differences(saved: dict, current: dict) -> List[str]:
     """The options that do not shape the model but differ (training options, data options, seed)."""
     def flat(config: dict) -> Dict[str, Any]:
-        values = {f"net.{k}": v for k, v in (config.get("net") or {}).items() if k not in MODEL_OPTIONS + ("train_backbone",)}
+        net = {**SPEED_OPTION_DEFAULTS, **(config.get("net") or {})}
+        ignored = MODEL_OPTIONS + ("train_backbone",) + NUMERICALLY_NEUTRAL_OPTIONS
+        values = {f"net.{k}": v for k, v in net.items() if k not in ignored}
         values.update({f"dataset.{k}": v for k, v in (config.get("dataset") or {}).items()})
         values["seed"] = config.get("seed")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -274,9 +302,21 @@ class GLASS(torch.nn.Module):
         svd: int = 0,
         step: int = 20,
         limit: int = 392,
+        cache: str = "auto",
+        cache_dtype: str = "float32",
+        amp: str = "off",
+        compile: bool = False,
+        channels_last: bool = False,
         **kwargs,
     ) -> None:
-        """Build the feature pipeline, projection, discriminator and their optimisers."""
+        """Build the feature pipeline, projection, discriminator and their optimisers.
+
+        Speed options (none changes the model): ``cache`` (auto, ram, disk, off) and ``cache_dtype`` for the
+        frozen-backbone feature cache (see common.py, "Feature cache"; float16 rounds the cached features); ``amp``
+        (off, bf16, fp16: autocast of backbone and discriminator forwards, CUDA only), ``compile``
+        (torch.compile of the discriminator, CUDA only) and ``channels_last`` (backbone memory format).
+        All but ``cache`` change the numbers slightly.
+        """
         self.backbone = backbone.to(device)
         self.layers_to_extract_from = list(layers_to_extract_from)
         self.input_shape = tuple(input_shape)
@@ -332,6 +372,45 @@ class GLASS(torch.nn.Module):
         self.ckpt_dir = ""
         self.logger: Optional[SummaryWriter] = None
         self.global_step = 0
+        self._set_speed_options(cache, cache_dtype, amp, compile, channels_last)
+
+    def _set_speed_options(self, cache: str, cache_dtype: str, amp: str, compile: bool, channels_last: bool) -> None:
+        """Feature cache settings, autocast, torch.compile and channels-last (see :meth:`load`)."""
+        if cache not in common.CACHE_MODES:
+            raise GlassError(f"--cache {cache} is not one of {', '.join(common.CACHE_MODES)}")
+        if cache_dtype not in common.CACHE_DTYPES:
+            raise GlassError(f"--cache_dtype {cache_dtype} is not one of {', '.join(common.CACHE_DTYPES)}")
+        if amp not in ("off", *AMP_DTYPES):
+            raise GlassError(f"--amp {amp} is not one of off, {', '.join(AMP_DTYPES)}")
+        self.cache_mode, self.cache_dtype = cache, cache_dtype
+        self.train_cache: Optional[common.FeatureCache] = None
+        self.test_cache: Optional[common.FeatureCache] = None
+        self.cache_folder: Optional[str] = None
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = AMP_DTYPES.get(amp) if cuda else None
+        if amp != "off" and not cuda:
+            LOGGER.warning("--amp %s needs a CUDA device: ignored on %s (full float32)", amp, self.device.type)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        discriminate: Callable[[torch.Tensor], torch.Tensor] = self.discriminator
+        if compile and not cuda:
+            LOGGER.warning("--compile needs a CUDA device: ignored on %s", self.device.type)
+        elif compile:
+            discriminate = torch.compile(self.discriminator)
+        self.__dict__["_discriminator_forward"] = discriminate  # not registered as a second submodule
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to ``--amp``'s type on CUDA; nothing otherwise."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _discriminate(self, features: torch.Tensor) -> torch.Tensor:
+        """Discriminator scores (N, 1) in float32, under ``--amp``/``--compile`` when set."""
+        with self._autocast():
+            scores = self._discriminator_forward(features)
+        return scores.float()
 
     # ----------------------------------------------------------------------------------------------
     # Folders and checkpoints
@@ -539,9 +618,38 @@ class GLASS(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Features
 
+    def _layer_features(self, images: torch.Tensor, evaluation: bool = False) -> List[torch.Tensor]:
+        """The backbone's wanted layer maps of a batch (float32; under ``--amp``/``--channels_last`` when set)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            maps = self.embedder.layer_features(images, evaluation=evaluation)
+        return [m.float() for m in maps]
+
     def _embed(self, images: torch.Tensor, evaluation: bool = False) -> Tuple[torch.Tensor, List[List[int]]]:
         """Patch embeddings (B * h * w, target_dim) of a batch and each layer's patch grid."""
-        return self.embedder(images, evaluation=evaluation)
+        return self.embedder.embed_layer_features(self._layer_features(images, evaluation=evaluation))
+
+    def _embed_plain(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[List[int]], List[torch.Tensor]]:
+        """Embeddings, grids and layer maps of a centre-pass batch; a batch of one image runs as two copies.
+
+        On the CPU a backbone's features of an image do not depend on the other images of its batch,
+        except in a batch of one (another kernel, last-bit differences). Running a lone image as a pair
+        gives it the features it has in any training batch, so cached true features equal computed ones.
+        """
+        single = images.shape[0] == 1
+        maps = self._layer_features(torch.cat([images, images]) if single else images)
+        features, grids = self.embedder.embed_layer_features(maps)
+        if single:
+            features, maps = features[: len(features) // 2], [m[:1] for m in maps]
+        return features, grids, maps
+
+    def _embed_plain_maps(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_embed_plain` from cached layer maps (a lone image's maps embedded as a pair)."""
+        if maps[0].shape[0] == 1:
+            features = self.embedder.embed_layer_features([torch.cat([m, m]) for m in maps])[0]
+            return features[: len(features) // 2]
+        return self.embedder.embed_layer_features(maps)[0]
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         return self.pre_projection(features) if self.pre_proj > 0 else features
@@ -550,6 +658,16 @@ class GLASS(torch.nn.Module):
     # Training
 
     def trainer(self, training_data, val_data, name: str):
+        """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs`` (see :meth:`_train`).
+
+        The feature caches are freed (and a disk cache deleted) when training ends, however it ends.
+        """
+        try:
+            return self._train(training_data, val_data, name)
+        finally:
+            self.close_feature_caches()
+
+    def _train(self, training_data, val_data, name: str):
         """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs``.
 
         Returns the best record ``[i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch]``; ``None`` when the class
@@ -566,6 +684,14 @@ class GLASS(torch.nn.Module):
         the order ckpt.pth, new ``ckpt_best_<epoch>.pth``, removal of the old best: a kill at any moment
         leaves a state that :meth:`_settle_best_checkpoint` puts right. TensorBoard events that the
         killed run wrote after its last ckpt.pth are purged (``purge_step``).
+
+        Data flow per epoch: the centre from the training images in dataset order without synthesis
+        (:meth:`_center_loader`), the discriminator steps on the shuffled synthesising loader, the
+        evaluation on ``val_data``. With a frozen backbone, features of the un-augmented training images
+        and of the test images come from the feature cache (:meth:`setup_feature_caches`); the passes
+        that do not train run with the random generators isolated (:func:`isolated_rng`), so the run is
+        the same with or without the cache. Heatmaps are not written here: the test of the best
+        checkpoint after training writes them once.
         """
         state = self.read_training_checkpoint()
         status = self.training_status(state)
@@ -598,6 +724,8 @@ class GLASS(torch.nn.Module):
             if judge_only:
                 return self.svd
 
+        center_data = self._center_loader(training_data)
+        self.setup_feature_caches(center_data, val_data, training_data)
         summary = self._summary(best_record[:-1], int(best_record[-1]), best_record) if best_record is not None else ""
         pbar = tqdm.tqdm(range(start_epoch, self.meta_epochs), initial=start_epoch, total=self.meta_epochs,
                          unit="epoch", desc=name, dynamic_ncols=True)
@@ -605,7 +733,7 @@ class GLASS(torch.nn.Module):
             set_rng_state(state["rng"])
             del state
         for epoch in pbar:
-            self._compute_center(training_data)
+            self._compute_center(center_data)
             try:
                 epoch_str = self._train_discriminator(training_data, epoch, pbar, summary)
             except NonFiniteLossError as exc:
@@ -618,18 +746,20 @@ class GLASS(torch.nn.Module):
 
             new_best = None
             if (epoch + 1) % self.eval_epochs == 0:
-                images, scores, segmentations, labels_gt, masks_gt = self.predict(val_data)
+                images, scores, segmentations, labels_gt, masks_gt = self.predict(val_data, keep_images=False)
                 result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
                 for tag, value in zip(("i-auroc", "i-ap", "p-auroc", "p-ap", "p-pro"), result):
                     self.logger.add_scalar(tag, value, epoch)
+                utils.log_eval_samples(self, epoch, images, segmentations, labels_gt, masks_gt)
 
                 if best_record is None or self._selection_score(result) > self._selection_score(best_record):
                     best_record = [*result, epoch]
                     new_best = os.path.join(self.ckpt_dir, f"ckpt_best_{epoch}.pth")
-                    self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
                 summary = self._summary(result, epoch, best_record)
                 pbar.set_description_str(f"{epoch_str} {summary}")
 
+            # history.csv (utils.py, "Reports") before ckpt.pth, so that a resumed epoch rewrites its row.
+            utils.record_epoch(self, epoch, result if (epoch + 1) % self.eval_epochs == 0 else None)
             # ckpt.pth first (it names the new best), then the new best, then the old best goes.
             ckpt = self.training_checkpoint(epoch, weights, best_record, new_best or best_path)
             utils.atomic_torch_save(ckpt, os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT))
@@ -719,17 +849,178 @@ class GLASS(torch.nn.Module):
         cv2.imwrite(avg_path, mean_image)
         return flag
 
-    def _compute_center(self, training_data) -> None:
-        """Centre c: per patch position, the mean projected feature over each batch, averaged over batches."""
-        self.embedder.eval()
-        total = None
+    # ----------------------------------------------------------------------------------------------
+    # Centre pass and feature cache
+
+    def _center_loader(self, training_data):
+        """The centre pass's loader: the training images in dataset order, without anomaly synthesis.
+
+        A DataLoader over ``dataset.plain_view()`` with the training loader's batch size and workers
+        (the reference iterates the shuffled, synthesising training loader instead: same distribution,
+        other random draws; README, deviations). ``training_data`` itself when its dataset has no plain view.
+        """
+        dataset = getattr(training_data, "dataset", None)
+        if not hasattr(dataset, "plain_view") or not isinstance(training_data, torch.utils.data.DataLoader):
+            return training_data
+        workers = training_data.num_workers
+        return torch.utils.data.DataLoader(
+            dataset.plain_view(), batch_size=training_data.batch_size, shuffle=False, num_workers=workers,
+            pin_memory=training_data.pin_memory, prefetch_factor=training_data.prefetch_factor if workers > 0 else None,
+        )
+
+    def setup_feature_caches(self, center_data, val_data, training_data=None) -> None:
+        """Cache the backbone features of the centre-pass images and of ``val_data`` (``--cache``).
+
+        Not with ``--train_backbone`` (the features change every step). With train-time augmentation the
+        training images differ every epoch, so only the test images are cached. Storage and content
+        follow :func:`common.plan_cache`; building runs with the random generators isolated.
+        """
+        self.close_feature_caches()
+        if self.cache_mode == "off":
+            return
+        if self.train_backbone:
+            LOGGER.info("Feature cache off: --train_backbone changes the backbone features every step")
+            return
+        dataset = getattr(training_data if training_data is not None else center_data, "dataset", None)
+        augmented = [key for key, value in (getattr(dataset, "augmentation", None) or {}).items() if value]
+        cache_train = center_data is not training_data and hasattr(center_data, "dataset") and not augmented
+        if augmented:
+            LOGGER.info("Feature cache: training images not cached (train-time augmentation --%s changes them every "
+                        "epoch); test images cached", " --".join(augmented))
+        elif not cache_train:
+            LOGGER.info("Feature cache: training images not cached (their loader has no plain view)")
+        cache_test = isinstance(val_data, torch.utils.data.DataLoader) and hasattr(val_data.dataset, "__len__")
+        sets = ([("train", center_data)] if cache_train else []) + ([("test", val_data)] if cache_test else [])
+        if not sets:
+            return
         with torch.no_grad():
-            for batch in training_data:
+            maps = self._layer_features(torch.zeros(1, *self.input_shape, device=self.device), evaluation=True)
+            features, _ = self.embedder.embed_layer_features(maps)
+        layer_shapes = [tuple(m.shape[1:]) for m in maps]
+        embedding_shape = (features.shape[0], features.shape[1])
+        per_image = common.FeatureCache.bytes_per_image(layer_shapes, embedding_shape, self.cache_dtype)
+        counts = {kind: len(loader.dataset) for kind, loader in sets}
+        sizes = {content: size * sum(counts.values()) for content, size in per_image.items()}
+        plan = common.plan_cache(self.cache_mode, sizes, self.results_path)
+        described = " + ".join(f"{count} {kind}" for kind, count in counts.items())
+        if plan.storage == "off":
+            LOGGER.info("Feature cache off (%s images): %s", described, plan.reason)
+            return
+        LOGGER.info("Feature cache: %s of %s images, %s, %s", "patch embeddings" if plan.content == "embeddings"
+                    else "layer maps", described, self.cache_dtype, plan.reason)
+        if plan.storage == "disk":
+            self.cache_folder = common.make_cache_folder(self.results_path)
+        try:
+            for kind, loader in sets:
+                cache = common.FeatureCache(
+                    counts[kind], plan.content, plan.storage, self.cache_dtype, layer_shapes, embedding_shape,
+                    folder=self.cache_folder, name=kind, source=loader,
+                )
+                if kind == "train":
+                    self.train_cache = cache
+                    self._fill_train_cache(cache, loader)
+                else:
+                    self.test_cache = cache
+                    self._fill_test_cache(cache, loader)
+        except BaseException:
+            self.close_feature_caches()
+            raise
+
+    def _fill_train_cache(self, cache: common.FeatureCache, loader) -> None:
+        """Features of the centre-pass batches, stored by index, the batches recorded for the centre."""
+        self.embedder.eval()
+        probe_done = False
+        with torch.no_grad(), isolated_rng():
+            for batch in tqdm.tqdm(loader, desc="Caching training features", leave=False, unit="batch"):
                 images = batch["image"].to(torch.float).to(self.device)
-                features = self._project(self._embed(images)[0])
-                batch_mean = features.reshape(images.shape[0], -1, features.shape[-1]).mean(dim=0)
+                indices = [int(i) for i in batch["index"]]
+                features, grids, maps = self._embed_plain(images)
+                cache.put(indices, maps, features)
+                cache.batches.append(indices)
+                cache.grids = grids
+                if not probe_done and len(indices) > 1:
+                    probe_done = True
+                    self._probe_batch_invariance(images, features)
+
+    def _probe_batch_invariance(self, images: torch.Tensor, features: torch.Tensor) -> None:
+        """Log when this device's features of an image depend on its batch (cache on then differs in the last bits)."""
+        swapped, _ = self._embed(images[[1, 0]])
+        rows = len(features) // images.shape[0]
+        expected = torch.cat([features[rows:2 * rows], features[:rows]])
+        if not torch.equal(swapped, expected):
+            LOGGER.info("Feature cache: on %s the backbone features of an image depend on its batch in the last bits "
+                        "(max difference %.1e), so cached true features can differ that much from --cache off",
+                        self.device.type, float((swapped - expected).abs().max()))
+
+    def _fill_test_cache(self, cache: common.FeatureCache, loader) -> None:
+        """Features of the test batches in the loader's order, with their labels and ground-truth masks."""
+        self.embedder.eval()
+        labels: List[int] = []
+        masks: List[np.ndarray] = []
+        order: List[int] = []
+        with torch.no_grad(), isolated_rng():
+            for batch in tqdm.tqdm(loader, desc="Caching test features", leave=False, unit="batch"):
+                images = batch["image"].to(torch.float).to(self.device)
+                indices = [int(i) for i in batch["index"]] if "index" in batch else \
+                    list(range(len(order), len(order) + images.shape[0]))
+                maps = self._layer_features(images, evaluation=True)
+                features, grids = self.embedder.embed_layer_features(maps)
+                cache.put(indices, maps, features)
+                cache.batches.append(indices)
+                cache.grids = grids
+                order.extend(indices)
+                labels.extend(np.asarray(batch["is_anomaly"]).tolist())
+                if batch.get("mask_gt", None) is not None:
+                    masks.append(batch["mask_gt"].numpy())
+        cache.extras.update(labels=labels, masks=masks, order=order)
+
+    def close_feature_caches(self) -> None:
+        """Free the feature caches and delete a disk cache's folder."""
+        for name in ("train_cache", "test_cache"):
+            cache = getattr(self, name, None)
+            if cache is not None:
+                cache.close()
+            setattr(self, name, None)
+        folder = getattr(self, "cache_folder", None)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.cache_folder = None
+
+    def _center_features(self, center_data) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(batch size, embeddings) of each centre-pass batch: from the training cache when it was built
+        from ``center_data``, else through the backbone (lone images as pairs, see :meth:`_embed_plain`)."""
+        cache = self.train_cache
+        if cache is not None and cache.source is center_data:
+            for indices in cache.batches:
+                yield len(indices), cache.embeddings(indices, self._embed_plain_maps, self.device)
+            return
+        for batch in center_data:
+            images = batch["image"].to(torch.float).to(self.device)
+            yield images.shape[0], self._embed_plain(images)[0]
+
+    def _compute_center(self, training_data) -> None:
+        """Centre c: per patch position, the mean projected feature over each batch, averaged over batches.
+
+        ``training_data`` yields the centre-pass batches (the trainer passes :meth:`_center_loader`).
+        """
+        self.embedder.eval()
+        total, count = None, 0
+        with torch.no_grad(), isolated_rng():
+            for batch_size, features in self._center_features(training_data):
+                features = self._project(features)
+                batch_mean = features.reshape(batch_size, -1, features.shape[-1]).mean(dim=0)
                 total = batch_mean if total is None else total + batch_mean
-        self.c = total / len(training_data)
+                count += 1
+        self.c = total / count
+
+    def _true_features(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a training batch's un-augmented images: looked up in the training cache by the items'
+        ``index`` when there is one (batches of two or more images), else through the backbone."""
+        cache = self.train_cache
+        if cache is not None and "index" in batch and images.shape[0] > 1:
+            indices = [int(i) for i in batch["index"]]
+            return cache.embeddings(indices, lambda maps: self.embedder.embed_layer_features(maps)[0], self.device)
+        return self._embed(images)[0]
 
     def _train_discriminator(self, training_data, epoch: int, pbar, summary: str) -> str:
         """One epoch of discriminator (and projection) updates, stopping after more than ``limit`` samples."""
@@ -744,6 +1035,8 @@ class GLASS(torch.nn.Module):
         for step, batch in enumerate(training_data):
             _kill_hook(epoch, step)
             stats = self._train_step(batch)
+            if step == 0:  # TensorBoard grid of the epoch's first LAS batch (utils.py, "Reports")
+                utils.log_las_batch(self, epoch, batch)
             for key, value in stats.items():
                 self.logger.add_scalar(key, value, self.global_step)
                 history[key].append(value)
@@ -772,7 +1065,7 @@ class GLASS(torch.nn.Module):
         images = batch["image"].to(torch.float).to(self.device)
         aug = batch["aug"].to(torch.float).to(self.device)
         fake_feats = self._project(self._embed(aug)[0])
-        true_feats = self._project(self._embed(images)[0])
+        true_feats = self._project(self._true_features(batch, images))
         if self.pre_proj == 0 and not self.train_backbone:
             fake_feats.requires_grad_(True)
             true_feats.requires_grad_(True)
@@ -793,12 +1086,12 @@ class GLASS(torch.nn.Module):
         r_t = quantile_radius(dist_t, self.radius)
 
         gas = global_anomaly_synthesis(
-            self.discriminator, true_feats, center, r_t,
+            self._discriminate, true_feats, center, r_t,
             noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
         )
         fake_feats, r_f = local_anomaly_synthesis(fake_feats, mask_s_gt, center, r_t, self.svd, self.radius)
 
-        fake_scores = self.discriminator(fake_feats)
+        fake_scores = self._discriminate(fake_feats)
         hard_scores, hard_labels = hard_sample_mining(fake_scores, mask_s_gt, self.p)
         focal_loss = self.focal_loss(torch.cat([1 - hard_scores, hard_scores], dim=1), hard_labels)
 
@@ -841,35 +1134,77 @@ class GLASS(torch.nn.Module):
         images, scores, segmentations, labels_gt, masks_gt = self.predict(test_data)
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="eval")
         self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
+        utils.write_class_report(self, name, scores, segmentations, labels_gt, masks_gt, result)
         epoch = int(BEST_CHECKPOINT_PATTERN.search(path).group(1))
         return (*result, epoch)
 
-    def predict(self, dataloader):
-        """Scores and maps for a whole loader: (images, scores, segmentations, labels_gt, masks_gt) as arrays."""
-        images, scores, segmentations, labels_gt, masks_gt = [], [], [], [], []
-        for batch in tqdm.tqdm(dataloader, desc="Inferring...", leave=False, unit="batch"):
-            labels_gt.extend(np.asarray(batch["is_anomaly"]).tolist())
-            if batch.get("mask_gt", None) is not None:
-                masks_gt.append(batch["mask_gt"].numpy())
-            images.append(batch["image"].numpy())
-            batch_scores, batch_maps = self._predict(batch["image"])
+    def predict(self, dataloader, keep_images: bool = True):
+        """Scores and maps for a whole loader: (images, scores, segmentations, labels_gt, masks_gt) as arrays.
+
+        The features come from the test cache when it was built from ``dataloader`` (same batches, same
+        values). With ``keep_images=False`` the full-resolution images are not collected: ``images`` is a
+        :class:`LazyImages` that loads an image from the loader's dataset when indexed (for heatmaps).
+        Runs with the random generators isolated (:func:`isolated_rng`).
+        """
+        with isolated_rng():
+            cache = self.test_cache
+            if cache is not None and cache.source is dataloader:
+                return self._predict_cached(cache, dataloader, keep_images)
+            images, scores, segmentations, labels_gt, masks_gt, order = [], [], [], [], [], []
+            lazy = not keep_images and LazyImages.supports(dataloader)
+            for batch in tqdm.tqdm(dataloader, desc="Inferring...", leave=False, unit="batch"):
+                labels_gt.extend(np.asarray(batch["is_anomaly"]).tolist())
+                if batch.get("mask_gt", None) is not None:
+                    masks_gt.append(batch["mask_gt"].numpy())
+                if lazy and "index" in batch:
+                    order.extend(int(i) for i in batch["index"])
+                else:
+                    lazy = False
+                    images.append(batch["image"].numpy())
+                batch_scores, batch_maps = self._predict(batch["image"])
+                scores.extend(batch_scores)
+                segmentations.extend(batch_maps)
+        masks = np.concatenate(masks_gt) if masks_gt else np.zeros((0,))
+        images = LazyImages(dataloader.dataset, order) if lazy else np.concatenate(images)
+        return images, np.asarray(scores), np.stack(segmentations), np.asarray(labels_gt), masks
+
+    def _predict_cached(self, cache: common.FeatureCache, dataloader, keep_images: bool):
+        """:meth:`predict` from the test cache's features, labels and masks."""
+        scores, segmentations = [], []
+        for indices in tqdm.tqdm(cache.batches, desc="Inferring (cached)...", leave=False, unit="batch"):
+            features = cache.embeddings(indices, lambda maps: self.embedder.embed_layer_features(maps)[0], self.device)
+            batch_scores, batch_maps = self._score_features(features, cache.grids, len(indices))
             scores.extend(batch_scores)
             segmentations.extend(batch_maps)
-        masks = np.concatenate(masks_gt) if masks_gt else np.zeros((0,))
-        return np.concatenate(images), np.asarray(scores), np.stack(segmentations), np.asarray(labels_gt), masks
+        order = cache.extras["order"]
+        images = LazyImages(dataloader.dataset, order)
+        if keep_images:
+            images = np.stack([images[i] for i in range(len(images))])
+        masks = np.concatenate(cache.extras["masks"]) if cache.extras["masks"] else np.zeros((0,))
+        return images, np.asarray(scores), np.stack(segmentations), np.asarray(cache.extras["labels"]), masks
 
     @torch.no_grad()
     def _predict(self, images: torch.Tensor) -> Tuple[List[float], List[np.ndarray]]:
         """Image scores (max patch score) and smoothed anomaly maps for one batch."""
         images = images.to(torch.float).to(self.device)
+        self._eval_mode()
+        features, grids = self._embed(images, evaluation=True)
+        return self._score_features(features, grids, images.shape[0])
+
+    def _eval_mode(self) -> None:
         self.embedder.eval()
         if self.pre_proj > 0:
             self.pre_projection.eval()
         self.discriminator.eval()
-        features, grids = self._embed(images, evaluation=True)
-        patch_scores = self.discriminator(self._project(features))
-        patch_scores = self.patch_maker.unpatch_scores(patch_scores, batchsize=images.shape[0])
-        maps = self.anomaly_segmentor.convert_to_segmentation(patch_scores.reshape(images.shape[0], *grids[0]))
+
+    @torch.no_grad()
+    def _score_features(self, features: torch.Tensor, grids: List[List[int]], batchsize: int
+                        ) -> Tuple[List[float], List[np.ndarray]]:
+        """Image scores and smoothed anomaly maps of a batch from its patch embeddings (B * h * w, dim)."""
+        self._eval_mode()
+        patch_scores = self._discriminate(self._project(features))
+        patch_scores = self.patch_maker.unpatch_scores(patch_scores, batchsize=batchsize)
+        maps = self.anomaly_segmentor.convert_to_segmentation(patch_scores.reshape(batchsize, *grids[0]))
         image_scores = self.patch_maker.score(patch_scores).cpu().numpy()
         return list(image_scores), maps
 
@@ -907,6 +1242,35 @@ class GLASS(torch.nn.Module):
             heat = cv2.applyColorMap((heat * 255).astype("uint8"), cv2.COLORMAP_JET)
             panel = cv2.resize(np.hstack([image, target, heat]), (256 * 3, 256))
             cv2.imwrite(os.path.join(out_dir, f"{i + 1:03d}.png"), panel)
+
+
+class LazyImages(collections.abc.Sequence):
+    """The images of a dataset in a given order, loaded when indexed (as CHW float arrays, like ``predict``'s).
+
+    ``predict`` returns one instead of collecting every full-resolution image when they may not be needed.
+    """
+
+    def __init__(self, dataset, order: Sequence[int]):
+        self.dataset = dataset
+        self.order = list(order)
+
+    @staticmethod
+    def supports(dataloader) -> bool:
+        """Whether ``dataloader``'s dataset can give back its images by index."""
+        dataset = getattr(dataloader, "dataset", None)
+        return dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        index = self.order[i]
+        with isolated_rng():  # the image transform draws from torch's generator
+            if hasattr(self.dataset, "plain_image"):
+                return self.dataset.plain_image(index).numpy()
+            return np.asarray(self.dataset[index]["image"])
 
 
 def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:

@@ -81,8 +81,22 @@ def main(**kwargs):
 @click.option("--svd", type=int, default=0, show_default=True, help="0: manifold, 1: hypersphere (normally set by --distribution).")
 @click.option("--step", type=click.IntRange(min=0), default=20, show_default=True, help="Gradient-ascent steps of GAS.")
 @click.option("--limit", type=click.IntRange(min=0), default=392, show_default=True, help="Training samples per epoch (stops after more than this).")
-def net(backbone_names, layers_to_extract_from, **options):
+@click.option("--cache", type=click.Choice(["auto", "ram", "disk", "off"]), default="auto", show_default=True,
+              help="Frozen-backbone feature cache of the training and test images (same results as off): ram, disk "
+                   "(float32 memmap under --results_path, deleted after training), auto (ram if it needs at most half "
+                   "the available memory, else disk, else off) or off. Not used with --train_backbone; train-time "
+                   "augmentation leaves only the test images cached.")
+@click.option("--cache_dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16 halves the cache but rounds the cached features (changes the results slightly).")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
+              help="CUDA autocast of the backbone and discriminator forwards (changes the results slightly; "
+                   "fp16 without loss scaling: prefer bf16). Ignored with a warning elsewhere.")
+@click.option("--compile", "compile_discriminator", is_flag=True,
+              help="torch.compile the discriminator (CUDA; changes the results slightly). Ignored with a warning elsewhere.")
+@click.option("--channels_last", is_flag=True, help="Backbone in channels-last memory format (changes the results slightly).")
+def net(backbone_names, layers_to_extract_from, compile_discriminator, **options):
     """The model: backbone(s), feature layers and GLASS hyperparameters."""
+    options["compile"] = compile_discriminator
     backbone_names = list(backbone_names)
     layers = list(layers_to_extract_from)
 
@@ -247,7 +261,14 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
 
 
 def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader with the reference's settings (prefetch 2, pinned memory on CUDA)."""
+    """A DataLoader with the reference's settings (prefetch 2, pinned memory on CUDA).
+
+    The anomaly synthesis (texture, Perlin mask, blending) runs in ``__getitem__``, so in the workers.
+    Workers are not persistent: a persistent training loader's workers would carry their random
+    generators from epoch to epoch, which a resumed run cannot restore (it would no longer end as an
+    uninterrupted run), and every class's loaders are built up front, so persistent test workers would
+    stay alive for the whole run; with the feature cache the test loader is read once per training anyway.
+    """
     extra = {"prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,

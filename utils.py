@@ -1,15 +1,23 @@
-"""Small shared helpers: user-facing errors, seeding, devices, image conversion and result files."""
+"""Small shared helpers: user-facing errors, seeding, devices, image conversion, result files and reports.
+
+The last section writes the reports researchers read (history.csv, plots, TensorBoard grids, summary).
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import math
 import os
 import random
 import tempfile
-from typing import Iterable, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
+
+import metrics
 
 LOGGER = logging.getLogger(__name__)
 
@@ -305,3 +313,508 @@ def git_commit(directory: str) -> str:
         return "unknown"
     return commit + ("+dirty" if dirty else "") if commit else "unknown"
 
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+#
+# Reports researchers read: per-epoch history, plots per class, TensorBoard image grids, the run's summary.
+#
+# Per class (``<class folder>`` is ``<results>/models/backbone_<i>/<dataset>_<class>/``):
+#
+# * ``<class folder>/history.csv``: one row per finished epoch (epoch means of the training statistics, and
+#   image/pixel AUROC where the epoch was evaluated), rewritten atomically after every epoch; a resumed run
+#   keeps the rows before the epoch it resumes with.
+# * ``<results>/plots/<dataset>_<class>/`` (``.../<dataset>_<class>_backbone_<i>/`` for a second backbone),
+#   drawn when the best checkpoint is tested: ``training_curves.png`` (from history.csv), ``roc.png`` and
+#   ``pr.png`` (image level and pixel level side by side; the pixel panel says why when there are no
+#   masks), ``score_histogram.png`` (image scores of good and defective test images with the threshold).
+# * TensorBoard, beside the scalars: ``eval/samples`` (test images | ground truth | anomaly map) at
+#   evaluations and ``train/las`` (image | LAS image | Perlin mask of the first batch) once per epoch,
+#   thinned to at most :data:`IMAGE_LOGS_PER_RUN` grids per tag and run.
+#
+# Per run: ``<results>/summary.md`` and ``summary.csv``, the numbers of results.csv in percent.
+#
+# Nothing here draws from the random generators, so reports never change a training run. A report
+# that cannot be drawn is logged as a warning and never stops training or testing.
+
+HISTORY_NAME = "history.csv"
+HISTORY_COLUMNS = ("epoch", "step", "loss", "p_true", "p_fake", "r_t", "r_g", "r_f", "image_auroc", "pixel_auroc")
+PLOTS_FOLDER = "plots"
+PLOT_NAMES = ("training_curves.png", "roc.png", "pr.png", "score_histogram.png")
+TB_SAMPLES_TAG = "eval/samples"
+TB_LAS_TAG = "train/las"
+GRID_SAMPLES = 8  # images per TensorBoard grid
+GRID_TILE = 128  # side of one tile of a grid, in pixels
+IMAGE_LOGS_PER_RUN = 64  # at most this many grids per tag and run (the event file stays small)
+PIXEL_CURVE_BINS = 2000  # score bins of the pixel-level curves
+SUMMARY_MD = "summary.md"
+SUMMARY_CSV = "summary.csv"
+
+
+@contextlib.contextmanager
+def never_fatal(what: str) -> Iterator[None]:
+    """Log a failure to draw a report as a warning instead of raising it."""
+    try:
+        yield
+    except Exception as exc:  # a report must never cost the run its results
+        LOGGER.warning("Could not write %s (%s: %s)", what, type(exc).__name__, exc)
+
+
+# --------------------------------------------------------------------------------------------------
+# history.csv
+
+def history_row(epoch: int, step: int, stats: Mapping[str, float], evaluation: Optional[Sequence[float]]) -> Dict[str, float]:
+    """One history row: the epoch's mean statistics and, when it was evaluated, image and pixel AUROC."""
+    nan = float("nan")
+    row: Dict[str, float] = {"epoch": int(epoch), "step": int(step)}
+    row.update({key: float(stats.get(key, nan)) for key in HISTORY_COLUMNS[2:8]})
+    row["image_auroc"] = float(evaluation[0]) if evaluation is not None else nan
+    row["pixel_auroc"] = float(evaluation[2]) if evaluation is not None else nan
+    return row
+
+
+def read_history(path: str) -> List[Dict[str, float]]:
+    """The rows of a history.csv (empty cells as NaN); no file, no rows."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, newline="") as handle:
+        for raw in csv.DictReader(handle):
+            try:
+                row = {key: float(raw[key]) if raw.get(key) not in (None, "") else float("nan") for key in HISTORY_COLUMNS}
+            except ValueError:
+                continue  # a damaged row is left out of the plot
+            row["epoch"], row["step"] = int(row["epoch"]), int(row["step"]) if np.isfinite(row["step"]) else 0
+            rows.append(row)
+    return rows
+
+
+def write_history(path: str, rows: Sequence[Mapping[str, float]]) -> None:
+    """Write history.csv atomically (NaN as an empty cell, floats with full precision)."""
+    def cell(value: float) -> str:
+        return "" if isinstance(value, float) and not np.isfinite(value) else repr(value)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(HISTORY_COLUMNS)
+            for row in rows:
+                writer.writerow([cell(row[key]) for key in HISTORY_COLUMNS])
+
+    atomic_write(path, write)
+
+
+def record_epoch(model: Any, epoch: int, evaluation: Optional[Sequence[float]]) -> None:
+    """Trainer hook after each epoch: keep the rows of the epochs before ``epoch`` and add this one.
+
+    Rows of ``epoch`` and later come from an interrupted run that is now resumed (or from an earlier
+    run trained again from the start) and are replaced.
+    """
+    with never_fatal(f"{HISTORY_NAME} of epoch {epoch}"):
+        path = os.path.join(model.ckpt_dir, HISTORY_NAME)
+        rows = [row for row in read_history(path) if row["epoch"] < epoch]
+        rows.append(history_row(epoch, model.global_step, getattr(model, "epoch_stats", {}) or {}, evaluation))
+        write_history(path, rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorBoard image grids
+
+def thinned(index: int, total: int, limit: int = IMAGE_LOGS_PER_RUN) -> bool:
+    """Whether event ``index`` of ``total`` is logged when at most about ``limit`` may be (every k-th, and the last)."""
+    every = max(1, math.ceil(total / max(limit, 1)))
+    return index % every == 0 or index == total - 1
+
+
+def image_tile(image: np.ndarray, side: int = GRID_TILE) -> np.ndarray:
+    """An ImageNet-normalised CHW image as an RGB uint8 tile (side x side)."""
+    image = np.asarray(image, dtype=np.float32)
+    rgb = image.transpose(1, 2, 0) * np.array(IMAGENET_STD, dtype=np.float32) + np.array(IMAGENET_MEAN, dtype=np.float32)
+    rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
+
+
+def mask_tile(mask: Optional[np.ndarray], side: int = GRID_TILE) -> np.ndarray:
+    """A mask (any 2-D or 1xHxW array in [0, 1]) as a grey RGB tile; unknown (NaN) pixels mid-grey, none black."""
+    if mask is None:
+        return np.zeros((side, side, 3), dtype=np.uint8)
+    mask = np.nan_to_num(np.asarray(mask, dtype=np.float32).squeeze(), nan=0.5)
+    grey = (np.clip(mask, 0, 1) * 255).round().astype(np.uint8)
+    grey = cv2.resize(grey, (side, side), interpolation=cv2.INTER_NEAREST)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def map_tile(anomaly_map: np.ndarray, low: float, high: float, side: int = GRID_TILE) -> np.ndarray:
+    """An anomaly map as a jet-coloured RGB tile, scaled from [low, high] (all maps of an evaluation share it)."""
+    scaled = (np.asarray(anomaly_map, dtype=np.float32) - low) / (high - low + 1e-10)
+    heat = cv2.applyColorMap((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.resize(cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), (side, side), interpolation=cv2.INTER_LINEAR)
+
+
+def tile_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """HWC tiles arranged in rows (white gaps between them) as one CHW uint8 image for ``add_image``."""
+    height, width = rows[0][0].shape[:2]
+    columns = max(len(row) for row in rows)
+    grid = np.full((len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            y, x = r * (height + gap), c * (width + gap)
+            grid[y:y + height, x:x + width] = tile
+    return grid.transpose(2, 0, 1)
+
+
+def sample_indices(labels: Sequence[int], limit: int = GRID_SAMPLES) -> List[int]:
+    """Up to ``limit`` test images to show, half defective and half good where possible, evenly spread.
+
+    Depends on the labels only, so every evaluation shows the same images.
+    """
+    labels = np.asarray(labels).astype(int).ravel()
+    defective, good = np.flatnonzero(labels == 1), np.flatnonzero(labels != 1)
+    n_defective = min(len(defective), max(limit - len(good), limit // 2))
+    n_good = min(len(good), limit - n_defective)
+
+    def spread(indices: np.ndarray, count: int) -> List[int]:
+        if count <= 0:
+            return []
+        return [int(indices[i]) for i in np.linspace(0, len(indices) - 1, count).round().astype(int)]
+
+    return sorted(set(spread(defective, n_defective) + spread(good, n_good)))
+
+
+def eval_grid(images: Sequence[np.ndarray], segmentations: np.ndarray, labels: Sequence[int], masks: np.ndarray,
+              limit: int = GRID_SAMPLES, side: int = GRID_TILE) -> np.ndarray:
+    """CHW grid, one row per shown test image: image | ground truth | anomaly map (shared colour scale)."""
+    segmentations = np.asarray(segmentations)
+    masks = np.asarray(masks)
+    low, high = float(np.min(segmentations)), float(np.max(segmentations))
+    rows = []
+    for i in sample_indices(labels, limit):
+        mask = masks[i] if masks.ndim >= 3 and len(masks) == len(segmentations) else None
+        rows.append([image_tile(images[i], side), mask_tile(mask, side), map_tile(segmentations[i], low, high, side)])
+    return tile_grid(rows)
+
+
+def las_grid(batch: Mapping[str, Any], limit: int = GRID_SAMPLES, side: int = GRID_TILE) -> Optional[np.ndarray]:
+    """CHW grid of a training batch, one row per item: image | LAS image | Perlin mask; None without LAS images."""
+    aug = batch.get("aug")
+    if aug is None or np.ndim(aug) != 4:
+        return None
+    aug = np.asarray(aug.detach().cpu() if hasattr(aug, "detach") else aug, dtype=np.float32)
+    images = batch.get("image")
+    images = None if images is None else np.asarray(images.detach().cpu() if hasattr(images, "detach") else images)
+    masks = batch.get("mask_s")
+    masks = None if masks is None else np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
+    rows = []
+    for i in range(min(limit, len(aug))):
+        row = [image_tile(images[i], side)] if images is not None and images.ndim == 4 else []
+        row += [image_tile(aug[i], side), mask_tile(masks[i] if masks is not None and masks.ndim >= 3 else None, side)]
+        rows.append(row)
+    return tile_grid(rows)
+
+
+def log_eval_samples(model: Any, epoch: int, images: Sequence[np.ndarray], segmentations: np.ndarray,
+                     labels: Sequence[int], masks: np.ndarray) -> None:
+    """Trainer hook at an evaluation: the ``eval/samples`` grid (thinned, see :func:`thinned`)."""
+    evaluations = max(1, model.meta_epochs // model.eval_epochs)
+    if model.logger is None or not thinned((epoch + 1) // model.eval_epochs - 1, evaluations):
+        return
+    with never_fatal(f"the TensorBoard grid {TB_SAMPLES_TAG} of epoch {epoch}"):
+        model.logger.add_image(TB_SAMPLES_TAG, eval_grid(images, segmentations, labels, masks), epoch, dataformats="CHW")
+
+
+def log_las_batch(model: Any, epoch: int, batch: Mapping[str, Any]) -> None:
+    """Trainer hook at an epoch's first batch: the ``train/las`` grid (thinned, see :func:`thinned`)."""
+    if model.logger is None or not thinned(epoch, model.meta_epochs):
+        return
+    with never_fatal(f"the TensorBoard grid {TB_LAS_TAG} of epoch {epoch}"):
+        grid = las_grid(batch)
+        if grid is not None:
+            model.logger.add_image(TB_LAS_TAG, grid, model.global_step, dataformats="CHW")
+
+
+# --------------------------------------------------------------------------------------------------
+# Curves
+
+def binned_curves(scores: Sequence[np.ndarray], positives: Sequence[np.ndarray], bins: int = PIXEL_CURVE_BINS
+                  ) -> Dict[str, np.ndarray]:
+    """ROC and PR curves of many values from score histograms (thresholds at ``bins`` even steps).
+
+    ``scores`` and ``positives`` are chunks (e.g. one per image) of the same shapes; the chunks are
+    counted one by one, so memory stays that of one chunk. Returns ``fpr``, ``tpr``, ``precision``,
+    ``recall`` from the highest threshold down (ROC from (0, 0) to (1, 1)).
+    """
+    low = min(float(np.min(chunk)) for chunk in scores)
+    high = max(float(np.max(chunk)) for chunk in scores)
+    span = high - low if high > low else 1.0
+    pos = np.zeros(bins, dtype=np.int64)
+    neg = np.zeros(bins, dtype=np.int64)
+    for chunk, positive in zip(scores, positives):
+        index = np.clip(((np.asarray(chunk, dtype=np.float64) - low) / span * bins).astype(np.int64), 0, bins - 1).ravel()
+        positive = np.asarray(positive, dtype=bool).ravel()
+        pos += np.bincount(index[positive], minlength=bins)
+        neg += np.bincount(index[~positive], minlength=bins)
+    tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])
+    tpr = tp / max(int(tp[-1]), 1)
+    fpr = fp / max(int(fp[-1]), 1)
+    flagged = tp + fp
+    precision = np.divide(tp, flagged, out=np.ones(bins), where=flagged > 0)
+    return {"fpr": np.concatenate([[0.0], fpr]), "tpr": np.concatenate([[0.0], tpr]), "precision": precision, "recall": tpr,
+            "base_rate": float(tp[-1]) / max(float(tp[-1] + fp[-1]), 1.0)}
+
+
+def image_curves(scores: Sequence[float], labels: Sequence[int]) -> Optional[Dict[str, np.ndarray]]:
+    """Exact image-level ROC and PR curves (sklearn); None unless both good and defective images exist."""
+    from sklearn import metrics as skm
+
+    labels = np.asarray(labels).astype(int).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.size == 0 or labels.min() == labels.max():
+        return None
+    fpr, tpr, _ = skm.roc_curve(labels, scores)
+    precision, recall, _ = skm.precision_recall_curve(labels, scores)
+    return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall, "base_rate": float(labels.mean())}
+
+
+def pixel_curves(segmentations: np.ndarray, masks: np.ndarray) -> Tuple[Optional[Dict[str, np.ndarray]], str]:
+    """Pixel-level curves over the test images whose ground truth is known, or (None, why not).
+
+    As the metrics: images with an unknown mask (NaN) are left out and a mask pixel counts as
+    defective when its value cast to int is 1 (the reference's resized masks).
+    """
+    masks = np.asarray(masks)
+    segmentations = np.asarray(segmentations)
+    if masks.size == 0 or masks.ndim < 3 or len(masks) != len(segmentations):
+        return None, "no ground-truth masks"
+    known = [i for i in range(len(masks)) if not np.isnan(masks[i]).any()]
+    positives = [np.asarray(masks[i]).astype(int).reshape(segmentations[i].shape) == 1 for i in known]
+    if not known or not any(p.any() for p in positives):
+        return None, "no defective pixel in the known masks"
+    return binned_curves([segmentations[i] for i in known], positives), ""
+
+
+def _figure(columns: int, rows: int = 1, size: Tuple[float, float] = (4.6, 4.0)):
+    """A matplotlib Figure without pyplot (no global state, works with any backend setting)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(size[0] * columns, size[1] * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    return figure, axes
+
+
+def save_figure(figure, path: str) -> str:
+    """Write a figure as PNG atomically; returns the path."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    return path
+
+
+def _note(axis, title: str, text: str) -> None:
+    axis.set_title(title)
+    axis.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=axis.transAxes, color="0.3")
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def plot_curves(kind: str, image: Optional[Dict[str, np.ndarray]], pixel: Optional[Dict[str, np.ndarray]],
+                pixel_note: str, values: Sequence[float], name: str, path: str) -> str:
+    """``roc.png`` (kind "roc") or ``pr.png`` (kind "pr"): image level | pixel level, with AUROC or AP in the legend.
+
+    ``values`` is the tester's record (i_auroc, i_ap, p_auroc, p_ap, ...), so the legends read as results.csv.
+    """
+    figure, axes = _figure(2)
+    for axis, level, curve, value, note in ((axes[0, 0], "image", image, values[0 if kind == "roc" else 1], "both good and defective images needed"),
+                                            (axes[0, 1], "pixel", pixel, values[2 if kind == "roc" else 3], pixel_note)):
+        title = f"{name}: {level}-level {'ROC' if kind == 'roc' else 'precision-recall'}"
+        if curve is None:
+            _note(axis, title, f"{level} curves not available:\n{note}")
+            continue
+        label = f"{'AUROC' if kind == 'roc' else 'AP'} {format_metric(value)}%"
+        if kind == "roc":
+            axis.plot(curve["fpr"], curve["tpr"], label=label, color="tab:blue")
+            axis.plot([0, 1], [0, 1], linestyle="--", color="0.6", label="chance")
+            axis.set_xlabel("false positive rate")
+            axis.set_ylabel("true positive rate")
+        else:
+            axis.plot(curve["recall"], curve["precision"], drawstyle="steps-post", label=label, color="tab:orange")
+            axis.axhline(curve["base_rate"], linestyle="--", color="0.6", label=f"chance ({curve['base_rate'] * 100:.2g}%)")
+            axis.set_xlabel("recall")
+            axis.set_ylabel("precision")
+        axis.set_xlim(-0.01, 1.01)
+        axis.set_ylim(-0.01, 1.01)
+        axis.grid(alpha=0.3)
+        axis.set_title(title)
+        axis.legend(loc="lower right" if kind == "roc" else "upper right")
+    return save_figure(figure, path)
+
+
+def plot_score_histogram(scores: Sequence[float], labels: Sequence[int], threshold: Optional[float], source: str,
+                         name: str, path: str) -> str:
+    """``score_histogram.png``: image scores of good and defective test images, and the decision threshold."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).astype(int).ravel()
+    edges = np.histogram_bin_edges(scores, bins="auto")
+    if len(edges) - 1 > 40:
+        edges = np.histogram_bin_edges(scores, bins=40)
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(1, size=(6.4, 4.0))
+    axis = axes[0, 0]
+    for value, label, colour in ((0, "good", "tab:green"), (1, "defective", "tab:red")):
+        chosen = scores[labels == value]
+        if chosen.size:
+            axis.hist(chosen, bins=edges, alpha=0.55, color=colour, label=f"{label} ({chosen.size})")
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g} ({source})")
+    axis.set_xlabel("image score (max patch score; anomalous at or above the threshold)")
+    axis.set_ylabel("test images")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_title(f"{name}: image scores")
+    axis.legend(fontsize=8, framealpha=0.8)
+    return save_figure(figure, path)
+
+
+def plot_training_curves(rows: Sequence[Mapping[str, float]], best_epoch: Optional[int], name: str, path: str) -> str:
+    """``training_curves.png``: loss; p_true and p_fake; r_t, r_g, r_f; image and pixel AUROC, per epoch."""
+    epochs = np.array([row["epoch"] for row in rows], dtype=float)
+
+    def series(key: str) -> np.ndarray:
+        return np.array([row[key] for row in rows], dtype=float)
+
+    figure, axes = _figure(2, 2, size=(5.2, 3.4))
+    panels = (
+        (axes[0, 0], "loss (epoch mean)", [("loss", "loss", 1.0)], None),
+        (axes[0, 1], "share of scores on the right side of the margin (%)", [("p_true", "p_true", 100.0), ("p_fake", "p_fake", 100.0)], None),
+        (axes[1, 0], "radii (epoch mean)", [("r_t", "r_t", 1.0), ("r_g", "r_g", 1.0), ("r_f", "r_f", 1.0)], None),
+        (axes[1, 1], "evaluation (%)", [("image_auroc", "I-AUROC", 100.0), ("pixel_auroc", "P-AUROC", 100.0)], best_epoch),
+    )
+    marker = "o" if len(rows) <= 20 else None
+    for axis, title, lines, best in panels:
+        for key, label, scale in lines:
+            values = series(key) * scale
+            shown = np.isfinite(values)
+            if shown.any():
+                axis.plot(epochs[shown], values[shown], marker=marker, markersize=3, label=label)
+        if best is not None:
+            axis.axvline(best, color="0.4", linestyle=":", label=f"best epoch {best}")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.suptitle(f"{name}: training")
+    return save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The class report (after the best checkpoint is tested)
+
+def plots_dir(results_path: str, class_dir: str) -> str:
+    """``<results>/plots/<name>`` for backbone_0, ``<results>/plots/<name>_backbone_<i>`` for the others."""
+    name, backbone = os.path.basename(class_dir.rstrip(os.sep)), os.path.basename(os.path.dirname(class_dir.rstrip(os.sep)))
+    suffix = "" if backbone in ("backbone_0", "") else f"_{backbone}"
+    return os.path.join(results_path, PLOTS_FOLDER, name + suffix)
+
+
+def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], labels: Sequence[int]
+                     ) -> Tuple[Optional[float], str]:
+    """The threshold to draw: ``threshold.json`` when it was chosen for ``checkpoint``, else the F1-best one."""
+    from glass import THRESHOLD_NAME  # here: glass imports this module
+
+    path = os.path.join(class_dir, THRESHOLD_NAME)
+    if os.path.isfile(path):
+        with never_fatal(path):
+            record = read_json(path)
+            if "threshold" in record and record.get("checkpoint", checkpoint) == checkpoint:
+                return float(record["threshold"]), THRESHOLD_NAME
+    labels = np.asarray(labels).astype(int)
+    if labels.size == 0 or labels.min() == labels.max():
+        return None, "no threshold: one kind of test image only"
+    return float(metrics.compute_best_threshold(labels, scores)), "F1-best on the test set"
+
+
+def write_class_report(model: Any, name: str, scores: Sequence[float], segmentations: np.ndarray,
+                       labels: Sequence[int], masks: np.ndarray, result: Sequence[float]) -> List[str]:
+    """Tester hook: every plot of a class from the best checkpoint's predictions; returns the files written."""
+    folder = plots_dir(model.results_path, model.ckpt_dir)
+    written: List[str] = []
+    best = model.best_checkpoint()
+    checkpoint = os.path.basename(best) if best else ""
+    best_epoch = int(checkpoint.split("_")[-1].split(".")[0]) if checkpoint else None
+    with never_fatal(f"the plots of {name}"):
+        os.makedirs(folder, exist_ok=True)
+        history = read_history(os.path.join(model.ckpt_dir, HISTORY_NAME))
+        if history:
+            written.append(plot_training_curves(history, best_epoch, name, os.path.join(folder, "training_curves.png")))
+        else:
+            LOGGER.info("%s: no %s in %s (trained elsewhere?), so no training curves", name, HISTORY_NAME, model.ckpt_dir)
+        image = image_curves(scores, labels)
+        pixel, why = pixel_curves(segmentations, masks)
+        if pixel is None:
+            LOGGER.info("%s: pixel-level ROC/PR curves not drawn (%s)", name, why)
+        written.append(plot_curves("roc", image, pixel, why, result, name, os.path.join(folder, "roc.png")))
+        written.append(plot_curves("pr", image, pixel, why, result, name, os.path.join(folder, "pr.png")))
+        threshold, source = report_threshold(model.ckpt_dir, checkpoint, scores, labels)
+        written.append(plot_score_histogram(scores, labels, threshold, source, name, os.path.join(folder, "score_histogram.png")))
+        LOGGER.info("%s: plots written to %s", name, folder)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's summary (from results.csv, so that the numbers are the same)
+
+def read_results(path: str) -> Tuple[List[str], List[List[str]]]:
+    """The header and rows of a results.csv, as text."""
+    with open(path, newline="") as handle:
+        table = list(csv.reader(handle))
+    return table[0], table[1:]
+
+
+def summary_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[List[str]]:
+    """results.csv rows in percent with two decimals (empty = not available); the Mean row has no epoch."""
+    names = list(header)
+    out = [["class", *names[1:]]]
+    for row in rows:
+        cells = [row[0]]
+        for key, value in zip(names[1:], row[1:]):
+            if value == "":
+                cells.append("")
+            elif key == "best_epoch":
+                cells.append("" if row[0] == "Mean" else str(int(float(value))))
+            else:
+                cells.append(f"{float(value) * 100:.2f}")
+        out.append(cells)
+    return out
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (first row the header, numbers right-aligned, columns padded to line up); empty metric
+    cells read ``n/a``, an empty ``best_epoch`` (the Mean row) stays empty."""
+    header = list(rows[0])
+    shown = [header] + [[cell if cell != "" or header[i] == "best_epoch" else "n/a" for i, cell in enumerate(row)]
+                        for row in rows[1:]]
+    widths = [max(3, *(len(row[i]) for row in shown)) for i in range(len(shown[0]))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + "-") if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(shown[0]), rule, *(line(row) for row in shown[1:])])
+
+
+def write_summary(results_path: str) -> str:
+    """``summary.md`` and ``summary.csv`` from ``<results>/results.csv``; returns the Markdown table."""
+    header, rows = read_results(os.path.join(results_path, "results.csv"))
+    table = summary_rows(header, rows)
+    markdown = markdown_table(table)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(table)
+
+    def write_md(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            handle.write("Results in percent (image/pixel AUROC, AP, PRO) of the best checkpoint of each class; "
+                         "n/a = not available.\n\n" + markdown + "\n")
+
+    atomic_write(os.path.join(results_path, SUMMARY_CSV), write_csv)
+    atomic_write(os.path.join(results_path, SUMMARY_MD), write_md)
+    return markdown

@@ -295,6 +295,13 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if split == DatasetSplit.TRAIN:
             self.anomaly_source_paths = list_textures(self.anomaly_source_path)
 
+        # Train-time image augmentation (all 0 by default): with none, an image's tensor is the same every
+        # epoch, which lets the trainer cache its backbone features (common.py, "Feature cache").
+        self.augmentation = {
+            "rotate_degrees": rotate_degrees, "translate": translate, "scale": scale, "brightness": brightness_factor,
+            "contrast": contrast_factor, "saturation": saturation_factor, "gray": gray_p, "hflip": h_flip_p,
+            "vflip": v_flip_p,
+        }
         self.transform_img = transforms.Compose([
             transforms.Resize(self.resize),
             transforms.ColorJitter(brightness_factor, contrast_factor, saturation_factor),
@@ -511,8 +518,10 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> Dict[str, Any]:
         if self.split == DatasetSplit.TRAIN:
             item = self.make_train_item(idx)
-            return {key: item[key] for key in
+            item = {key: item[key] for key in
                     ("image", "aug", "mask_s", "mask_gt", "is_anomaly", "anomaly", "image_path", "beta")}
+            item["index"] = idx  # cached features are looked up by it
+            return item
 
         _, anomaly, image_path, mask = self.data_to_iterate[idx]
         image = self.transform_img(load_image(image_path))
@@ -524,7 +533,33 @@ class AnomalyDataset(torch.utils.data.Dataset):
             "is_anomaly": int(anomaly != self.NORMAL),
             "anomaly": anomaly,
             "image_path": image_path,
+            "index": idx,
         }
 
     def __len__(self) -> int:
         return len(self.data_to_iterate)
+
+    def plain_image(self, idx: int) -> torch.Tensor:
+        """Image ``idx`` through the image transform, as its item has it, without any synthesis."""
+        return self.transform_img(load_image(self.data_to_iterate[idx][2]))
+
+    def plain_view(self) -> "PlainImages":
+        """The split's images without synthesis (the trainer's centre pass and feature cache)."""
+        return PlainImages(self)
+
+
+class PlainImages(torch.utils.data.Dataset):
+    """Items ``{"image", "index"}`` of a dataset's images as its items show them, with no anomaly synthesis.
+
+    The trainer computes the centre from these (in dataset order) and caches their features. Without
+    train-time augmentation ``image`` equals the ``image`` of the dataset's item ``index`` exactly.
+    """
+
+    def __init__(self, dataset: AnomalyDataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, idx: int) -> Dict[str, Any]:
+        return {"image": self.dataset.plain_image(idx), "index": idx}
+
+    def __len__(self) -> int:
+        return len(self.dataset)

@@ -50,7 +50,8 @@ def test_train_item_shapes(train_set):
     np.random.seed(0)
     torch.manual_seed(0)
     item = train_set[0]
-    assert set(item) == {"image", "aug", "mask_s", "mask_gt", "is_anomaly", "anomaly", "image_path", "beta"}
+    assert set(item) == {"image", "aug", "mask_s", "mask_gt", "is_anomaly", "anomaly", "image_path", "beta", "index"}
+    assert item["index"] == 0
     assert item["image"].shape == item["aug"].shape == (3, SIZE, SIZE)
     assert item["aug"].dtype == torch.float32
     assert item["mask_s"].shape == (SIZE // 8, SIZE // 8) and item["mask_s"].dtype == torch.float32

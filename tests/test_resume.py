@@ -127,6 +127,19 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_run(tmp_path, killed_in
     assert_same_outcome(results, uninterrupted)
 
 
+def test_resume_with_the_feature_cache_off_ends_as_the_cached_run(tmp_path, killed_in_epoch_1, uninterrupted, small_tire,
+                                                                   dtd_root, caplog):
+    # The killed and the uninterrupted runs cached their features (--cache auto); the cache changes no number,
+    # so resuming without it ends the same, and it is not reported as a changed training option.
+    caplog.set_level("INFO")
+    results = tmp_path / "results"
+    shutil.copytree(killed_in_epoch_1, results)
+    assert run_main(arguments(results, small_tire, dtd_root, net_extra=["--cache", "off"])) == 0
+    assert "resuming from" in caplog.text and "other training options" not in caplog.text
+    assert "Feature cache:" not in caplog.text
+    assert_same_outcome(results, uninterrupted)
+
+
 def test_kill_between_ckpt_and_new_best_is_repaired(tmp_path, uninterrupted, small_tire, dtd_root):
     results = tmp_path / "results"
     done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:saved")

@@ -1,0 +1,152 @@
+"""The frozen-backbone feature cache: same numbers with it as without it, and when it is (not) used.
+
+Runs use the tiny profile on the CPU. "Same" means bit-identical: results.csv, the best checkpoint's
+tensors and every entry of ckpt.pth (optimiser states and random-generator states included).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import glass
+from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
+from test_resume import CLASS_DIR, assert_same_outcome
+
+# All training batches are used (limit above the training set), so every image's cached true features count.
+NET = [*TINY_NET, "--limit", "100"]
+
+
+@pytest.fixture(scope="module")
+def odd_tire(tmp_path_factory, tire_root) -> Path:
+    """17 training images: batches of 8, 8 and 1 (a lone image in the centre pass and in training)."""
+    root = tmp_path_factory.mktemp("odd_tire")
+    copy_class_subset(tire_root / "tire", root / "tire", n_train=17, n_good=3, n_per_defect=1)
+    return root
+
+
+def train(results: Path, data: Path, dtd: Path, *net_extra: str, dataset_extra=()) -> Path:
+    assert run_main(["--results_path", results, *NET, *net_extra, *tiny_dataset_args(data, dtd, extra=dataset_extra)]) == 0
+    return results
+
+
+@pytest.fixture(scope="module")
+def without_cache(tmp_path_factory, odd_tire, dtd_root) -> Path:
+    return train(tmp_path_factory.mktemp("cache_off"), odd_tire, dtd_root, "--cache", "off")
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_cache_gives_the_same_results_as_no_cache(tmp_path, without_cache, odd_tire, dtd_root, caplog, mode):
+    caplog.set_level("INFO")
+    results = train(tmp_path / mode, odd_tire, dtd_root, "--cache", mode)
+    wanted = "in memory" if mode == "ram" else "on disk under"
+    assert any("Feature cache: patch embeddings of 17 train + 7 test images" in r.message and wanted in r.message
+               for r in caplog.records)
+    assert_same_outcome(results, without_cache)
+    assert not list(results.glob(common.CACHE_FOLDER_PREFIX + "*"))  # the disk cache is removed
+
+
+def test_cached_layer_maps_give_the_same_results(tmp_path, without_cache, odd_tire, dtd_root, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(common, "CACHE_CONTENTS", ("maps", "embeddings"))  # as when the embeddings do not fit
+    results = train(tmp_path, odd_tire, dtd_root, "--cache", "ram")
+    assert "Feature cache: layer maps of 17 train + 7 test images" in caplog.text
+    assert_same_outcome(results, without_cache)
+
+
+def test_cache_is_bypassed_when_the_features_change(tmp_path, odd_tire, dtd_root, caplog):
+    caplog.set_level("INFO")
+    short = ["--meta_epochs", "1", "--limit", "1"]
+    train(tmp_path / "backbone", odd_tire, dtd_root, *short, "--train_backbone")
+    assert "Feature cache off: --train_backbone changes the backbone features every step" in caplog.text
+    caplog.clear()
+    train(tmp_path / "augmented", odd_tire, dtd_root, *short, dataset_extra=["--hflip", "0.5"])
+    assert "training images not cached (train-time augmentation --hflip" in caplog.text
+    assert "Feature cache: patch embeddings of 7 test images" in caplog.text
+
+
+def test_speed_flags_parse_and_run_on_the_cpu(tmp_path, odd_tire, dtd_root, caplog):
+    caplog.set_level("INFO")
+    train(tmp_path, odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1", "--amp", "bf16", "--compile",
+          "--channels_last", "--cache_dtype", "float16")
+    assert "--amp bf16 needs a CUDA device: ignored on cpu" in caplog.text
+    assert "--compile needs a CUDA device: ignored on cpu" in caplog.text
+    assert "float16" in caplog.text
+    config = (tmp_path / CLASS_DIR / "config.json").read_text()
+    assert '"channels_last": true' in config and '"amp": "bf16"' in config
+
+
+def test_plan_chooses_memory_then_disk_then_nothing(tmp_path, monkeypatch):
+    sizes = {"embeddings": 8 * 2**30, "maps": 4 * 2**30}
+    monkeypatch.setattr(common, "free_disk", lambda folder: 100 * 2**30)
+    monkeypatch.setattr(common, "available_memory", lambda: 32 * 2**30)
+    assert (common.plan_cache("auto", sizes, str(tmp_path)).storage,
+            common.plan_cache("auto", sizes, str(tmp_path)).content) == ("ram", "embeddings")
+    monkeypatch.setattr(common, "available_memory", lambda: 12 * 2**30)
+    plan = common.plan_cache("auto", sizes, str(tmp_path))
+    assert (plan.storage, plan.content) == ("ram", "maps")  # the embeddings need more than half of it
+    monkeypatch.setattr(common, "available_memory", lambda: 4 * 2**30)
+    assert common.plan_cache("auto", sizes, str(tmp_path)).storage == "disk"
+    with pytest.raises(common.GlassError, match="--cache ram needs 4.00 GB but 4.00 GB of memory is available"):
+        common.plan_cache("ram", sizes, str(tmp_path))
+    monkeypatch.setattr(common, "free_disk", lambda folder: 2**30)
+    plan = common.plan_cache("auto", sizes, str(tmp_path))
+    assert plan.storage == "off" and "more than half of the available memory" in plan.reason
+    with pytest.raises(common.GlassError, match="--cache disk needs"):
+        common.plan_cache("disk", sizes, str(tmp_path))
+    assert common.plan_cache("off", sizes, str(tmp_path)).storage == "off"
+
+
+def test_store_round_trip_in_memory_and_on_disk(tmp_path):
+    rows = torch.randn(5, 6)
+    for storage in ("ram", "disk"):
+        store = common.FeatureStore(5, 6, "float32", storage, str(tmp_path / "rows.f32"))
+        store.write([4, 0, 2], rows[[4, 0, 2]])
+        store.write([1, 3], rows[[1, 3]])
+        assert torch.equal(store.read([3, 1, 4]), rows[[3, 1, 4]])
+        store.close()
+
+
+def test_stale_disk_cache_of_a_dead_run_is_removed(tmp_path):
+    pid = 2**22 - 1  # the highest process id Linux hands out: look down from there for one that is not running
+    while pid > 1 and _running(pid):
+        pid -= 1
+    stale = tmp_path / f"{common.CACHE_FOLDER_PREFIX}{pid}-abc"
+    stale.mkdir()
+    (stale / "train.f32").write_bytes(b"0" * 16)
+    alive = tmp_path / f"{common.CACHE_FOLDER_PREFIX}1-abc"  # process 1 is always running
+    alive.mkdir()
+    mine = common.make_cache_folder(str(tmp_path))
+    assert not stale.exists() and alive.exists()
+    assert os.path.basename(mine).startswith(f"{common.CACHE_FOLDER_PREFIX}{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def test_predict_without_images_loads_them_on_demand(tmp_path, odd_tire, dtd_root):
+    import main
+
+    train(tmp_path, odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1")
+    model, _ = glass.load_trained(str(tmp_path / CLASS_DIR))
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+
+    test_set = MVTecDataset(str(odd_tire), str(dtd_root), classname="tire", split=DatasetSplit.TEST, resize=64, imagesize=64)
+    loader = main.make_loader(test_set, 4, 0, shuffle=False)
+    kept = model.predict(loader)
+    lazy = model.predict(loader, keep_images=False)
+    assert isinstance(lazy[0], glass.LazyImages) and len(lazy[0]) == len(kept[0])
+    assert all(np.array_equal(lazy[0][i], kept[0][i]) for i in range(len(kept[0])))
+    for a, b in zip(kept[1:], lazy[1:]):
+        assert np.array_equal(a, b)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The calibration runs: the CPU profile of the reference's published figures (EfficientNet-Lite0,
+# blocks.2 + blocks.4, 512-d, 128 px, 10 epochs, seed 0) on the real classes in ../shared/data.
+# Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+DATA=${DATA:-../shared/data}
+RESULTS=${RESULTS:-results/calibration}
+CLASSES=("$@")
+[ ${#CLASSES[@]} -gt 0 ] || CLASSES=(tire magnetic_tile)
+
+for class in "${CLASSES[@]}"; do
+  case "$class" in
+    tire) root="$DATA/mvtec3d" ;;
+    magnetic_tile) root="$DATA/magnetic_tile" ;;
+    *) echo "unknown class $class (tire or magnetic_tile)" >&2; exit 2 ;;
+  esac
+  start=$(date +%s)
+  "$PYTHON" main.py --gpu 0 --seed 0 --test ckpt --results_path "$RESULTS/$class" \
+    net -b efficientnet_lite0 -le blocks.2 -le blocks.4 \
+        --pretrain_embed_dimension 512 --target_embed_dimension 512 --patchsize 3 \
+        --meta_epochs 10 --eval_epochs 1 --dsc_layers 2 --dsc_hidden 512 --pre_proj 1 \
+        --mining 1 --noise 0.015 --radius 0.75 --p 0.5 --step 20 --limit 392 \
+    dataset --distribution 2 --mean 0.5 --std 0.1 --fg 0 --rand_aug 1 --batch_size 8 \
+        --resize 128 --imagesize 128 -d "$class" mvtec "$root" "$DATA/dtd/images"
+  echo "$class: $(( $(date +%s) - start )) s wall"
+done

@@ -168,9 +168,9 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     def get_dataloaders(seed: int, test: str, excel_dir: str) -> List[Dict[str, torch.utils.data.DataLoader]]:
         module = __import__(module_name, fromlist=[class_name])
         dataset_class = getattr(module, class_name)
-        loaders = []
+        loaders, checked = [], []
         for classname in subdatasets:
-            # Layout problems of the test and training splits are reported together, before any loader is built.
+            # Layout problems of every split of every class are reported together, before training starts.
             common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"], seed=seed,
                           check_layout=False)
             test_set = dataset_class(data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TEST, **common)
@@ -192,15 +192,16 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                     fg=options["fg"], rand_aug=options["rand_aug"], downsampling=options["downsampling"],
                     augment=options["augment"], batch_size=batch_size, excel_dir=excel_dir, **common,
                 )
-                raise_layout_problems([test_set, train_set])
+                checked += [test_set, train_set]
                 train_loader = make_loader(train_set, batch_size, num_workers, shuffle=True)
                 train_loader.name = test_loader.name
                 LOGGER.info("Dataset %s: train=%d test=%d", classname, len(train_set), len(test_set))
             else:
-                raise_layout_problems([test_set])
+                checked.append(test_set)
                 train_loader = test_loader
                 LOGGER.info("Dataset %s: train=0 test=%d", classname, len(test_set))
             loaders.append({"training": train_loader, "testing": test_loader})
+        raise_layout_problems(checked)
         return loaders
 
     get_dataloaders.options = {  # for run.json

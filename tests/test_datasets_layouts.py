@@ -311,6 +311,22 @@ def test_every_layout_problem_is_reported_at_once(custom_part, capsys):
     assert not (custom_part.parent / "results" / "models").exists()  # nothing trained
 
 
+def test_layout_problems_of_several_classes_are_reported_together(custom_part, capsys):
+    shutil.copytree(custom_part / "part", custom_part / "part2")
+    (custom_part / "part" / "train" / "good" / "003.png").write_bytes(b"not an image")
+    shutil.rmtree(custom_part / "part2" / "test" / "good")
+    net = list(TINY_NET)
+    net[net.index("--meta_epochs") + 1] = "1"
+    data = tiny_dataset_args(custom_part, DTD, classes=("part", "part2"))
+    data[-3] = "custom"
+    code = run_main(["--results_path", custom_part.parent / "results", *net, *data])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "(class part): 1 unreadable image (part/train/good/003.png" in err
+    assert " | dataset layout problems in " in err and "(class part2): 1 test split without normal images" in err
+    assert not (custom_part.parent / "results" / "models").exists()  # neither class trained
+
+
 def test_missing_folders_and_foreground_masks(tmp_path):
     cls = tmp_path / "part"
     (cls / "train" / "bad").mkdir(parents=True)

@@ -9,6 +9,7 @@ The last section is the frozen-backbone feature cache (``--cache``), described t
 """
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import math
@@ -173,6 +174,48 @@ class Aggregator(torch.nn.Module):
         return features.reshape(len(features), -1)
 
 
+@functools.lru_cache(maxsize=64)
+def _pooling_windows(length: int, output_size: int) -> Tuple[List[Tuple[int, torch.Tensor, List[torch.Tensor]]], Optional[torch.Tensor]]:
+    """The windows of ``F.adaptive_avg_pool1d(x, output_size)`` over ``length`` values, grouped by size.
+
+    Window ``j`` is ``[floor(j * length / output_size), ceil((j + 1) * length / output_size))``, as in
+    PyTorch's kernel. Returns ``[(size, outputs, [first indices, second indices, ...]), ...]`` and the
+    permutation that puts the groups' outputs back in order (None when they already are).
+    """
+    j = torch.arange(output_size)
+    start = (j * length) // output_size
+    size = ((j + 1) * length + output_size - 1) // output_size - start
+    groups = []
+    for k in sorted(set(size.tolist())):
+        outputs = (size == k).nonzero().squeeze(1)
+        groups.append((k, outputs, [start[outputs] + t for t in range(k)]))
+    order = torch.cat([outputs for _, outputs, _ in groups])
+    if torch.equal(order, j):
+        return groups, None
+    inverse = torch.empty_like(order)
+    inverse[order] = j
+    return groups, inverse
+
+
+def pool_rows(rows: torch.Tensor, output_size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool1d`` along dim 0 of ``rows`` (L, N), bit for bit, for float32/float64 CPU tensors.
+
+    Every column of ``rows`` is one pooled vector. PyTorch's CPU kernel computes each output as
+    ``(0 + x[s] + x[s + 1] + ... + x[e - 1]) / (e - s)`` in the input's precision; so does this, one
+    whole row of the window at a time (row gathers and element-wise adds instead of a scalar loop).
+    """
+    length, columns = rows.shape
+    groups, inverse = _pooling_windows(length, output_size)
+    parts = []
+    for size, outputs, firsts in groups:
+        total = torch.zeros((len(outputs), columns), dtype=rows.dtype, device=rows.device)
+        for index in firsts:
+            total += rows.index_select(0, index)
+        parts.append(total / torch.tensor(float(size), dtype=rows.dtype))
+    pooled = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return pooled if inverse is None else pooled.index_select(0, inverse)
+
+
 class PatchEmbedder(torch.nn.Module):
     """Backbone layer maps -> one ``target_dim`` embedding per location of the first layer's grid."""
 
@@ -209,7 +252,27 @@ class PatchEmbedder(torch.nn.Module):
         return [to_feature_map(outputs[name]) for name in self.layers_to_extract_from]
 
     def embed_layer_features(self, layer_features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[List[int]]]:
-        """Patch embeddings (B * H1 * W1, target_dim) and each layer's patch grid from layer maps."""
+        """Patch embeddings (B * H1 * W1, target_dim) and each layer's patch grid from layer maps.
+
+        On the CPU (float32/float64, no gradient wanted) this runs :meth:`_embed_rows`, which gives the
+        same bits as the step-by-step pipeline (:meth:`embed_layer_features_stepwise`) in less time;
+        elsewhere the step-by-step pipeline runs.
+        """
+        if self._rows_path_applies(layer_features):
+            return self._embed_rows(layer_features)
+        return self.embed_layer_features_stepwise(layer_features)
+
+    @staticmethod
+    def _rows_path_applies(layer_features: Sequence[torch.Tensor]) -> bool:
+        dtype = layer_features[0].dtype
+        return (
+            dtype in (torch.float32, torch.float64)
+            and all(x.device.type == "cpu" and x.dtype == dtype for x in layer_features)
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in layer_features))
+        )
+
+    def embed_layer_features_stepwise(self, layer_features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[List[int]]]:
+        """The pipeline step by step: patches (B, positions, C, p, p), alignment, MeanMapper, Aggregator."""
         patched = [self.patch_maker.patchify(x, return_spatial_info=True) for x in layer_features]
         grids = [grid for _, grid in patched]
         patches = [p for p, _ in patched]
@@ -219,6 +282,32 @@ class PatchEmbedder(torch.nn.Module):
         embeddings = self.preprocessing(patches)
         embeddings = self.preadapt_aggregator(embeddings)
         return embeddings, grids
+
+    def _embed_rows(self, layer_features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[List[int]]]:
+        """:meth:`embed_layer_features_stepwise` with each patch component as one row over all positions.
+
+        Same operations on the same values in the same order, so the same bits, but laid out so that no
+        step needs a strided copy or a per-value loop: the unfolded map (B, C p p, positions) is what the
+        bilinear alignment reads anyway (the step-by-step path permutes it away and back); and pooling a
+        position's C p p values to ``pretrain_embed_dimension`` is, with one row per component and one
+        column per position, a sum of whole rows (:func:`pool_rows`), whereas ``adaptive_avg_pool1d``
+        loops value by value. The stacked layers are pooled the same way; one transpose at the end.
+        """
+        patched = [self.patch_maker.patchify(x, return_spatial_info=True) for x in layer_features]
+        grids = [grid for _, grid in patched]
+        pooled = []
+        for i, (patches, grid) in enumerate(patched):
+            batch, positions, channels, p_h, p_w = patches.shape
+            components = channels * p_h * p_w
+            unfolded = patches.permute(0, 2, 3, 4, 1).reshape(batch, components, positions)  # F.unfold's output, a view
+            if i > 0:  # as align_patches: every component bilinearly resized, one (1, h, w) plane each
+                planes = unfolded.reshape(-1, 1, grid[0], grid[1])
+                planes = F.interpolate(planes, size=(grids[0][0], grids[0][1]), mode="bilinear", align_corners=False)
+                unfolded = planes.reshape(batch, components, -1)
+            rows = unfolded.transpose(0, 1).reshape(components, -1)  # (C p p, B * positions)
+            pooled.append(pool_rows(rows, self.preprocessing.output_dim))
+        embeddings = pool_rows(torch.cat(pooled), self.preadapt_aggregator.target_dim)
+        return embeddings.t().contiguous(), grids
 
     def forward(self, images: torch.Tensor, evaluation: bool = True) -> Tuple[torch.Tensor, List[List[int]]]:
         return self.embed_layer_features(self.layer_features(images, evaluation=evaluation))

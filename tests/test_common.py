@@ -78,3 +78,82 @@ def test_segmentor_upsamples_and_blurs():
     raw = segmentor.upsample(peak)[0]
     assert blurred.max() < raw.max()  # sigma-4 smoothing spreads the peak
     assert np.unravel_index(blurred.argmax(), blurred.shape) == pytest.approx((10, 10), abs=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast CPU embedding (PatchEmbedder._embed_rows) against the pipeline written out step by step.
+
+def reference_order_embedding(layer_maps, pretrain_dim, target_dim, patchsize=3):
+    """The spec's feature pipeline in its plain order: unfold each layer into (B, positions, C, p, p)
+    patches, bilinearly resize every patch component of the deeper layers to the first layer's grid,
+    flatten each patch and pool it with adaptive_avg_pool1d, stack the layers, pool again."""
+    pad = (patchsize - 1) // 2
+    patches, grids = [], []
+    for fmap in layer_maps:
+        b, c, h, w = fmap.shape
+        unfolded = torch.nn.functional.unfold(fmap, kernel_size=patchsize, padding=pad, stride=1)
+        patches.append(unfolded.reshape(b, c, patchsize, patchsize, h * w).permute(0, 4, 1, 2, 3))
+        grids.append((h, w))
+    for i in range(1, len(patches)):
+        b, _, c, p, _ = patches[i].shape
+        (h, w), (rh, rw) = grids[i], grids[0]
+        planes = patches[i].reshape(b, h, w, c, p, p).permute(0, 3, 4, 5, 1, 2).reshape(-1, 1, h, w)
+        planes = torch.nn.functional.interpolate(planes, size=(rh, rw), mode="bilinear", align_corners=False)
+        patches[i] = planes.reshape(b, c, p, p, rh, rw).permute(0, 4, 5, 1, 2, 3).reshape(b, rh * rw, c, p, p)
+    pooled = []
+    for x in patches:
+        flat = x.reshape(-1, 1, int(np.prod(x.shape[-3:])))
+        pooled.append(torch.nn.functional.adaptive_avg_pool1d(flat, pretrain_dim).squeeze(1))
+    stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)
+    return torch.nn.functional.adaptive_avg_pool1d(stacked, target_dim).reshape(len(pooled[0]), -1)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and bit pattern (so -0.0 differs from 0.0 and NaNs compare by payload)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    view = torch.int32 if a.dtype == torch.float32 else torch.int64
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length,output", [(360, 512), (1008, 512), (1024, 512), (4608, 1536), (100, 7), (7, 100), (9, 9)])
+def test_pool_rows_is_adaptive_avg_pool1d_bit_for_bit(length, output, dtype):
+    gen = torch.Generator().manual_seed(length * 7 + output)
+    values = (torch.randn(length, 37, generator=gen) * torch.exp(3 * torch.randn(length, 37, generator=gen))).to(dtype)
+    values[:4, 0] = -0.0  # an all -0.0 window pools to +0.0 in the kernel (it starts its sum at 0)
+    values[5 % length, 1], values[6 % length, 2], values[3, 3] = float("inf"), float("-inf"), float("nan")
+    expected = torch.nn.functional.adaptive_avg_pool1d(values.t().reshape(37, 1, length), output).reshape(37, output).t()
+    assert same_bits(common.pool_rows(values, output), expected)
+
+
+@pytest.mark.parametrize("size,layers,dims,batch", [
+    (128, ["blocks.2", "blocks.4"], (512, 512), 8),  # the CPU calibration profile
+    (128, ["blocks.2", "blocks.4"], (512, 512), 1),
+    (96, ["blocks.1", "blocks.2", "blocks.4"], (300, 200), 3),  # three layers, uneven windows
+    (64, ["blocks.2", "blocks.4"], (128, 128), 2),  # the tests' tiny profile
+])
+def test_fast_embedding_equals_the_reference_order_bit_for_bit(lite0, tire_root, size, layers, dims, batch):
+    images = load_tire_batch(tire_root, size, count=batch)
+    embedder = common.PatchEmbedder(lite0, layers, torch.device("cpu"), (3, size, size), *dims)
+    maps = embedder.layer_features(images)
+    assert embedder._rows_path_applies(maps)
+    fast, grids = embedder.embed_layer_features(maps)
+    stepwise, stepwise_grids = embedder.embed_layer_features_stepwise(maps)
+    expected = reference_order_embedding(maps, *dims)
+    assert grids == stepwise_grids and fast.is_contiguous()
+    assert same_bits(fast, expected) and same_bits(stepwise, expected)
+    # float64 maps take the fast path too
+    assert same_bits(embedder.embed_layer_features([m.double() for m in maps])[0],
+                     reference_order_embedding([m.double() for m in maps], *dims))
+
+
+def test_embedding_keeps_the_stepwise_path_when_gradients_are_wanted(lite0):
+    embedder = common.PatchEmbedder(lite0, ["blocks.2", "blocks.4"], torch.device("cpu"), (3, 64, 64), 64, 64)
+    maps = [m.clone().requires_grad_(True) for m in embedder.layer_features(torch.randn(2, 3, 64, 64))]
+    assert not embedder._rows_path_applies(maps)
+    features, _ = embedder.embed_layer_features(maps)
+    features.sum().backward()
+    assert all(m.grad is not None for m in maps)
+    with torch.no_grad():
+        assert embedder._rows_path_applies(maps)

@@ -5,11 +5,15 @@ loaders, and the result callback trains and/or tests every class and writes the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import subprocess
 import sys
+import time
 from datetime import datetime
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 import numpy as np
@@ -49,13 +53,20 @@ def default_num_workers() -> int:
 @click.group(chain=True)
 @click.option("--results_path", type=str, default="results", show_default=True, help="Where every output is written.")
 @click.option("--gpu", type=int, default=[0], multiple=True, show_default=True,
-              help="CUDA device id (the first one is used); falls back to MPS, then CPU. -1 forces the CPU.")
+              help="CUDA device id; falls back to MPS, then CPU. -1 forces the CPU. Several ids (--gpu 0 --gpu 1) "
+                   "train different classes on different GPUs in parallel processes, one class per GPU at a time "
+                   "(without CUDA: one class at a time on the CPU).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--log_group", type=str, default="group", help="Accepted for compatibility; unused.")
 @click.option("--log_project", type=str, default="project", help="Accepted for compatibility; unused.")
 @click.option("--run_name", type=str, default="test", help="Accepted for compatibility; unused.")
 @click.option("--test", type=click.Choice(["ckpt", "test"]), default="ckpt", show_default=True,
               help="ckpt: train, then test the best checkpoint; test: only test the saved best checkpoint.")
+# Set by a parallel run (several --gpu ids) on the worker processes it starts: run one class on one device and
+# hand its results back in a JSON file instead of writing results.csv and the run record.
+@click.option("--worker_class", type=str, default=None, hidden=True)
+@click.option("--worker_gpu", type=int, default=None, hidden=True)
+@click.option("--worker_output", type=str, default=None, hidden=True)
 def main(**kwargs):
     """Train and test GLASS anomaly detectors. Chain the `net` and `dataset` subcommands."""
 
@@ -165,11 +176,13 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
             param_hint="--imagesize",
         )
 
-    def get_dataloaders(seed: int, test: str, excel_dir: str) -> List[Dict[str, torch.utils.data.DataLoader]]:
+    def get_dataloaders(seed: int, test: str, excel_dir: str, classes: Sequence[str] | None = None
+                        ) -> List[Dict[str, torch.utils.data.DataLoader]]:
+        """Loaders of every class of ``-d`` (or only of ``classes``: a worker process runs one class)."""
         module = __import__(module_name, fromlist=[class_name])
         dataset_class = getattr(module, class_name)
         loaders, checked = [], []
-        for classname in subdatasets:
+        for classname in (subdatasets if classes is None else classes):
             # Layout problems of every split of every class are reported together, before training starts.
             common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"], seed=seed,
                           check_layout=False)
@@ -291,14 +304,18 @@ def ensure_writable(path: str) -> str:
 
 
 @main.result_callback()
-def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test):
+def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test, worker_class, worker_gpu, worker_output):
     """Train and/or test every class, printing metrics and rewriting results.csv after each one.
 
     A class whose training was interrupted resumes from its ``ckpt.pth``; a finished one is only
     tested. The run is recorded in ``<results>/run_<timestamp>.json`` and ``<results>/run.json``.
+    With several ``--gpu`` ids the classes run in worker processes, one per GPU at a time (:func:`_run_parallel`).
     """
     methods = dict(methods)
     predict_images = methods.pop("predict", None)
+    if worker_output is not None:  # a worker process of a parallel run: one class, results to worker_output
+        _run_worker(methods, results_path, worker_class, worker_gpu, worker_output, seed, test)
+        return
     if predict_images is not None and not methods:  # `predict` alone: score images with a trained class
         predict_images(results_path, utils.select_device(gpu))
         return
@@ -307,13 +324,25 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
         raise GlassError(f"missing subcommand(s): {', '.join(missing)}; usage: python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH")
     results_path = ensure_writable(results_path)
     excel_dir = os.path.join(results_path, "datasets", "excel")
-    list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir)
+    list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir)  # checks every class before any training
+    workers = plan_workers(gpu, [loaders["testing"].name for loaders in list_of_dataloaders])
     device = utils.select_device(gpu)
     group_options = dict(results_path=results_path, gpu=list(gpu), seed=seed, log_group=log_group,
                          log_project=log_project, run_name=run_name, test=test)
     record = RunRecord(results_path, group_options, methods, device)
+    table = ResultsTable(results_path, len(list_of_dataloaders), record)
     try:
-        _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, record)
+        if workers:
+            judged, stopped = _run_parallel(list_of_dataloaders, results_path, workers, table, record)
+        else:
+            judged, stopped = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
+                                           table.add)
+        if judged:
+            path = utils.record_distributions(excel_dir, list_of_dataloaders[0]["testing"].dataset_config["name"], judged)
+            LOGGER.info("Distribution judgements written to %s", path)
+        table.finish()
+        if stopped:
+            raise GlassError(stopped[0] if len(stopped) == 1 else f"training stopped for {len(stopped)} classes: " + " | ".join(stopped))
     except BaseException as exc:
         record.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {utils.error_message(exc)}")
         raise
@@ -322,12 +351,12 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
         predict_images(results_path, device)
 
 
-def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, record) -> None:
-    """The per-class loop of :func:`run`."""
-    rows, row_names = [], []
+def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
+                 add_result: Callable[[int, str, str, List[float]], None]) -> tuple[Dict[str, int], List[str]]:
+    """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
+    tested model; returns the judged distributions and the messages of classes whose training stopped."""
     judged: Dict[str, int] = {}
     stopped: List[str] = []  # classes whose training stopped on a non-finite loss
-    dataset_name = None
     for index, dataloaders in enumerate(list_of_dataloaders):
         utils.fix_seeds(seed, device)
         dataset_name = dataloaders["training"].name
@@ -362,30 +391,246 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                 result = list(model.tester(dataloaders["testing"], dataset_name))
             finally:
                 model.close()
-            rows.append(result)
-            row_names.append(dataset_name)
-            click.echo(dataset_name + ": " + " ".join(
-                f"{key}:{utils.format_metric(value)}" if key != "best_epoch" else f"{key}:{int(value)}"
-                for key, value in zip(METRIC_NAMES, result)
-            ))
-            utils.compute_and_store_final_results(results_path, rows, METRIC_NAMES, row_names=row_names)
-            record.add_result(dataset_name if len(models) == 1 else f"{dataset_name}/backbone_{i}", result)
+            add_result(index, dataset_name, dataset_name if len(models) == 1 else f"{dataset_name}/backbone_{i}", result)
+    return judged, stopped
 
-    if judged:
-        path = utils.record_distributions(excel_dir, dataset_name.split("_")[0], judged)
-        LOGGER.info("Distribution judgements written to %s", path)
-    if rows:
-        click.echo(results_table(rows, row_names))
-        click.echo(f"Results: {os.path.join(results_path, 'results.csv')}")
-    if stopped:
-        raise GlassError(stopped[0] if len(stopped) == 1 else f"training stopped for {len(stopped)} classes: " + " | ".join(stopped))
+
+def metrics_line(name: str, result: Sequence[float]) -> str:
+    """``<name>: image_auroc:97.50 ...`` (percent), the line printed after every tested class."""
+    return name + ": " + " ".join(
+        f"{key}:{utils.format_metric(value)}" if key != "best_epoch" else f"{key}:{int(value)}"
+        for key, value in zip(METRIC_NAMES, result)
+    )
+
+
+class ResultsTable:
+    """The rows of ``results.csv`` (in ``-d`` order, whichever class finishes first), rewritten with
+    ``summary.md`` and ``summary.csv`` after every tested class; the summary is printed at the end."""
+
+    def __init__(self, results_path: str, n_classes: int, record: "RunRecord") -> None:
+        self.results_path = results_path
+        self.record = record
+        self.slots: List[List[tuple]] = [[] for _ in range(n_classes)]  # (row name, metrics) per class
+
+    def add(self, index: int, row_name: str, record_name: str, result: Sequence[float]) -> None:
+        self.slots[index].append((row_name, list(result)))
+        click.echo(metrics_line(row_name, result))
+        rows = [entry for slot in self.slots for entry in slot]
+        utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
+                                              row_names=[name for name, _ in rows])
+        with utils.never_fatal(utils.SUMMARY_MD):
+            utils.write_summary(self.results_path)
+        self.record.add_result(record_name, result)
+
+    def finish(self) -> None:
+        """Print the summary's Markdown table (all classes and the mean) and where the results are."""
+        if not any(self.slots):
+            return
+        with utils.never_fatal(utils.SUMMARY_MD):
+            click.echo(utils.write_summary(self.results_path))
+        click.echo(f"Results: {os.path.join(self.results_path, 'results.csv')} "
+                   f"(in percent: {utils.SUMMARY_MD}, {utils.SUMMARY_CSV})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Several GPUs: every class in a worker process (`python main.py` with the same arguments, one class,
+# one device), at most one class per device at a time; the parent merges the rows into one results.csv.
+
+CPU_WORKERS_ENV = "GLASS_CPU_WORKERS"  # N: without CUDA, use N worker processes on the CPU (tests the scheduling)
+WORKERS_FOLDER = "workers"  # <results>/workers/<name>_<class>.log: the output of each class's worker process
+
+
+def command_argv() -> List[str]:
+    """The arguments of this command line (as given to :func:`cli`, else ``sys.argv``)."""
+    ctx = click.get_current_context(silent=True)
+    argv = (ctx.obj or {}).get("argv") if ctx is not None and isinstance(ctx.obj, dict) else None
+    return list(argv if argv is not None else sys.argv[1:])
+
+
+def plan_workers(gpu_ids: Sequence[int], class_names: Sequence[str]) -> List[int]:
+    """The device of each worker process of a parallel run (-1: the CPU), or [] to run the classes one
+    after another in this process: one distinct non-negative ``--gpu`` id or one class, a class given
+    twice, or no CUDA device (unless :data:`CPU_WORKERS_ENV` asks for CPU workers)."""
+    ids = list(dict.fromkeys(g for g in gpu_ids if g >= 0))
+    if len(ids) < 2 or len(class_names) < 2:
+        return []
+    if len(set(class_names)) < len(class_names):
+        click.echo("a class is given twice with -d: running one class at a time", err=True)
+        return []
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        absent = [g for g in ids if g >= count]
+        if absent:
+            raise GlassError(f"--gpu {absent[0]} is not present: this machine has {count} CUDA device(s) (ids 0..{count - 1})")
+        return ids[:len(class_names)]
+    wanted = os.environ.get(CPU_WORKERS_ENV, "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise GlassError(f"{CPU_WORKERS_ENV}={wanted} is not a number of worker processes: set it to 1 or more, or unset it")
+        count = min(int(wanted), len(class_names))
+        click.echo(f"no CUDA device: {count} worker processes on the CPU ({CPU_WORKERS_ENV}={wanted})", err=True)
+        return [-1] * count
+    where = "MPS" if torch.backends.mps.is_available() else "CPU"
+    click.echo(f"no CUDA device: running on {where}, one class at a time", err=True)
+    return []
+
+
+def device_label(gpu: int) -> str:
+    return "cpu" if gpu < 0 else f"cuda:{gpu}"
+
+
+def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[[Any, Any], Any],
+                  finished: Callable[[Any, Any, int], Optional[BaseException]], poll_seconds: float = 0.2) -> None:
+    """Run the tasks in order as processes, at most one per entry of ``devices`` at a time.
+
+    ``start(task, device)`` returns a started process (``poll``, ``terminate``, ``wait``, ``kill``);
+    ``finished(task, device, exit code)`` takes its results and returns an exception when the run must stop.
+    Then no further task starts, the running ones finish (their results are kept) and that exception is
+    raised. If this process is interrupted, the running processes are terminated (a class resumes from its
+    ``ckpt.pth`` on the next run).
+    """
+    pending, free = list(tasks), list(devices)
+    running: Dict[Any, tuple] = {}
+    failure: Optional[BaseException] = None
+    try:
+        while running or (pending and failure is None):
+            while pending and free and failure is None:
+                task, device = pending.pop(0), free.pop(0)
+                running[start(task, device)] = (task, device)
+            time.sleep(poll_seconds)
+            for process, (task, device) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[process]
+                free.append(device)
+                error = finished(task, device, code)
+                if error is not None and failure is None:
+                    failure = error
+                    if running or pending:
+                        LOGGER.warning("%s; starting no further class, waiting for the %d running one(s)",
+                                       utils.error_message(error), len(running))
+    except BaseException:
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        raise
+    if failure is not None:
+        raise failure
+
+
+def last_error_line(log_path: str) -> Optional[str]:
+    """The message of the last ``Error: ...`` line of a worker's output (how :func:`cli` reports a mistake)."""
+    try:
+        with open(log_path, errors="replace") as handle:
+            lines = re.split(r"[\r\n]+", handle.read())
+    except OSError:
+        return None
+    errors = [line[len("Error: "):].strip() for line in lines if line.startswith("Error: ")]
+    return errors[-1] if errors else None
+
+
+def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int], table: ResultsTable,
+                  record: "RunRecord") -> tuple[Dict[str, int], List[str]]:
+    """Every class in a worker process on ``devices``; their rows go into ``table`` as they finish."""
+    names = [loaders["testing"].name for loaders in list_of_dataloaders]
+    classnames = [loaders["testing"].dataset_config["classname"] for loaders in list_of_dataloaders]
+    folder = os.path.join(results_path, WORKERS_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    argv = command_argv()
+    judged: Dict[str, int] = {}
+    stopped: List[str] = []
+    env = dict(os.environ)
+    if all(device < 0 for device in devices):
+        # CPU workers keep the default thread counts (fewer threads change the last digits of some metrics);
+        # passive OpenMP waiting keeps them from spinning against each other on the shared cores.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    record.data["devices"] = [device_label(device) for device in dict.fromkeys(devices)]
+    record.data["workers"] = {}
+    click.echo(f"{len(names)} classes on {len(devices)} worker processes ({', '.join(record.data['devices'])}); "
+               f"their output: {folder}")
+
+    def paths(index: int) -> tuple:
+        return os.path.join(folder, f"{names[index]}.json"), os.path.join(folder, f"{names[index]}.log")
+
+    def start(index: int, device: int) -> subprocess.Popen:
+        output, log = paths(index)
+        if os.path.exists(output):
+            os.remove(output)
+        command = [sys.executable, os.path.join(REPO_ROOT, "main.py"), "--worker_class", classnames[index],
+                   "--worker_gpu", str(device), "--worker_output", output, *argv]
+        with open(log, "w") as handle:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                       env=env, cwd=os.getcwd())
+        LOGGER.info("%s: started on %s (pid %d, output in %s)", names[index], device_label(device), process.pid, log)
+        record.data["workers"][names[index]] = {
+            "device": device_label(device), "pid": process.pid, "log": log,
+            "started": datetime.now().isoformat(timespec="milliseconds"), "finished": None, "exit_code": None,
+        }
+        record.write()
+        return process
+
+    def finished(index: int, device: int, code: int) -> Optional[BaseException]:
+        output, log = paths(index)
+        outcome: Dict[str, Any] = {}
+        if os.path.isfile(output):
+            with open(output) as handle:
+                outcome = json.load(handle)
+            os.remove(output)
+        record.data["workers"][names[index]].update(finished=datetime.now().isoformat(timespec="milliseconds"),
+                                                    exit_code=code)
+        for row_name, record_name, result in outcome.get("results", []):
+            table.add(index, row_name, record_name, result)  # also rewrites the run record
+        record.write()
+        judged.update(outcome.get("judged", {}))
+        stopped.extend(outcome.get("stopped", []))
+        if code == 0 and outcome.get("finished"):
+            return None
+        message = last_error_line(log)
+        if message is not None:
+            return GlassError(message)
+        return RuntimeError(f"{names[index]}: its worker process on {device_label(device)} ended with exit code {code}; "
+                            f"see {log}")
+
+    run_scheduled(range(len(names)), devices, start, finished)
+    return judged, stopped
+
+
+def _run_worker(methods, results_path: str, classname: str, gpu: int, output: str, seed: int, test: str) -> None:
+    """One class of a parallel run on one device: its results go to ``output`` (JSON), not to results.csv."""
+    if classname is None or gpu is None:
+        raise GlassError("--worker_output is set by a parallel run for its worker processes only")
+    results_path = ensure_writable(results_path)
+    excel_dir = os.path.join(results_path, "datasets", "excel")
+    list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir, classes=[classname])
+    device = utils.select_device([gpu])
+    outcome: Dict[str, Any] = {"results": [], "judged": {}, "stopped": [], "finished": False}
+
+    def save() -> None:
+        utils.atomic_write(output, lambda tmp: utils.write_json(tmp, outcome))
+
+    def add_result(index: int, row_name: str, record_name: str, result: List[float]) -> None:
+        outcome["results"].append([row_name, record_name, [value if isinstance(value, int) else float(value)
+                                                            for value in result]])
+        click.echo(metrics_line(row_name, result))
+        save()
+
+    judged, stopped = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result)
+    outcome.update(judged=judged, stopped=stopped, finished=True)
+    save()
 
 
 class RunRecord:
     """``<results>/run_<timestamp>.json`` (and a copy as ``run.json``): how a run was made and how it ended.
 
     Holds the command line, every option, the device, Python, platform and package versions, the git
-    commit of this code (``unknown`` outside a git checkout), start and end times, status and results.
+    commit of this code (``unknown`` outside a git checkout), start and end times, status and results; a
+    parallel run adds ``devices`` and ``workers`` (per class: device, pid, log, start, end, exit code).
     """
 
     def __init__(self, results_path: str, group_options: dict, methods: dict, device: torch.device) -> None:
@@ -399,10 +644,8 @@ class RunRecord:
             suffix += 1
             self.path = os.path.join(results_path, f"run_{stamp}-{suffix}.json")
         self.latest = os.path.join(results_path, "run.json")
-        ctx = click.get_current_context(silent=True)
-        argv = (ctx.obj or {}).get("argv") if ctx is not None and isinstance(ctx.obj, dict) else None
         self.data = {
-            "command_line": ["main.py", *(argv if argv is not None else sys.argv[1:])],
+            "command_line": ["main.py", *command_argv()],
             "cwd": os.getcwd(),
             "options": {
                 "main": group_options,
@@ -436,22 +679,6 @@ class RunRecord:
     def write(self) -> None:
         for path in (self.path, self.latest):
             utils.atomic_write(path, lambda tmp: utils.write_json(tmp, self.data))
-
-
-def results_table(rows: List[List[float]], row_names: List[str]) -> str:
-    """A plain-text table of the results (percent) with a mean row."""
-    header = ["class"] + METRIC_NAMES
-    lines = [header]
-    for name, row in zip(row_names, rows):
-        lines.append([name] + [utils.format_metric(v) for v in row[:-1]] + [str(int(row[-1]))])
-    if len(rows) > 1:
-        means = []
-        for column in np.array(rows, dtype=float)[:, :-1].T:
-            finite = column[np.isfinite(column)]
-            means.append(utils.format_metric(float(finite.mean()) if len(finite) else float("nan")))
-        lines.append(["Mean"] + means + [""])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
 def cli(argv: List[str] | None = None) -> int:

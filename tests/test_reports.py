@@ -1,0 +1,329 @@
+"""Reports researchers read (plots, history.csv, TensorBoard image grids, the summary table) and runs of
+several classes on several devices (``--gpu 0 --gpu 1``), whose scheduling is tested on the CPU with two
+worker processes (``GLASS_CPU_WORKERS=2``)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main
+import utils
+from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
+
+CLASS_DIR = Path("models") / "backbone_0"
+METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro"]
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_summary_matches_results(results: Path) -> None:
+    """summary.csv and summary.md hold the numbers of results.csv, in percent with two decimals."""
+    expected = read_csv(results / "results.csv")
+    summary = read_csv(results / "summary.csv")
+    assert [row["class"] for row in summary] == [row["Row Names"] for row in expected]
+    markdown = (results / "summary.md").read_text().splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown if line.startswith("| ")]
+    assert table[0] == ["class", *METRICS, "best_epoch"]
+    assert [row[0] for row in table[1:]] == [row["Row Names"] for row in expected]
+    for want, got, md in zip(expected, summary, table[1:]):
+        for i, key in enumerate(METRICS, start=1):
+            if want[key] == "":
+                assert got[key] == "" and md[i] == "n/a"
+            else:
+                assert float(got[key]) == pytest.approx(float(want[key]) * 100, abs=0.005)
+                assert md[i] == got[key]
+        if want["Row Names"] != "Mean":
+            assert int(got["best_epoch"]) == int(float(want["best_epoch"])) == int(md[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# One class: the reports of the tiny training run shared with test_end_to_end.py
+
+def test_plots_are_valid_images(trained_tire):
+    folder = trained_tire / "plots" / "mvtec_tire"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(utils.PLOT_NAMES)
+    for name in utils.PLOT_NAMES:
+        image = cv2.imread(str(folder / name))
+        assert image is not None, name
+        height, width, channels = image.shape
+        assert channels == 3 and 300 <= height <= 2000 and 400 <= width <= 2500, (name, image.shape)
+        assert image.std() > 10, f"{name} is (nearly) blank"
+
+
+def test_history_has_one_row_per_epoch_matching_tensorboard(trained_tire):
+    class_dir = trained_tire / CLASS_DIR / "mvtec_tire"
+    rows = read_csv(class_dir / utils.HISTORY_NAME)
+    assert list(rows[0]) == list(utils.HISTORY_COLUMNS)
+    assert [int(row["epoch"]) for row in rows] == [0, 1]  # --meta_epochs 2 of the tiny profile
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(steps) and steps[0] >= 1
+    for row in rows:
+        assert math.isfinite(float(row["loss"])) and 0.0 <= float(row["p_true"]) <= 1.0 and 0.0 <= float(row["p_fake"]) <= 1.0
+    tb = EventAccumulator(str(class_dir / "tb")).Reload()
+    iauroc = {event.step: event.value for event in tb.Scalars("i-auroc")}
+    pauroc = {event.step: event.value for event in tb.Scalars("p-auroc")}
+    for row in rows:
+        assert float(row["image_auroc"]) == pytest.approx(iauroc[int(row["epoch"])], abs=1e-6)
+        assert float(row["pixel_auroc"]) == pytest.approx(pauroc[int(row["epoch"])], abs=1e-6)
+
+
+def test_tensorboard_holds_image_grids_beside_the_scalars(trained_tire):
+    tb = EventAccumulator(str(trained_tire / CLASS_DIR / "mvtec_tire" / "tb"), size_guidance={"images": 0}).Reload()
+    tags = tb.Tags()
+    assert {utils.TB_SAMPLES_TAG, utils.TB_LAS_TAG} <= set(tags["images"])
+    assert {"loss", "p_true", "p_fake", "i-auroc", "p-auroc"} <= set(tags["scalars"])
+    samples = tb.Images(utils.TB_SAMPLES_TAG)
+    las = tb.Images(utils.TB_LAS_TAG)
+    assert sorted({event.step for event in samples}) == [0, 1]  # one grid per evaluation
+    # one grid per epoch, at the global step of its first batch (the training scalars' x axis)
+    history = read_csv(trained_tire / CLASS_DIR / "mvtec_tire" / utils.HISTORY_NAME)
+    assert sorted(event.step for event in las) == [0] + [int(row["step"]) for row in history[:-1]]
+    for event, columns in ((samples[-1], 3), (las[-1], 3)):  # image | ground truth | map; image | LAS | mask
+        grid = cv2.imdecode(np.frombuffer(event.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+        assert grid is not None and grid.shape[:2] == (event.height, event.width)
+        assert grid.shape[1] == columns * utils.GRID_TILE + (columns - 1) * 2
+        assert grid.shape[0] >= utils.GRID_TILE and grid.std() > 5
+
+
+def test_summary_has_the_numbers_of_results_csv(trained_tire):
+    assert_summary_matches_results(trained_tire)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two classes: one after another, then in two worker processes on the CPU
+
+TWO_NET = [*TINY_NET, "--meta_epochs", "1", "--limit", "4", "--step", "1", "--cache", "off"]
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory, tire_root) -> Path:
+    """Two small classes that give different numbers: `tire` and a smaller `tire2`."""
+    root = tmp_path_factory.mktemp("two_classes")
+    copy_class_subset(tire_root / "tire", root / "tire", n_train=4, n_good=2, n_per_defect=1)
+    copy_class_subset(tire_root / "tire", root / "tire2", n_train=3, n_good=1, n_per_defect=1)
+    return root
+
+
+def two_class_args(results: Path, data: Path, dtd: Path) -> list:
+    return ["--results_path", results, "--gpu", "0", "--gpu", "1", *TWO_NET,
+            *tiny_dataset_args(data, dtd, classes=("tire", "tire2"))]
+
+
+def captured_run(args, cpu_workers: str | None) -> tuple:
+    """``main.cli(args)`` with CUDA hidden; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        if cpu_workers is None:
+            patch.delenv(main.CPU_WORKERS_ENV, raising=False)
+        else:
+            patch.setenv(main.CPU_WORKERS_ENV, cpu_workers)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sequential_and_parallel(tmp_path_factory, two_classes, dtd_root) -> dict:
+    """The same two-class run without CUDA: plain (one class at a time) and with two CPU worker processes."""
+    runs = {}
+    for kind, workers in (("sequential", None), ("parallel", "2")):
+        results = tmp_path_factory.mktemp(kind)
+        code, out, err = captured_run(two_class_args(results, two_classes, dtd_root), workers)
+        runs[kind] = {"results": results, "code": code, "out": out, "err": err}
+    return runs
+
+
+def test_several_gpus_without_cuda_run_one_class_at_a_time(sequential_and_parallel):
+    run = sequential_and_parallel["sequential"]
+    assert run["code"] == 0, run["err"][-2000:]
+    assert "no CUDA device: running on CPU, one class at a time" in run["err"]
+    assert not (run["results"] / main.WORKERS_FOLDER).exists()
+    record = json.loads((run["results"] / "run.json").read_text())
+    assert record["status"] == "finished" and record["device"] == "cpu" and "workers" not in record
+    assert [row["Row Names"] for row in read_csv(run["results"] / "results.csv")] == ["mvtec_tire", "mvtec_tire2", "Mean"]
+
+
+def test_two_cpu_workers_give_the_sequential_results_table(sequential_and_parallel):
+    sequential, parallel = sequential_and_parallel["sequential"], sequential_and_parallel["parallel"]
+    assert parallel["code"] == 0, parallel["err"][-2000:]
+    assert "no CUDA device: 2 worker processes on the CPU" in parallel["err"]
+    want = read_csv(sequential["results"] / "results.csv")
+    got = read_csv(parallel["results"] / "results.csv")
+    assert want[0] != want[1]  # the two classes differ, so a mix-up of rows would show
+    assert got == want  # same rows, same numbers, same order
+    for kind in ("sequential", "parallel"):
+        assert_summary_matches_results(sequential_and_parallel[kind]["results"])
+        assert (sequential_and_parallel[kind]["results"] / "summary.md").read_text() == \
+            (sequential["results"] / "summary.md").read_text()
+    # every class has its own checkpoints and plots, written by its worker
+    for name in ("mvtec_tire", "mvtec_tire2"):
+        assert list((parallel["results"] / CLASS_DIR / name).glob("ckpt_best_*.pth"))
+        assert (parallel["results"] / "plots" / name / "roc.png").is_file()
+
+
+def test_two_cpu_workers_ran_at_the_same_time_and_are_recorded(sequential_and_parallel):
+    parallel = sequential_and_parallel["parallel"]
+    record = json.loads((parallel["results"] / "run.json").read_text())
+    assert record["status"] == "finished" and record["devices"] == ["cpu"]
+    workers = record["workers"]
+    assert sorted(workers) == ["mvtec_tire", "mvtec_tire2"]
+    pids = {info["pid"] for info in workers.values()}
+    assert len(pids) == 2
+    for info in workers.values():
+        assert info["device"] == "cpu" and info["exit_code"] == 0 and Path(info["log"]).is_file()
+    spans = [(datetime.fromisoformat(w["started"]), datetime.fromisoformat(w["finished"])) for w in workers.values()]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), "the two workers did not overlap"
+    assert set(record["results"]) == {"mvtec_tire", "mvtec_tire2"}
+    # each worker trained its own class on the CPU
+    for name, info in workers.items():
+        log = Path(info["log"]).read_text()
+        assert f"Selecting dataset [{name}] (1/1)" in log and "Device: cpu" in log
+    assert not list((parallel["results"] / main.WORKERS_FOLDER).glob("*.json"))  # merged, then removed
+
+
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_the_markdown_summary_is_printed_at_the_end(sequential_and_parallel, kind):
+    run = sequential_and_parallel[kind]
+    table = [line for line in (run["results"] / "summary.md").read_text().splitlines() if line.startswith("|")]
+    printed = run["out"].splitlines()
+    start = printed.index(table[0])
+    assert printed[start:start + len(table)] == table
+    assert printed[start + len(table)].startswith("Results: ")
+
+
+def test_an_error_in_a_worker_is_one_line_and_keeps_the_other_class(sequential_and_parallel, two_classes, dtd_root,
+                                                                       tmp_path):
+    """tire2's folder holds a model of other options: its worker fails as the plain run would; tire's row stays."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(sequential_and_parallel["parallel"]["results"] / "models", results / "models")
+    config_path = results / CLASS_DIR / "mvtec_tire2" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["net"]["dsc_hidden"] = 64
+    config_path.write_text(json.dumps(config))
+
+    code, out, err = captured_run(two_class_args(results, two_classes, dtd_root), "2")
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "holds a model trained with other options (dsc_hidden: 64 -> 128)" in errors[0]
+    assert "mvtec_tire2" in errors[0] and "Traceback" not in err
+    rows = read_csv(results / "results.csv")
+    want = read_csv(sequential_and_parallel["sequential"]["results"] / "results.csv")
+    assert [row["Row Names"] for row in rows] == ["mvtec_tire", "Mean"]
+    assert rows[0] == want[0]  # the finished class is tested again and kept
+    record = json.loads((results / "run.json").read_text())
+    assert record["status"].startswith("failed: ") and record["workers"]["mvtec_tire2"]["exit_code"] == 2
+    assert record["workers"]["mvtec_tire"]["exit_code"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The scheduler and the device plan, without training
+
+class FakeProcesses:
+    """``start`` for :func:`main.run_scheduled`: a Python process that sleeps (or exits with a code)."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan  # task -> (seconds, exit code)
+        self.events = []  # (time, "start"/"end", task, device)
+
+    def start(self, task, device):
+        seconds, code = self.plan[task]
+        self.events.append((time.monotonic(), "start", task, device))
+        return subprocess.Popen([sys.executable, "-c", f"import sys, time; time.sleep({seconds}); sys.exit({code})"])
+
+    def finished(self, task, device, code):
+        self.events.append((time.monotonic(), "end", task, device))
+        return RuntimeError(f"task {task} failed") if code else None
+
+
+def test_scheduler_runs_every_task_at_most_one_per_device():
+    fake = FakeProcesses({task: (0.3, 0) for task in range(5)})
+    main.run_scheduled(range(5), ["gpu0", "gpu1"], fake.start, fake.finished, poll_seconds=0.05)
+    starts = [e for e in fake.events if e[1] == "start"]
+    ends = [e for e in fake.events if e[1] == "end"]
+    assert [task for _, _, task, _ in starts] == [0, 1, 2, 3, 4] and sorted(task for _, _, task, _ in ends) == [0, 1, 2, 3, 4]
+    busy, most = {}, 0
+    for _, what, task, device in sorted(fake.events, key=lambda e: (e[0], e[1] == "start")):
+        if what == "start":
+            assert device not in busy, f"{device} got task {task} while running task {busy.get(device)}"
+            busy[device] = task
+        else:
+            assert busy.pop(device) == task
+        most = max(most, len(busy))
+    assert most == 2  # both devices were used at once
+
+
+def test_scheduler_stops_starting_after_a_failure_and_waits_for_the_running_task():
+    fake = FakeProcesses({0: (0.8, 0), 1: (0.0, 3), 2: (0.0, 0), 3: (0.0, 0)})
+    with pytest.raises(RuntimeError, match="task 1 failed"):
+        main.run_scheduled(range(4), ["a", "b"], fake.start, fake.finished, poll_seconds=0.05)
+    assert [task for _, what, task, _ in fake.events if what == "start"] == [0, 1]
+    assert sorted(task for _, what, task, _ in fake.events if what == "end") == [0, 1]  # task 0 finished, kept
+
+
+def test_scheduler_terminates_running_tasks_when_interrupted():
+    processes = []
+
+    def start(task, device):
+        seconds = 0.0 if task == 0 else 60
+        processes.append(subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"]))
+        return processes[-1]
+
+    def finished(task, device, code):
+        raise KeyboardInterrupt
+
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        main.run_scheduled([0, 1], ["a", "b"], start, finished, poll_seconds=0.05)
+    assert time.monotonic() - began < 30 and processes[1].returncode is not None and processes[1].returncode != 0
+
+
+def test_device_plan(monkeypatch, capsys):
+    monkeypatch.delenv(main.CPU_WORKERS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main.plan_workers([0], ["a", "b"]) == []
+    assert main.plan_workers([0, 1], ["a"]) == []
+    assert main.plan_workers([0, 0], ["a", "b"]) == []
+    assert capsys.readouterr().err == ""
+    assert main.plan_workers([0, 1], ["a", "b"]) == []
+    assert capsys.readouterr().err.strip() == "no CUDA device: running on CPU, one class at a time"
+    assert main.plan_workers([0, 1], ["a", "a"]) == []
+    monkeypatch.setenv(main.CPU_WORKERS_ENV, "2")
+    assert main.plan_workers([0, 1, 2], ["a", "b", "c"]) == [-1, -1]
+    monkeypatch.setenv(main.CPU_WORKERS_ENV, "two")
+    with pytest.raises(utils.GlassError):
+        main.plan_workers([0, 1], ["a", "b"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert main.plan_workers([2, -1, 0, 2, 3], ["a", "b"]) == [2, 0]
+    assert main.plan_workers([0, 1, 2], ["a", "b", "c", "d"]) == [0, 1, 2]
+    with pytest.raises(utils.GlassError, match="--gpu 5 is not present"):
+        main.plan_workers([0, 5], ["a", "b"])
+
+
+def test_last_error_line_reads_what_cli_prints(tmp_path):
+    log = tmp_path / "w.log"
+    log.write_text("INFO something\nprogress 50%\rError: the real problem: fix it\nTry 'main.py --help' for help.\n")
+    assert main.last_error_line(str(log)) == "the real problem: fix it"
+    log.write_text("Traceback (most recent call last):\nValueError: boom\n")
+    assert main.last_error_line(str(log)) is None

@@ -175,11 +175,12 @@ class Aggregator(torch.nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def _pooling_windows(length: int, output_size: int) -> Tuple[List[Tuple[int, torch.Tensor, List[torch.Tensor]]], Optional[torch.Tensor]]:
+def _pooling_windows(length: int, output_size: int) -> Tuple[list, Optional[torch.Tensor]]:
     """The windows of ``F.adaptive_avg_pool1d(x, output_size)`` over ``length`` values, grouped by size.
 
     Window ``j`` is ``[floor(j * length / output_size), ceil((j + 1) * length / output_size))``, as in
-    PyTorch's kernel. Returns ``[(size, outputs, [first indices, second indices, ...]), ...]`` and the
+    PyTorch's kernel. Returns ``[(size, outputs, [where the first values are, the second, ...]), ...]``
+    (a slice when the group's windows start at evenly spaced places, else an index tensor) and the
     permutation that puts the groups' outputs back in order (None when they already are).
     """
     j = torch.arange(output_size)
@@ -188,7 +189,14 @@ def _pooling_windows(length: int, output_size: int) -> Tuple[List[Tuple[int, tor
     groups = []
     for k in sorted(set(size.tolist())):
         outputs = (size == k).nonzero().squeeze(1)
-        groups.append((k, outputs, [start[outputs] + t for t in range(k)]))
+        starts = start[outputs]
+        steps = starts.diff()
+        if len(starts) == 1 or bool((steps == steps[0]).all()):
+            first, step = int(starts[0]), int(steps[0]) if len(starts) > 1 else 1
+            places = [slice(first + t, first + t + step * (len(starts) - 1) + 1, step) for t in range(k)]
+        else:
+            places = [starts + t for t in range(k)]
+        groups.append((k, outputs, places))
     order = torch.cat([outputs for _, outputs, _ in groups])
     if torch.equal(order, j):
         return groups, None
@@ -197,23 +205,25 @@ def _pooling_windows(length: int, output_size: int) -> Tuple[List[Tuple[int, tor
     return groups, inverse
 
 
-def pool_rows(rows: torch.Tensor, output_size: int) -> torch.Tensor:
-    """``F.adaptive_avg_pool1d`` along dim 0 of ``rows`` (L, N), bit for bit, for float32/float64 CPU tensors.
+def pool_rows(values: torch.Tensor, output_size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool1d`` along dim -2 of ``values`` (..., L, N), bit for bit (float32/float64, CPU).
 
-    Every column of ``rows`` is one pooled vector. PyTorch's CPU kernel computes each output as
-    ``(0 + x[s] + x[s + 1] + ... + x[e - 1]) / (e - s)`` in the input's precision; so does this, one
-    whole row of the window at a time (row gathers and element-wise adds instead of a scalar loop).
+    Every column is one pooled vector. PyTorch's CPU kernel computes each output as
+    ``(0 + x[s] + x[s + 1] + ... + x[e - 1]) / (e - s)`` in the input's precision, one value at a time;
+    this does the same additions and division in the same order on whole rows (strided views where the
+    windows are evenly spaced, row gathers elsewhere). ``x + 0.0`` is the kernel's ``0 + x`` (it turns
+    -0.0 into +0.0).
     """
-    length, columns = rows.shape
-    groups, inverse = _pooling_windows(length, output_size)
+    groups, inverse = _pooling_windows(values.shape[-2], output_size)
     parts = []
-    for size, outputs, firsts in groups:
-        total = torch.zeros((len(outputs), columns), dtype=rows.dtype, device=rows.device)
-        for index in firsts:
-            total += rows.index_select(0, index)
-        parts.append(total / torch.tensor(float(size), dtype=rows.dtype))
-    pooled = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return pooled if inverse is None else pooled.index_select(0, inverse)
+    for size, _, places in groups:
+        total = None
+        for place in places:
+            part = values[..., place, :] if isinstance(place, slice) else values.index_select(-2, place)
+            total = part + 0.0 if total is None else total.add_(part)
+        parts.append(total.div_(torch.tensor(float(size), dtype=values.dtype)))
+    pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    return pooled if inverse is None else pooled.index_select(-2, inverse)
 
 
 class PatchEmbedder(torch.nn.Module):
@@ -284,13 +294,13 @@ class PatchEmbedder(torch.nn.Module):
         return embeddings, grids
 
     def _embed_rows(self, layer_features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[List[int]]]:
-        """:meth:`embed_layer_features_stepwise` with each patch component as one row over all positions.
+        """:meth:`embed_layer_features_stepwise` on the unfolded maps as they come, one row per patch component.
 
-        Same operations on the same values in the same order, so the same bits, but laid out so that no
-        step needs a strided copy or a per-value loop: the unfolded map (B, C p p, positions) is what the
-        bilinear alignment reads anyway (the step-by-step path permutes it away and back); and pooling a
-        position's C p p values to ``pretrain_embed_dimension`` is, with one row per component and one
-        column per position, a sum of whole rows (:func:`pool_rows`), whereas ``adaptive_avg_pool1d``
+        Same operations on the same values in the same order, so the same bits, in a layout that needs no
+        strided copy and no per-value loop: the unfolded map (B, C p p, positions) is what the bilinear
+        alignment reads anyway (the step-by-step path permutes it away and back), and pooling each
+        position's C p p values to ``pretrain_embed_dimension`` is, with one row per component and the
+        positions along the rows, a sum of whole rows (:func:`pool_rows`) where ``adaptive_avg_pool1d``
         loops value by value. The stacked layers are pooled the same way; one transpose at the end.
         """
         patched = [self.patch_maker.patchify(x, return_spatial_info=True) for x in layer_features]
@@ -304,10 +314,9 @@ class PatchEmbedder(torch.nn.Module):
                 planes = unfolded.reshape(-1, 1, grid[0], grid[1])
                 planes = F.interpolate(planes, size=(grids[0][0], grids[0][1]), mode="bilinear", align_corners=False)
                 unfolded = planes.reshape(batch, components, -1)
-            rows = unfolded.transpose(0, 1).reshape(components, -1)  # (C p p, B * positions)
-            pooled.append(pool_rows(rows, self.preprocessing.output_dim))
-        embeddings = pool_rows(torch.cat(pooled), self.preadapt_aggregator.target_dim)
-        return embeddings.t().contiguous(), grids
+            pooled.append(pool_rows(unfolded, self.preprocessing.output_dim))  # (B, pretrain_dim, positions)
+        embeddings = pool_rows(torch.cat(pooled, dim=1), self.preadapt_aggregator.target_dim)
+        return embeddings.transpose(1, 2).contiguous().view(-1, embeddings.shape[1]), grids
 
     def forward(self, images: torch.Tensor, evaluation: bool = True) -> Tuple[torch.Tensor, List[List[int]]]:
         return self.embed_layer_features(self.layer_features(images, evaluation=evaluation))

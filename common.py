@@ -354,11 +354,12 @@ class RescaleSegmentor:
 # the backbone once per run; the synthesised (``aug``) images still go through it every step.
 #
 # What is cached (measured on the CPU, see ``bench/README.md``): the final patch embeddings
-# (``PatchEmbedder.embed_layer_features``) when they fit, because the embedding step costs about as much
-# as the backbone itself (WideResNet-50, 288 px, 1536-d: 127 ms backbone + 148 ms embedding per image;
-# EfficientNet-Lite0, 128 px, 512-d: 7.7 + 5.3 ms); they take more room than the layer maps they are
-# made from (8.0 vs 4.0 MB per image; 0.52 vs 0.07 MB). When the embeddings do not fit but the layer
-# maps do, the maps are cached and embedded at every lookup (the same operations on the same values).
+# (``PatchEmbedder.embed_layer_features``) when they fit, because the embedding step costs about half
+# as much as the backbone itself (``bench/predict_speed.py``, batch 8: WideResNet-50, 288 px, 1536-d:
+# 148 ms backbone + 68 ms embedding per image; EfficientNet-Lite0, 128 px, 512-d, one thread: 5.3 + 2.3
+# ms); they take more room than the layer maps they are made from (8.0 vs 4.0 MB per image; 0.52 vs
+# 0.07 MB). When the embeddings do not fit but the layer maps do, the maps are cached and embedded at
+# every lookup (the same operations on the same values).
 #
 # Where (``--cache``): ``ram`` keeps CPU tensors, ``disk`` float32 ``np.memmap`` files in a temporary
 # folder under the results path (removed when training ends; a folder left by a killed run is removed by

@@ -181,19 +181,12 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
         """Loaders of every class of ``-d`` (or only of ``classes``: a worker process runs one class)."""
         module = __import__(module_name, fromlist=[class_name])
         dataset_class = getattr(module, class_name)
-        loaders, checked = [], []
+        splits = []  # (test set, train set or None) of each class
         for classname in (subdatasets if classes is None else classes):
-            # Layout problems of every split of every class are reported together, before training starts.
             common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"], seed=seed,
                           check_layout=False)
             test_set = dataset_class(data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TEST, **common)
-            test_loader = make_loader(test_set, batch_size, num_workers, shuffle=False)
-            test_loader.name = f"{name}_{classname}"
-            test_loader.dataset_config = {
-                "name": name, "data_path": os.path.abspath(data_path), "aug_path": os.path.abspath(aug_path),
-                "classname": classname, "batch_size": batch_size, **options,
-                "resize_used": test_set.resize, "imagesize_used": test_set.imgsize,
-            }
+            train_set = None
             if test == "ckpt":
                 train_set = dataset_class(
                     data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TRAIN,
@@ -205,16 +198,27 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                     fg=options["fg"], rand_aug=options["rand_aug"], downsampling=options["downsampling"],
                     augment=options["augment"], batch_size=batch_size, excel_dir=excel_dir, **common,
                 )
-                checked += [test_set, train_set]
+            splits.append((test_set, train_set))
+        # Layout problems of every split of every class are reported together, before any loader or training.
+        raise_layout_problems([data for pair in splits for data in pair])
+
+        loaders = []
+        for test_set, train_set in splits:
+            test_loader = make_loader(test_set, batch_size, num_workers, shuffle=False)
+            test_loader.name = f"{name}_{test_set.classname}"
+            test_loader.dataset_config = {
+                "name": name, "data_path": os.path.abspath(data_path), "aug_path": os.path.abspath(aug_path),
+                "classname": test_set.classname, "batch_size": batch_size, **options,
+                "resize_used": test_set.resize, "imagesize_used": test_set.imgsize,
+            }
+            if train_set is None:
+                train_loader = test_loader
+                LOGGER.info("Dataset %s: train=0 test=%d", test_set.classname, len(test_set))
+            else:
                 train_loader = make_loader(train_set, batch_size, num_workers, shuffle=True)
                 train_loader.name = test_loader.name
-                LOGGER.info("Dataset %s: train=%d test=%d", classname, len(train_set), len(test_set))
-            else:
-                checked.append(test_set)
-                train_loader = test_loader
-                LOGGER.info("Dataset %s: train=0 test=%d", classname, len(test_set))
+                LOGGER.info("Dataset %s: train=%d test=%d", test_set.classname, len(train_set), len(test_set))
             loaders.append({"training": train_loader, "testing": test_loader})
-        raise_layout_problems(checked)
         return loaders
 
     get_dataloaders.options = {  # for run.json

@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ if REPO_ROOT not in sys.path:
 
 import glass  # noqa: E402
 from utils import GlassError  # noqa: E402
+from bench.machine import describe_machine  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,19 +39,6 @@ def load_pth2onnx():
     spec.loader.exec_module(module)
     return module
 
-
-def machine_description() -> str:
-    """CPU model, cores, threads and library versions, on one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-
-    return (f"{cpu}; {os.cpu_count()} logical cores; {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
 
 
 def demo_config(imagesize: int) -> dict:
@@ -122,7 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GlassError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    print(f"Machine: {machine_description()}")
+    import onnxruntime
+
+    print(f"Machine: {describe_machine(args.threads, extra=f'onnxruntime {onnxruntime.__version__}')}")
     print(f"Model: {what}; {args.threads} thread(s); median of {args.repeats} runs")
     print(f"{'batch':>5}  {'PyTorch ms/img':>14}  {'onnxruntime ms/img':>18}  {'speed-up':>8}  {'max |score diff|':>16}")
     for row in rows:

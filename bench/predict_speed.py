@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ if REPO_ROOT not in sys.path:
 import backbones  # noqa: E402
 import glass  # noqa: E402
 from utils import GlassError  # noqa: E402
+from bench.machine import describe_machine  # noqa: E402
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -55,18 +55,6 @@ PROFILES: Dict[str, dict] = {
 }
 PHASES = ("backbone", "embedding", "embedding, step by step", "projection + discriminator", "upsample", "smoothing",
           "predict", "predict (step-by-step embedding)")
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} logical cores, load average {load}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
 
 
 def build(profile: dict, seed: int = 0) -> glass.GLASS:
@@ -201,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     repeats = args.repeats or profile["repeats"]
-    print(f"Machine: {machine_description()}")
+    print(f"Machine: {describe_machine(torch.get_num_threads())}")
     print(f"Model: {what}")
     identical = same_outputs(model, images[:max(args.batches)])
     print(f"Fast embedding == step-by-step embedding, bit for bit (embeddings, scores, maps): {identical}")

@@ -36,7 +36,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,8 @@ from typing import Dict, List, Optional, Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+from bench.machine import describe_machine  # noqa: E402
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -309,20 +310,6 @@ def run_flow(args) -> Dict[str, object]:
 # --------------------------------------------------------------------------------------------------
 # The driver (parent process)
 
-def machine_description(threads: Optional[int]) -> str:
-    import torch
-
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} logical cores, load average {load}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {threads or torch.get_num_threads()} torch thread(s)")
-
-
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -406,7 +393,9 @@ def main_driver(args) -> int:
     profile = PROFILES[args.profile]
     args.epochs = args.epochs or int(profile["epochs"])
     repeats = args.repeats or int(profile["repeats"])
-    print(f"Machine: {machine_description(args.threads)}")
+    import torch
+
+    print(f"Machine: {describe_machine(args.threads or torch.get_num_threads())}")
     print(f"Profile {args.profile}: {profile['backbone']} {'+'.join(profile['layers'])}, "
           f"{profile['pretrain_embed_dimension']}/{profile['target_embed_dimension']}-d, dsc_hidden {profile['dsc_hidden']}, "
           f"{profile['imagesize']} px, step {profile['step']}, limit {args.limit or profile['limit']}, batch {args.batch_size}, "

@@ -222,3 +222,43 @@ def test_best_threshold_hand_computed_f1():
     assert threshold == 0.5
     assert precision == pytest.approx(2 / 3)
     assert recall == 1.0
+
+
+# ---- ROC AUC without scikit-learn's argsort -------------------------------------------------------
+
+def test_roc_auc_hand_computed():
+    # Positive 0.35 beats one of two negatives, positive 0.8 beats both: (1 + 2) / 4.
+    assert metrics.roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    # A tie between a positive and a negative counts one half.
+    assert metrics.roc_auc(np.array([0, 1, 0, 1]), np.array([0.2, 0.2, 0.1, 0.9])) == 0.875
+    assert metrics.roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("levels", [None, 7, 200])  # continuous scores, or few / many tied values
+def test_roc_auc_has_the_bits_of_scikit_learn(seed, dtype, levels):
+    rng = np.random.default_rng(seed)
+    scores = rng.random(30_000).astype(dtype)
+    if levels is not None:
+        scores = (np.round(scores * levels) / levels).astype(dtype)
+    labels = (rng.random(scores.size) < 0.03 + 0.2 * scores).astype(int)
+    assert metrics.roc_auc(labels, scores) == skm.roc_auc_score(labels, scores)
+
+
+def test_roc_auc_has_the_bits_of_scikit_learn_on_real_masks(tire_root):
+    """Real tire ground truth, maps that are a blurred, noisy copy of it (what an evaluation looks like)."""
+    paths = sorted((tire_root / "tire" / "ground_truth").glob("*/*.png"))[::10]
+    masks = np.stack([cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (128, 128)) for p in paths]) / 255.0
+    rng = np.random.default_rng(0)
+    maps = np.stack([ndimage.gaussian_filter(m, 4) for m in masks]).astype(np.float32)
+    maps += rng.normal(0, 0.05, maps.shape).astype(np.float32)
+    labels = masks.astype(int).ravel()
+    assert 0 < labels.sum() < labels.size
+    assert metrics.roc_auc(labels, maps.ravel()) == skm.roc_auc_score(labels, maps.ravel())
+    assert metrics.compute_pixelwise_retrieval_metrics(maps, masks)["auroc"] == skm.roc_auc_score(labels, maps.ravel())
+
+
+def test_roc_auc_one_class_is_nan_as_in_scikit_learn():
+    with pytest.warns(Warning):
+        assert math.isnan(metrics.roc_auc(np.zeros(5, dtype=int), np.arange(5.0)))

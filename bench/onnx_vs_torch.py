@@ -40,7 +40,6 @@ def load_pth2onnx():
     return module
 
 
-
 def demo_config(imagesize: int) -> dict:
     """EfficientNet-Lite0 (bundled ImageNet weights), blocks.2 + blocks.4, the CLI's default sizes."""
     return {

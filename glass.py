@@ -644,12 +644,16 @@ class GLASS(torch.nn.Module):
             features, maps = features[: len(features) // 2], [m[:1] for m in maps]
         return features, grids, maps
 
+    def _embed_maps(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """Patch embeddings of a batch from its (cached) layer maps."""
+        return self.embedder.embed_layer_features(maps)[0]
+
     def _embed_plain_maps(self, maps: List[torch.Tensor]) -> torch.Tensor:
         """:meth:`_embed_plain` from cached layer maps (a lone image's maps embedded as a pair)."""
         if maps[0].shape[0] == 1:
-            features = self.embedder.embed_layer_features([torch.cat([m, m]) for m in maps])[0]
+            features = self._embed_maps([torch.cat([m, m]) for m in maps])
             return features[: len(features) // 2]
-        return self.embedder.embed_layer_features(maps)[0]
+        return self._embed_maps(maps)
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         return self.pre_projection(features) if self.pre_proj > 0 else features
@@ -1019,7 +1023,7 @@ class GLASS(torch.nn.Module):
         cache = self.train_cache
         if cache is not None and "index" in batch and images.shape[0] > 1:
             indices = [int(i) for i in batch["index"]]
-            return cache.embeddings(indices, lambda maps: self.embedder.embed_layer_features(maps)[0], self.device)
+            return cache.embeddings(indices, self._embed_maps, self.device)
         return self._embed(images)[0]
 
     def _train_discriminator(self, training_data, epoch: int, pbar, summary: str) -> str:
@@ -1172,7 +1176,7 @@ class GLASS(torch.nn.Module):
         """:meth:`predict` from the test cache's features, labels and masks."""
         scores, segmentations = [], []
         for indices in tqdm.tqdm(cache.batches, desc="Inferring (cached)...", leave=False, unit="batch"):
-            features = cache.embeddings(indices, lambda maps: self.embedder.embed_layer_features(maps)[0], self.device)
+            features = cache.embeddings(indices, self._embed_maps, self.device)
             batch_scores, batch_maps = self._score_features(features, cache.grids, len(indices))
             scores.extend(batch_scores)
             segmentations.extend(batch_maps)

@@ -736,9 +736,11 @@ def write_class_report(model: Any, name: str, scores: Sequence[float], segmentat
     """Tester hook: every plot of a class from the best checkpoint's predictions; returns the files written."""
     folder = plots_dir(model.results_path, model.ckpt_dir)
     written: List[str] = []
+    from glass import BEST_CHECKPOINT_PATTERN  # here: glass imports this module
+
     best = model.best_checkpoint()
     checkpoint = os.path.basename(best) if best else ""
-    best_epoch = int(checkpoint.split("_")[-1].split(".")[0]) if checkpoint else None
+    best_epoch = int(BEST_CHECKPOINT_PATTERN.search(checkpoint).group(1)) if checkpoint else None
     with never_fatal(f"the plots of {name}"):
         os.makedirs(folder, exist_ok=True)
         history = read_history(os.path.join(model.ckpt_dir, HISTORY_NAME))

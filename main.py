@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -298,9 +299,9 @@ def ensure_writable(path: str) -> str:
     """Create the results folder, or explain why it cannot be written."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w"):
-            pass
+        # A probe of its own: the worker processes of a parallel run check the same folder at the same time.
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(handle)
         os.remove(probe)
     except OSError as exc:
         raise GlassError(f"cannot write to --results_path {path} ({exc.strerror}): choose a writable folder") from None

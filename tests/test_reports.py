@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -197,6 +198,27 @@ def test_two_cpu_workers_ran_at_the_same_time_and_are_recorded(sequential_and_pa
         log = Path(info["log"]).read_text()
         assert f"Selecting dataset [{name}] (1/1)" in log and "Device: cpu" in log
     assert not list((parallel["results"] / main.WORKERS_FOLDER).glob("*.json"))  # merged, then removed
+
+
+def test_workers_checking_the_results_folder_at_once_do_not_trip_each_other(tmp_path):
+    """Every worker of a parallel run checks that the results folder is writable as it starts; with one
+    shared probe file one worker removed it under another (a CI failure: "No such file or directory")."""
+    errors = []
+
+    def check_many() -> None:
+        for _ in range(300):
+            try:
+                main.ensure_writable(str(tmp_path))
+            except utils.GlassError as exc:
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=check_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert list(tmp_path.iterdir()) == []  # no probe left behind
 
 
 @pytest.mark.parametrize("kind", ["sequential", "parallel"])

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -298,11 +297,7 @@ def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch
 def ensure_writable(path: str) -> str:
     """Create the results folder, or explain why it cannot be written."""
     try:
-        os.makedirs(path, exist_ok=True)
-        # A probe of its own: the worker processes of a parallel run check the same folder at the same time.
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(handle)
-        os.remove(probe)
+        utils.make_writable_folder(path)
     except OSError as exc:
         raise GlassError(f"cannot write to --results_path {path} ({exc.strerror}): choose a writable folder") from None
     return path

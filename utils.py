@@ -77,6 +77,18 @@ def torch_format_2_numpy_img(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype("uint8")
 
 
+def make_writable_folder(path: str) -> None:
+    """Create ``path`` if needed and prove it writable with a probe file; raises OSError otherwise.
+
+    The probe has a name of its own, so processes checking the same folder at once (the workers of a
+    parallel run) cannot remove each other's.
+    """
+    os.makedirs(path, exist_ok=True)
+    handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    os.close(handle)
+    os.remove(probe)
+
+
 def atomic_write(path: str, write: "callable") -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file intact."""
     directory = os.path.dirname(os.path.abspath(path))

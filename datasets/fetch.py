@@ -49,7 +49,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import click
 from tqdm import tqdm
 
-from utils import GlassError
+from utils import GlassError, make_writable_folder
 
 LOGGER = logging.getLogger(__name__)
 
@@ -678,11 +678,9 @@ CONVERTERS: dict[str, Callable[[Path, Path, DatasetSource, Path, str | None], Pa
 
 def _ensure_writable_dir(dest: Path) -> None:
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        make_writable_folder(str(dest))
     except OSError as exc:
-        raise GlassError(f"cannot create {dest} ({exc.strerror or exc}): choose a writable DEST") from None
-    if not os.access(dest, os.W_OK):
-        raise GlassError(f"{dest} is not writable: choose a writable DEST or fix its permissions")
+        raise GlassError(f"cannot write to {dest} ({exc.strerror or exc}): choose a writable DEST") from None
 
 
 def _write_marker(folder: Path, source: DatasetSource, archive: Path, digest: str) -> None:

@@ -376,6 +376,16 @@ def test_existing_foreign_folder_is_not_overwritten(tmp_path) -> None:
     assert (tmp_path / "btad" / "mine").is_dir()
 
 
+def test_unwritable_dest_is_one_clear_error(tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+
+    with pytest.raises(GlassError, match=r"cannot write to .*a_file/data \(Not a directory\): choose a writable DEST"):
+        fetch.fetch("btad", blocker / "data", base_url=closed_port_url())
+
+    assert blocker.read_text() == "not a folder"
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 

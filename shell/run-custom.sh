@@ -15,6 +15,7 @@ AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"class1 class2"}
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_data_folders
 
 "$PYTHON" main.py \
     --gpu "${GPU:-0}" \

@@ -10,6 +10,7 @@ AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"breakfast_box juice_bottle pushpins screw_bag splicing_connectors"}
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_data_folders
 
 "$PYTHON" main.py \
     --gpu "${GPU:-0}" \

@@ -6,6 +6,7 @@ AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"bracket_black bracket_brown bracket_white connector metal_plate tubes"}
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_data_folders
 
 "$PYTHON" main.py \
     --gpu "${GPU:-0}" \

@@ -6,6 +6,7 @@ AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum"}
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_data_folders
 
 "$PYTHON" main.py \
     --gpu "${GPU:-0}" \

@@ -6,6 +6,7 @@ AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"grey_cloth grid_cloth yellow_cloth pink_flower"}
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_data_folders
 
 "$PYTHON" main.py \
     --gpu "${GPU:-0}" \

@@ -5,8 +5,11 @@ Each dataset is a small copy (16 training, 8 test images) of MVTec 3D-AD `tire` 
 renamed and re-encoded into the dataset's own layout.
 """
 import csv
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +380,32 @@ def test_every_dataset_name_reaches_a_loader_with_its_classes(name):
     for script in ROOT.glob("shell/run-*.sh"):
         used = re.search(r"\) (\w+) \"\$DATAPATH\"", script.read_text())
         assert used is None or used.group(1) in main._DATASETS
+
+
+DATA_SCRIPTS = sorted(path.name for path in (ROOT / "shell").glob("run-*.sh") if path.name != "run-demo.sh")
+
+
+def run_script(name: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", f"shell/{name}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+@pytest.mark.parametrize("script", DATA_SCRIPTS)
+def test_a_script_without_its_data_says_which_variable_to_set(script, tmp_path):
+    missing = run_script(script, DATAPATH=str(tmp_path / "nowhere"), AUGPATH=str(DTD))
+    no_textures = run_script(script, DATAPATH=str(tmp_path), AUGPATH=str(tmp_path / "no_dtd"))
+    for done, variable in ((missing, "DATAPATH"), (no_textures, "AUGPATH")):
+        assert done.returncode == 2 and done.stdout == ""
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {variable}=") and f"bash shell/{script}" in lines[0]
+
+
+def test_a_script_with_its_folders_hands_them_to_main(tmp_path):
+    """Existing folders pass the script's check; main.py then checks the classes in them."""
+    done = run_script("run-custom.sh", DATAPATH=str(tmp_path), AUGPATH=str(DTD), CLASSES="part_a", GPU="-1",
+                      RESULTS=str(tmp_path / "results"))
+    assert done.returncode == 2
+    assert "part_a" in done.stderr.splitlines()[-1] and done.stderr.splitlines()[-1].startswith("Error: ")
 
 
 def test_visa_classes_agree_with_the_downloader():

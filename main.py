@@ -299,7 +299,7 @@ def ensure_writable(path: str) -> str:
     try:
         utils.make_writable_folder(path)
     except OSError as exc:
-        raise GlassError(f"cannot write to --results_path {path} ({exc.strerror}): choose a writable folder") from None
+        raise GlassError(f"cannot write to --results_path {path} ({exc.strerror or exc}): choose a writable folder") from None
     return path
 
 

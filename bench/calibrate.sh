@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The calibration runs: the CPU profile of the reference's published figures (EfficientNet-Lite0,
 # blocks.2 + blocks.4, 512-d, 128 px, 10 epochs, seed 0) on the real classes in ../shared/data.
-# Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder)
+# Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder, SEED=... another seed)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -17,7 +17,7 @@ for class in "${CLASSES[@]}"; do
     *) echo "unknown class $class (tire or magnetic_tile)" >&2; exit 2 ;;
   esac
   start=$(date +%s)
-  "$PYTHON" main.py --gpu 0 --seed 0 --test ckpt --results_path "$RESULTS/$class" \
+  "$PYTHON" main.py --gpu 0 --seed "${SEED:-0}" --test ckpt --results_path "$RESULTS/$class" \
     net -b efficientnet_lite0 -le blocks.2 -le blocks.4 \
         --pretrain_embed_dimension 512 --target_embed_dimension 512 --patchsize 3 \
         --meta_epochs 10 --eval_epochs 1 --dsc_layers 2 --dsc_hidden 512 --pre_proj 1 \

@@ -1138,8 +1138,9 @@ class GLASS(torch.nn.Module):
         images, scores, segmentations, labels_gt, masks_gt = self.predict(test_data)
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="eval")
         self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
-        utils.write_class_report(self, name, scores, segmentations, labels_gt, masks_gt, result)
         epoch = int(BEST_CHECKPOINT_PATTERN.search(path).group(1))
+        utils.write_class_report(self, name, os.path.basename(path), epoch, scores, segmentations, labels_gt, masks_gt,
+                                 result)
         return (*result, epoch)
 
     def predict(self, dataloader, keep_images: bool = True):

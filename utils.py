@@ -743,16 +743,13 @@ def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], l
     return float(metrics.compute_best_threshold(labels, scores)), "F1-best on the test set"
 
 
-def write_class_report(model: Any, name: str, scores: Sequence[float], segmentations: np.ndarray,
-                       labels: Sequence[int], masks: np.ndarray, result: Sequence[float]) -> List[str]:
-    """Tester hook: every plot of a class from the best checkpoint's predictions; returns the files written."""
+def write_class_report(model: Any, name: str, checkpoint: str, best_epoch: int, scores: Sequence[float],
+                       segmentations: np.ndarray, labels: Sequence[int], masks: np.ndarray,
+                       result: Sequence[float]) -> List[str]:
+    """Tester hook: every plot of a class from the predictions of its best checkpoint (``checkpoint``, the
+    file name, saved at ``best_epoch``); returns the files written."""
     folder = plots_dir(model.results_path, model.ckpt_dir)
     written: List[str] = []
-    from glass import BEST_CHECKPOINT_PATTERN  # here: glass imports this module
-
-    best = model.best_checkpoint()
-    checkpoint = os.path.basename(best) if best else ""
-    best_epoch = int(BEST_CHECKPOINT_PATTERN.search(checkpoint).group(1)) if checkpoint else None
     with never_fatal(f"the plots of {name}"):
         os.makedirs(folder, exist_ok=True)
         history = read_history(os.path.join(model.ckpt_dir, HISTORY_NAME))

@@ -14,7 +14,6 @@ import collections.abc
 import contextlib
 import glob
 import logging
-import math
 import os
 import random
 import re

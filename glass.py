@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import copy
 import glob
 import logging
 import os
@@ -96,18 +97,25 @@ def global_anomaly_synthesis(
     svd: int,
     mining: int,
     radius: float,
+    ascent_discriminator: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> GASResult:
     """GAS: Gaussian features moved by gradient ascent on the discriminator's loss, then truncated.
 
     Returns the BCE loss of the last step (true -> 0, synthetic -> 1), the true and synthetic scores
     of that step, the synthetic features, and r_g, the ``radius`` quantile of their distance to c.
+    ``ascent_discriminator(g)``, when given, stands in for ``discriminator(cat([true_feats, g]))`` in the
+    steps whose scores serve only the gradient with respect to g (a :class:`FrozenTrueHalf`).
     """
     noise = torch.normal(0, noise_std, true_feats.shape).to(true_feats.device)
     gaus_feats = true_feats + noise
     r_g = torch.zeros(1, device=true_feats.device)
     bce = torch.nn.BCELoss()
     for step in range(steps + 1):
-        scores = discriminator(torch.cat([true_feats, gaus_feats]))
+        ascent_only = step < steps and mining != 0
+        if ascent_only and ascent_discriminator is not None:
+            scores = ascent_discriminator(gaus_feats)
+        else:
+            scores = discriminator(torch.cat([true_feats, gaus_feats]))
         true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
         true_loss = bce(true_scores, torch.zeros_like(true_scores))
         gaus_loss = bce(gaus_scores, torch.ones_like(gaus_scores))
@@ -132,6 +140,52 @@ def global_anomaly_synthesis(
             else:  # manifold: distance to the true feature within [0.5, 1]
                 gaus_feats = truncate_to_band(gaus_feats, true_feats, 0.5, 1.0)
     return GASResult(bce_loss, true_scores, gaus_scores, gaus_feats, r_g)
+
+
+class FrozenTrueHalf:
+    """Discriminator scores of ``cat([true_feats, g])`` for the ascent steps of GAS, the true half of the first
+    Linear layer computed once.
+
+    Within one GAS call the weights and the true features stay fixed, and an ascent step needs only the
+    gradient with respect to g; so the first layer's matrix products over the true half (forward, and
+    backward to its input) need not be repeated at every step: half the work of a step. BatchNorm still sees
+    both halves, so batch statistics and running averages are those of the plain pass, and the scores and
+    gradients are the same bits wherever the layer's matrix product gives a row the same bits whatever the
+    other rows (:func:`ascent_pass_is_exact` checks it).
+    """
+
+    def __init__(self, discriminator: Discriminator, true_feats: torch.Tensor):
+        self.discriminator = discriminator
+        with torch.no_grad():
+            self.true_half = discriminator.first_linear()(true_feats)
+
+    def __call__(self, gaus_feats: torch.Tensor) -> torch.Tensor:
+        discriminator = self.discriminator
+        both = torch.cat([self.true_half, discriminator.first_linear()(gaus_feats)])
+        return discriminator.from_first_linear(both)
+
+
+def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor, noise_std: float,
+                         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> bool:
+    """Whether one ascent step through :class:`FrozenTrueHalf` gives the plain pass's bits on this device and
+    batch size: scores, gradient and BatchNorm running averages, on copies of the discriminator and without
+    drawing from the global random generators."""
+    true_feats = true_feats.detach()
+    noise = torch.randn(true_feats.shape, generator=torch.Generator().manual_seed(0)) * noise_std
+    outcomes = []
+    for frozen in (False, True):
+        model = copy.deepcopy(discriminator)
+        gaus_feats = (true_feats + noise.to(true_feats.device)).requires_grad_(True)
+        with context():
+            if frozen:
+                scores = FrozenTrueHalf(model, true_feats)(gaus_feats).float()
+            else:
+                scores = model(torch.cat([true_feats, gaus_feats])).float()
+        gaus_scores = scores[len(true_feats):]
+        loss = torch.nn.BCELoss()(gaus_scores, torch.ones_like(gaus_scores))
+        grad = torch.autograd.grad(loss, [gaus_feats])[0]
+        outcomes.append([scores.detach(), grad, *model.buffers()])
+    return all(torch.equal(plain, frozen) for plain, frozen in zip(*outcomes))
 
 
 def local_anomaly_synthesis(
@@ -272,6 +326,10 @@ def _kill_hook(epoch: int, step: int | str) -> None:
 class GLASS(torch.nn.Module):
     """The GLASS detector: frozen backbone features, feature adaptor and discriminator, plus its training."""
 
+    # GAS ascent steps through a FrozenTrueHalf wherever that gives the plain pass's bits (bench/ turns it off
+    # to time the reference's passes).
+    reuse_true_half = True
+
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = device
@@ -398,6 +456,8 @@ class GLASS(torch.nn.Module):
         elif compile:
             discriminate = torch.compile(self.discriminator)
         self.__dict__["_discriminator_forward"] = discriminate  # not registered as a second submodule
+        self.compiled = discriminate is not self.discriminator
+        self.exact_true_half: Dict[Tuple[int, str], bool] = {}  # ascent_pass_is_exact by (rows, device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``--amp``'s type on CUDA; nothing otherwise."""
@@ -410,6 +470,27 @@ class GLASS(torch.nn.Module):
         with self._autocast():
             scores = self._discriminator_forward(features)
         return scores.float()
+
+    def _ascent_discriminator(self, true_feats: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """Scores for GAS's ascent steps through a :class:`FrozenTrueHalf`, or None for the plain passes (no
+        ascent steps, ``--compile``, or a device and batch size where it would change the last bits)."""
+        if not self.reuse_true_half or self.compiled or self.mining == 0 or self.step == 0:
+            return None
+        key = (len(true_feats), str(true_feats.device))
+        if key not in self.exact_true_half:
+            self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise, self._autocast)
+            if not self.exact_true_half[key]:
+                LOGGER.info("GAS: on %s the discriminator's first layer gives a row other bits in a smaller batch, so "
+                            "its ascent steps over %d patches repeat the true half", true_feats.device, len(true_feats))
+        if not self.exact_true_half[key]:
+            return None
+        with self._autocast():
+            frozen = FrozenTrueHalf(self.discriminator, true_feats)
+
+        def scores(gaus_feats: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return frozen(gaus_feats).float()
+        return scores
 
     # ----------------------------------------------------------------------------------------------
     # Folders and checkpoints
@@ -1091,6 +1172,7 @@ class GLASS(torch.nn.Module):
         gas = global_anomaly_synthesis(
             self._discriminate, true_feats, center, r_t,
             noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
+            ascent_discriminator=self._ascent_discriminator(true_feats),
         )
         fake_feats, r_f = local_anomaly_synthesis(fake_feats, mask_s_gt, center, r_t, self.svd, self.radius)
 

@@ -48,6 +48,19 @@ class Discriminator(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.body(x))
 
+    def first_linear(self) -> torch.nn.Linear:
+        """The Linear layer that sees the input: the first block's, or the tail's when there are no blocks."""
+        return self.body[0][0] if len(self.body) else self.tail[0]
+
+    def from_first_linear(self, pre: torch.Tensor) -> torch.Tensor:
+        """The rest of :meth:`forward` after :meth:`first_linear`: ``forward(x) == from_first_linear(first_linear()(x))``."""
+        if len(self.body) == 0:
+            return self.tail[1](pre)
+        x = self.body[0][1:](pre)
+        for block in self.body[1:]:
+            x = block(x)
+        return self.tail(x)
+
 
 class Projection(torch.nn.Module):
     """Feature adaptor: ``n_layers`` Linear layers (``layer_type > 1`` puts LeakyReLU between them)."""

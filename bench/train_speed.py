@@ -4,12 +4,14 @@ Both flows train the same model on the same data with the same options; only the
 
 * ``this``: the trainer as it is (``--cache auto``): backbone features of the training and test images
   computed once and cached, the centre from a synthesis-free pass over the cached training features,
-  evaluation from the cached test features, heatmaps only when the best checkpoint is tested.
+  evaluation from the cached test features, heatmaps only when the best checkpoint is tested, GAS ascent
+  steps through ``glass.FrozenTrueHalf``.
 * ``reference``: :class:`ReferenceFlowGLASS`, the trainer with the reference's data flow put back
   (spec "Training", "Metrics", "Known oddities"): no cache; the centre computed every epoch by running
   the shuffled training loader, anomaly synthesis included, and the backbone on its images; every
   evaluation a full pass of the test images through the backbone, every image kept in memory, and a
-  heatmap PNG written for every test image; pixel AUROC by scikit-learn's ``roc_auc_score`` (the same
+  heatmap PNG written for every test image; every GAS ascent step a full discriminator pass over the true
+  and synthetic features (no ``glass.FrozenTrueHalf``); pixel AUROC by scikit-learn's ``roc_auc_score`` (the same
   bits as ``metrics.roc_auc``, more slowly); PRO at the final test by a loop over the 200 thresholds
   (each binarised, dilated, its ground-truth regions labelled and measured, as the reference does).
 
@@ -151,6 +153,8 @@ def flow_classes():
 
     class ReferenceFlowGLASS(TimedGLASS):
         """The reference's data flow on the same model (see the module docstring)."""
+
+        reuse_true_half = False  # every GAS ascent step runs the discriminator over both halves
 
         def setup_feature_caches(self, center_data, val_data, training_data=None) -> None:
             self.close_feature_caches()  # the reference has no cache

@@ -1,4 +1,5 @@
-"""The frozen-backbone feature cache: same numbers with it as without it, and when it is (not) used.
+"""The frozen-backbone feature cache: same numbers with it as without it, and when it is (not) used; and the
+same for GAS's frozen true half.
 
 Runs use the tiny profile on the CPU. "Same" means bit-identical: results.csv, the best checkpoint's
 tensors and every entry of ckpt.pth (optimiser states and random-generator states included).
@@ -56,6 +57,21 @@ def test_cached_layer_maps_give_the_same_results(tmp_path, without_cache, odd_ti
     results = train(tmp_path, odd_tire, dtd_root, "--cache", "ram")
     assert "Feature cache: layer maps of 17 train + 7 test images" in caplog.text
     assert_same_outcome(results, without_cache)
+
+
+def test_frozen_true_half_of_the_ascent_steps_changes_no_number(tmp_path, without_cache, odd_tire, dtd_root,
+                                                                  monkeypatch):
+    """GAS's ascent steps through glass.FrozenTrueHalf (the default) train to the bits of the plain passes."""
+    calls = []
+    frozen_call = glass.FrozenTrueHalf.__call__
+    monkeypatch.setattr(glass.FrozenTrueHalf, "__call__", lambda self, feats: calls.append(1) or frozen_call(self, feats))
+    frozen = train(tmp_path / "frozen", odd_tire, dtd_root, "--cache", "off")
+    assert len(calls) == 2 * 3 * 3 + 2  # 2 epochs x 3 batches x --step 3, one probe per batch size (8 and 1 images)
+    monkeypatch.setattr(glass.GLASS, "reuse_true_half", False)
+    plain = train(tmp_path / "plain", odd_tire, dtd_root, "--cache", "off")
+    assert len(calls) == 20
+    assert_same_outcome(frozen, plain)
+    assert_same_outcome(frozen, without_cache)
 
 
 def test_cache_is_bypassed_when_the_features_change(tmp_path, odd_tire, dtd_root, caplog):

@@ -1,4 +1,5 @@
 """Discriminator, projection and focal loss: names, shapes, gradients and known values."""
+import copy
 import math
 
 import pytest
@@ -23,6 +24,19 @@ def test_discriminator_shapes_names_and_gradients(n_layers):
     assert "tail.0.weight" in names and "tail.0.bias" not in names
     for k in range(1, n_layers):
         assert {f"body.block{k}.0.weight", f"body.block{k}.1.running_mean"} <= names
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_discriminator_continues_from_its_first_linear_layer(n_layers):
+    torch.manual_seed(0)
+    disc = Discriminator(16, n_layers=n_layers, hidden=8)
+    x = torch.randn(10, 16)
+    split = copy.deepcopy(disc)  # train mode: each pass moves the BatchNorm running averages
+    assert torch.equal(split.from_first_linear(split.first_linear()(x)), disc(x))
+    for ours, theirs in zip(split.buffers(), disc.buffers()):
+        assert torch.equal(ours, theirs)
+    first = "body.block1.0.weight" if n_layers > 1 else "tail.0.weight"
+    assert split.first_linear().weight is dict(split.named_parameters())[first]
 
 
 def test_projection_names_and_default_single_linear():

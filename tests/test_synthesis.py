@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from glass import global_anomaly_synthesis, hard_sample_mining, local_anomaly_synthesis, truncate_to_band
+from glass import (
+    FrozenTrueHalf, ascent_pass_is_exact, global_anomaly_synthesis, hard_sample_mining, local_anomaly_synthesis,
+    truncate_to_band,
+)
 from model import Discriminator
 
 
@@ -68,3 +71,59 @@ def test_hard_sample_mining_keeps_the_largest_errors():
     assert kept_labels.flatten().tolist() == [0.0, 1.0]
     all_scores, _ = hard_sample_mining(scores, labels, 0)
     assert torch.equal(all_scores, scores)
+
+
+def run_gas(disc, true_feats, svd, frozen: bool):
+    """GAS with the plain passes or through a FrozenTrueHalf, then the backward pass of its final loss."""
+    torch.manual_seed(1)
+    calls = []
+    frozen_half = FrozenTrueHalf(disc, true_feats)
+
+    def ascent(gaus_feats):
+        calls.append(len(gaus_feats))
+        return frozen_half(gaus_feats)
+    gas = global_anomaly_synthesis(disc, true_feats, torch.zeros_like(true_feats), torch.tensor([2.0]), noise_std=0.015,
+                                   steps=10, svd=svd, mining=1, radius=0.75,
+                                   ascent_discriminator=ascent if frozen else None)
+    assert calls == ([len(true_feats)] * 10 if frozen else [])  # every ascent step, not the final one
+    gas.bce_loss.backward()
+    return gas
+
+
+@pytest.mark.parametrize("svd", [0, 1])
+@pytest.mark.parametrize("rows, dim, n_layers", [(64, 8, 2), (48, 8, 3), (1024, 128, 2)])
+def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers):
+    torch.manual_seed(0)
+    outcomes = []
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        disc = Discriminator(dim, n_layers=n_layers, hidden=dim)
+        true_feats = (torch.randn(rows, dim) * 0.5).requires_grad_(True)
+        gas = run_gas(disc, true_feats, svd, frozen)
+        outcomes.append([gas.bce_loss, gas.true_scores, gas.gaus_scores, gas.gaus_feats, gas.r_g, true_feats.grad,
+                         *disc.buffers(), *(p.grad for p in disc.parameters())])
+    plain, frozen = outcomes
+    assert len(plain) == len(frozen)
+    for a, b in zip(plain, frozen):
+        assert torch.equal(a, b)
+
+
+def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
+    torch.manual_seed(0)
+    disc = Discriminator(32, n_layers=2, hidden=32)
+    true_feats = torch.randn(256, 32)
+    before = [b.clone() for b in disc.buffers()]
+    state = torch.random.get_rng_state()
+    assert ascent_pass_is_exact(disc, true_feats, 0.015)
+    # The probe works on copies and leaves the random stream alone.
+    assert all(torch.equal(a, b) for a, b in zip(before, disc.buffers()))
+    assert torch.equal(state, torch.random.get_rng_state())
+
+    # A device whose matrix product gave a row other bits in a smaller batch: one ulp on the true half.
+    frozen_init = FrozenTrueHalf.__init__
+
+    def off_by_one_ulp(self, discriminator, feats):
+        frozen_init(self, discriminator, feats)
+        self.true_half = torch.nextafter(self.true_half, torch.full_like(self.true_half, float("inf")))
+    monkeypatch.setattr(FrozenTrueHalf, "__init__", off_by_one_ulp)
+    assert not ascent_pass_is_exact(disc, true_feats, 0.015)

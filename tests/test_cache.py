@@ -60,18 +60,27 @@ def test_cached_layer_maps_give_the_same_results(tmp_path, without_cache, odd_ti
 
 
 def test_frozen_true_half_of_the_ascent_steps_changes_no_number(tmp_path, without_cache, odd_tire, dtd_root,
-                                                                  monkeypatch):
-    """GAS's ascent steps through glass.FrozenTrueHalf (the default) train to the bits of the plain passes."""
+                                                                  monkeypatch, caplog):
+    """GAS's ascent steps through glass.FrozenTrueHalf (the default) train to the bits of the plain passes,
+    which run instead where the check finds other bits."""
+    caplog.set_level("INFO")
     calls = []
     frozen_call = glass.FrozenTrueHalf.__call__
     monkeypatch.setattr(glass.FrozenTrueHalf, "__call__", lambda self, feats: calls.append(1) or frozen_call(self, feats))
     frozen = train(tmp_path / "frozen", odd_tire, dtd_root, "--cache", "off")
-    assert len(calls) == 2 * 3 * 3 + 2  # 2 epochs x 3 batches x --step 3, one probe per batch size (8 and 1 images)
+    assert len(calls) == 2 * 3 * 3 + 2  # 2 epochs x 3 batches x --step 3, one check per batch size (8 and 1 images)
+    assert "GAS:" not in caplog.text
+
+    monkeypatch.setattr(glass, "ascent_pass_is_exact", lambda *args: False)
+    refused = train(tmp_path / "refused", odd_tire, dtd_root, "--cache", "off")
+    assert len(calls) == 20
+    assert "GAS: on cpu the discriminator's first layer gives a row other bits" in caplog.text
+
     monkeypatch.setattr(glass.GLASS, "reuse_true_half", False)
     plain = train(tmp_path / "plain", odd_tire, dtd_root, "--cache", "off")
     assert len(calls) == 20
-    assert_same_outcome(frozen, plain)
-    assert_same_outcome(frozen, without_cache)
+    for results in (plain, refused, without_cache):
+        assert_same_outcome(frozen, results)
 
 
 def test_cache_is_bypassed_when_the_features_change(tmp_path, odd_tire, dtd_root, caplog):

@@ -1,0 +1,109 @@
+"""One gradient-ascent pass of global anomaly synthesis: the reference's plain pass against glass.FrozenTrueHalf.
+
+An ascent pass scores the true and the synthetic features together (the discriminator's BatchNorm sees
+both halves) and takes the gradient of the synthetic half's loss with respect to the synthetic features
+(spec "One training step"). Timed side by side, on the shapes of a training step:
+
+* ``plain``: ``discriminator(cat([true, synthetic]))`` and its gradient, as the reference runs every pass;
+* ``frozen true half``: ``glass.FrozenTrueHalf``, the first Linear layer's output of the true half
+  computed once per training step (not timed here), as the trainer runs the ascent passes;
+* ``floor``: the first Linear layer over the synthetic half alone, forward and backward to its input:
+  the two matrix products that a pass cannot do without.
+
+The script checks with ``glass.ascent_pass_is_exact`` (the trainer's own check) that the plain and the
+frozen pass give the same bits (scores, gradient and BatchNorm running averages) and exits with 1 if not. Every repetition times each variant once, in a rotating order;
+medians.
+
+    python bench/gas_speed.py                    # calibration profile: 8 x 256 positions, 512-d, dsc_hidden 512
+    python bench/gas_speed.py --profile paper    # WideResNet-50 at 288 px: 8 x 1296 positions, 1536-d, dsc_hidden 1024
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from bench.machine import describe_machine  # noqa: E402
+from glass import FrozenTrueHalf, ascent_pass_is_exact  # noqa: E402
+from model import Discriminator  # noqa: E402
+
+PROFILES: Dict[str, dict] = {
+    "cpu": dict(rows=8 * 16 * 16, dim=512, hidden=512, repeats=15),
+    "paper": dict(rows=8 * 36 * 36, dim=1536, hidden=1024, repeats=5),
+}
+
+
+def ascent_gradient(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
+    """Gradient of the synthetic half's BCE loss (target 1) with respect to the synthetic features."""
+    gaus_scores = scores[len(scores) - len(gaus_feats):]
+    loss = torch.nn.BCELoss()(gaus_scores, torch.ones_like(gaus_scores))
+    return torch.autograd.grad(loss, [gaus_feats])[0]
+
+
+def variants(discriminator: Discriminator, true_feats: torch.Tensor) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The timed passes, each from synthetic features to their gradient."""
+    frozen = FrozenTrueHalf(discriminator, true_feats)
+    first = discriminator.first_linear()
+
+    def floor(gaus_feats: torch.Tensor) -> torch.Tensor:
+        out = first(gaus_feats)
+        return torch.autograd.grad(out, [gaus_feats], torch.ones_like(out))[0]
+    return {
+        "plain": lambda g: ascent_gradient(discriminator(torch.cat([true_feats, g])), g),
+        "frozen true half": lambda g: ascent_gradient(frozen(g), g),
+        "floor": floor,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: the profile's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    profile = PROFILES[args.profile]
+    rows, dim, hidden = profile["rows"], profile["dim"], profile["hidden"]
+    repeats = args.repeats or profile["repeats"]
+
+    torch.manual_seed(0)
+    discriminator = Discriminator(dim, n_layers=2, hidden=hidden)
+    true_feats = torch.randn(rows, dim)
+    gaus_feats = (true_feats + 0.015 * torch.randn(rows, dim)).requires_grad_(True)
+    print(describe_machine(torch.get_num_threads()))
+    print(f"Profile {args.profile}: {rows} true + {rows} synthetic features of {dim} values, dsc_hidden {hidden}; "
+          f"{repeats} repetitions, medians")
+    exact = ascent_pass_is_exact(discriminator, true_feats, noise_std=0.015)
+
+    passes = variants(discriminator, true_feats)
+    times: Dict[str, List[float]] = {name: [] for name in passes}
+    names = list(passes)
+    for name in names:  # warm-up
+        passes[name](gaus_feats)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            start = time.perf_counter()
+            passes[name](gaus_feats)
+            times[name].append(time.perf_counter() - start)
+
+    plain = statistics.median(times["plain"])
+    print(f"{'ms per ascent pass':24}  {'median':>8}  {'/ plain':>8}")
+    for name in names:
+        value = statistics.median(times[name])
+        print(f"{name:24}  {value * 1000:8.1f}  {value / plain:8.2f}")
+    print("plain and frozen true half: " + ("the same bits" if exact else "DIFFERENT BITS"))
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -148,7 +148,7 @@ class FrozenTrueHalf:
 
     Within one GAS call the weights and the true features stay fixed, and an ascent step needs only the
     gradient with respect to g; so the first layer's matrix products over the true half (forward, and
-    backward to its input) need not be repeated at every step: half the work of a step. BatchNorm still sees
+    backward to its input) need not be repeated at every step: half the matrix products of a step. BatchNorm sees
     both halves, so batch statistics and running averages are those of the plain pass, and the scores and
     gradients are the same bits wherever the layer's matrix product gives a row the same bits whatever the
     other rows (:func:`ascent_pass_is_exact` checks it).
@@ -480,8 +480,8 @@ class GLASS(torch.nn.Module):
         if key not in self.exact_true_half:
             self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise, self._autocast)
             if not self.exact_true_half[key]:
-                LOGGER.info("GAS: on %s the discriminator's first layer gives a row other bits in a smaller batch, so "
-                            "its ascent steps over %d patches repeat the true half", true_feats.device, len(true_feats))
+                LOGGER.info("GAS: on %s the frozen true half would change the last bits for batches of %d patches, so "
+                            "their ascent steps run the plain passes", true_feats.device, len(true_feats))
         if not self.exact_true_half[key]:
             return None
         with self._autocast():

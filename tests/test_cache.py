@@ -74,7 +74,8 @@ def test_frozen_true_half_of_the_ascent_steps_changes_no_number(tmp_path, withou
     monkeypatch.setattr(glass, "ascent_pass_is_exact", lambda *args: False)
     refused = train(tmp_path / "refused", odd_tire, dtd_root, "--cache", "off")
     assert len(calls) == 20
-    assert "GAS: on cpu the discriminator's first layer gives a row other bits" in caplog.text
+    for patches in (8 * 64, 64):  # 8 x 8 positions per 64 px image
+        assert f"GAS: on cpu the frozen true half would change the last bits for batches of {patches} patches" in caplog.text
 
     monkeypatch.setattr(glass.GLASS, "reuse_true_half", False)
     plain = train(tmp_path / "plain", odd_tire, dtd_root, "--cache", "off")

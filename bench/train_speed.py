@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -239,7 +239,6 @@ def run_flow(args) -> Dict[str, object]:
     """Train ``args.epochs`` epochs with the flow ``args.child`` and test the best checkpoint; the clocks."""
     import torch
 
-    import glass
     import main
     import utils
     from datasets.mvtec import DatasetSplit, MVTecDataset

@@ -81,6 +81,7 @@ class NetworkFeatureAggregator(torch.nn.Module):
         self.backbone = backbone
         self.device = device
         self.train_backbone = train_backbone
+        self.prefix_tokens, self.channels_last_maps = map_layout(backbone)
         self.outputs: Dict[str, torch.Tensor] = {}
         for handle in getattr(backbone, "hook_handles", []):
             handle.remove()
@@ -103,16 +104,42 @@ class NetworkFeatureAggregator(torch.nn.Module):
     def feature_dimensions(self, input_shape: Sequence[int]) -> List[int]:
         """Channel count of every wanted layer for an input of shape (C, H, W)."""
         dummy = torch.ones([1, *input_shape], device=self.device)
-        outputs = self(dummy)
-        return [to_feature_map(outputs[name]).shape[1] for name in self.layers_to_extract_from]
+        try:
+            outputs = self(dummy)
+        except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for another image size
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise GlassError(f"the backbone cannot take {input_shape[-2]}x{input_shape[-1]} images ({first}): choose "
+                             "another --imagesize (transformer backbones take 224)") from None
+        return [map_.shape[1] for map_ in self.feature_maps(outputs)]
+
+    def feature_maps(self, outputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """The wanted layer outputs as (B, C, H, W) maps, in the order of ``layers_to_extract_from``."""
+        return [to_feature_map(outputs[name], self.prefix_tokens, self.channels_last_maps)
+                for name in self.layers_to_extract_from]
 
 
-def to_feature_map(feature: torch.Tensor) -> torch.Tensor:
-    """Turn a token sequence (B, L, C) from a ViT-like layer into a map (B, C, sqrt(L), sqrt(L))."""
+def map_layout(backbone: torch.nn.Module) -> Tuple[int, bool]:
+    """How the backbone's layer outputs become maps: the number of class/distillation tokens before the patch
+    tokens (timm's ViT and DeiT), and whether its maps are (B, H, W, C) (timm's Swin)."""
+    return int(getattr(backbone, "num_prefix_tokens", 0) or 0), getattr(backbone, "output_fmt", None) == "NHWC"
+
+
+def to_feature_map(feature: torch.Tensor, prefix_tokens: int = 0, channels_last: bool = False) -> torch.Tensor:
+    """A layer output as a (B, C, H, W) map.
+
+    A token sequence (B, L, C) of a ViT-like layer loses its ``prefix_tokens`` (class, distillation) and
+    the rest is folded row by row into a square grid; ``channels_last`` maps (B, H, W, C) are permuted.
+    """
     if feature.dim() == 3:
         batch, length, channels = feature.shape
-        side = int(math.sqrt(length))
-        return feature.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
+        tokens = length - prefix_tokens
+        side = math.isqrt(max(tokens, 0))
+        if side * side != tokens or side == 0:
+            raise GlassError(f"a backbone layer gives {length} tokens ({prefix_tokens} class/distillation tokens "
+                             f"first), which do not form a square grid: pick another layer or image size")
+        return feature[:, prefix_tokens:].reshape(batch, side, side, channels).permute(0, 3, 1, 2)
+    if channels_last and feature.dim() == 4:
+        return feature.permute(0, 3, 1, 2)
     return feature
 
 
@@ -259,7 +286,7 @@ class PatchEmbedder(torch.nn.Module):
             self.feature_aggregator.eval()
             with torch.no_grad():
                 outputs = self.feature_aggregator(images)
-        return [to_feature_map(outputs[name]) for name in self.layers_to_extract_from]
+        return self.feature_aggregator.feature_maps(outputs)
 
     def embed_layer_features(self, layer_features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[List[int]]]:
         """Patch embeddings (B * H1 * W1, target_dim) and each layer's patch grid from layer maps.

@@ -144,6 +144,7 @@ class LayerTap(torch.nn.Module):
         self.backbone.hook_handles = []
         self.layers = list(layers)
         self.targets = [common.resolve_layer(self.backbone, name) for name in dict.fromkeys(self.layers)]
+        self.prefix_tokens, self.channels_last = common.map_layout(self.backbone)
 
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         captured: Dict[str, torch.Tensor] = {}
@@ -156,7 +157,7 @@ class LayerTap(torch.nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return [common.to_feature_map(captured[name]) for name in self.layers]
+        return [common.to_feature_map(captured[name], self.prefix_tokens, self.channels_last) for name in self.layers]
 
 
 class GlassOnnx(torch.nn.Module):

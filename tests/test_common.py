@@ -51,6 +51,54 @@ def test_unknown_layer_is_a_one_line_error(lite0):
     assert "\n" not in str(info.value)
 
 
+def test_token_and_channels_last_layers_become_maps():
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # a class token, then 2 x 2 patches
+    maps = common.to_feature_map(tokens, prefix_tokens=1)
+    assert maps.shape == (2, 3, 2, 2)
+    for i in range(2):
+        for j in range(2):  # patches row by row after the class token
+            assert torch.equal(maps[:, :, i, j], tokens[:, 1 + 2 * i + j])
+    assert torch.equal(common.to_feature_map(tokens[:, 1:]), maps)  # no class token: all tokens are patches
+    nhwc = torch.randn(2, 4, 5, 3)
+    assert torch.equal(common.to_feature_map(nhwc, channels_last=True), nhwc.permute(0, 3, 1, 2))
+    assert common.to_feature_map(nhwc) is nhwc  # (B, C, H, W) maps pass as they are
+    with pytest.raises(GlassError, match="5 tokens .0 class/distillation tokens first., which do not form a square grid"):
+        common.to_feature_map(tokens)
+
+
+@pytest.mark.parametrize("name, layers, channels, grid", [
+    ("vit_small", ["blocks.4", "blocks.8"], [384, 384], 14),  # one class token
+    ("vit_deit_distilled", ["blocks.2", "blocks.4"], [768, 768], 14),  # class and distillation tokens
+    ("vit_swin_base", ["layers.1", "layers.2"], [256, 512], 28),  # (B, H, W, C) stages
+])
+def test_transformer_backbones_give_maps_of_their_patch_tokens(tire_root, name, layers, channels, grid):
+    backbone = backbones.load(name, pretrained=False)  # random weights: the layout does not depend on them
+    embedder = common.PatchEmbedder(backbone, layers, torch.device("cpu"), (3, 224, 224), 64, 64)
+    assert embedder.feature_dimensions == channels
+    captured = {}
+    handle = backbone.get_submodule(layers[0]).register_forward_hook(lambda m, i, out: captured.setdefault("raw", out))
+    images = load_tire_batch(tire_root, 224)
+    maps = embedder.layer_features(images)
+    handle.remove()
+    raw = captured["raw"]
+    assert maps[0].shape == (2, channels[0], grid, grid)
+    if raw.dim() == 3:
+        prefix = raw.shape[1] - grid * grid
+        assert prefix == backbone.num_prefix_tokens > 0
+        assert torch.equal(maps[0][:, :, 3, 5], raw[:, prefix + 3 * grid + 5])
+    else:
+        assert torch.equal(maps[0][:, :, 3, 5], raw[:, 3, 5])
+    embeddings, grids = embedder.embed_layer_features(maps)
+    assert embeddings.shape == (2 * grid * grid, 64) and grids[0] == [grid, grid]
+
+
+def test_transformer_at_another_image_size_is_a_one_line_error():
+    backbone = backbones.load("vit_small", pretrained=False)
+    with pytest.raises(GlassError, match=r"cannot take 128x128 images \(Input height \(128\) doesn't match model "
+                                         r"\(224\)\.\): choose another --imagesize"):
+        common.PatchEmbedder(backbone, ["blocks.4"], torch.device("cpu"), (3, 128, 128), 64, 64)
+
+
 def test_align_patches_is_bilinear_per_component():
     patches = torch.arange(16.0).reshape(1, 4, 1, 2, 2)  # grid 2x2, one channel, 2x2 patches
     aligned = common.align_patches(patches, [2, 2], [4, 4])

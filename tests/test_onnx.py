@@ -176,3 +176,25 @@ def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path
               "dataset": {"resize_used": [40, 40]}}
     meta = pth2onnx.export_metadata(config, "ckpt_best_3.pth", 0.42)
     assert meta["threshold"] == "0.42" and meta["resize"] == "40,40" and meta["imagesize"] == "32,32"
+
+
+def test_vit_backbone_exports_and_matches_pytorch(test_images, tmp_path):
+    """Token layers (a class token before the patch tokens) through the export: ONNX equals GLASS._predict."""
+    import backbones
+
+    torch.manual_seed(0)
+    layers = ["blocks.4", "blocks.8"]
+    model = glass.GLASS(torch.device("cpu"))
+    model.load(backbones.load("vit_small", pretrained=False), layers, torch.device("cpu"), (3, 224, 224), 64, 64,
+               dsc_hidden=64)
+    model._eval_mode()
+    config = {"input_shape": [3, 224, 224], "backbone": "vit_small", "layers_to_extract_from": layers}
+    path = tmp_path / "vit.onnx"
+    pth2onnx.export(model, config, str(path))
+    images = F.interpolate(test_images[0][:2], size=(224, 224), mode="bilinear", align_corners=False)
+    scores, maps = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": images.numpy()})
+    ref_scores, ref_maps = model._predict(images)
+    assert maps.shape == (2, 224, 224) and maps.std() > 0
+    assert np.abs(scores - np.asarray(ref_scores)).max() < TOLERANCE
+    assert np.abs(maps - np.stack(ref_maps)).max() < TOLERANCE

@@ -109,7 +109,7 @@ class NetworkFeatureAggregator(torch.nn.Module):
         except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for another image size
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise GlassError(f"the backbone cannot take {input_shape[-2]}x{input_shape[-1]} images ({first}): choose "
-                             "another --imagesize (transformer backbones take 224)") from None
+                             "another --imagesize (ViT, DeiT and Swin take 224)") from None
         return [map_.shape[1] for map_ in self.feature_maps(outputs)]
 
     def feature_maps(self, outputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:

@@ -165,6 +165,14 @@ class FrozenTrueHalf:
         return discriminator.from_first_linear(both)
 
 
+def ascent_gradient(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
+    """Gradient of the synthetic half's BCE loss (target 1) with respect to the synthetic features; ``scores``
+    are those of ``cat([true_feats, gaus_feats])``."""
+    gaus_scores = scores[len(scores) - len(gaus_feats):]
+    loss = torch.nn.BCELoss()(gaus_scores, torch.ones_like(gaus_scores))
+    return torch.autograd.grad(loss, [gaus_feats])[0]
+
+
 def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor, noise_std: float,
                          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> bool:
     """Whether one ascent step through :class:`FrozenTrueHalf` gives the plain pass's bits on this device and
@@ -181,10 +189,7 @@ def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor,
                 scores = FrozenTrueHalf(model, true_feats)(gaus_feats).float()
             else:
                 scores = model(torch.cat([true_feats, gaus_feats])).float()
-        gaus_scores = scores[len(true_feats):]
-        loss = torch.nn.BCELoss()(gaus_scores, torch.ones_like(gaus_scores))
-        grad = torch.autograd.grad(loss, [gaus_feats])[0]
-        outcomes.append([scores.detach(), grad, *model.buffers()])
+        outcomes.append([scores.detach(), ascent_gradient(scores, gaus_feats), *model.buffers()])
     return all(torch.equal(plain, frozen) for plain, frozen in zip(*outcomes))
 
 

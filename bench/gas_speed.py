@@ -33,20 +33,13 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from bench.machine import describe_machine  # noqa: E402
-from glass import FrozenTrueHalf, ascent_pass_is_exact  # noqa: E402
+from glass import FrozenTrueHalf, ascent_gradient, ascent_pass_is_exact  # noqa: E402
 from model import Discriminator  # noqa: E402
 
 PROFILES: Dict[str, dict] = {
     "cpu": dict(rows=8 * 16 * 16, dim=512, hidden=512, repeats=15),
     "paper": dict(rows=8 * 36 * 36, dim=1536, hidden=1024, repeats=5),
 }
-
-
-def ascent_gradient(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
-    """Gradient of the synthetic half's BCE loss (target 1) with respect to the synthetic features."""
-    gaus_scores = scores[len(scores) - len(gaus_feats):]
-    loss = torch.nn.BCELoss()(gaus_scores, torch.ones_like(gaus_scores))
-    return torch.autograd.grad(loss, [gaus_feats])[0]
 
 
 def variants(discriminator: Discriminator, true_feats: torch.Tensor) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:

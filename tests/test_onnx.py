@@ -178,18 +178,21 @@ def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path
     assert meta["threshold"] == "0.42" and meta["resize"] == "40,40" and meta["imagesize"] == "32,32"
 
 
-def test_vit_backbone_exports_and_matches_pytorch(test_images, tmp_path):
-    """Token layers (a class token before the patch tokens) through the export: ONNX equals GLASS._predict."""
+@pytest.mark.parametrize("name, layers", [
+    ("vit_small", ["blocks.4", "blocks.8"]),  # token layers, a class token before the patch tokens
+    ("vit_swin_base", ["layers.1", "layers.2"]),  # (B, H, W, C) stages
+])
+def test_transformer_backbone_exports_and_matches_pytorch(test_images, tmp_path, name, layers):
+    """Transformer layer outputs through the export: ONNX equals GLASS._predict."""
     import backbones
 
     torch.manual_seed(0)
-    layers = ["blocks.4", "blocks.8"]
     model = glass.GLASS(torch.device("cpu"))
-    model.load(backbones.load("vit_small", pretrained=False), layers, torch.device("cpu"), (3, 224, 224), 64, 64,
+    model.load(backbones.load(name, pretrained=False), layers, torch.device("cpu"), (3, 224, 224), 64, 64,
                dsc_hidden=64)
     model._eval_mode()
-    config = {"input_shape": [3, 224, 224], "backbone": "vit_small", "layers_to_extract_from": layers}
-    path = tmp_path / "vit.onnx"
+    config = {"input_shape": [3, 224, 224], "backbone": name, "layers_to_extract_from": layers}
+    path = tmp_path / f"{name}.onnx"
     pth2onnx.export(model, config, str(path))
     images = F.interpolate(test_images[0][:2], size=(224, 224), mode="bilinear", align_corners=False)
     scores, maps = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -594,11 +595,22 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
         message = last_error_line(log)
         if message is not None:
             return GlassError(message)
-        return RuntimeError(f"{names[index]}: its worker process on {device_label(device)} ended with exit code {code}; "
-                            f"see {log}")
+        return GlassError(worker_failure(names[index], device_label(device), code, log))
 
     run_scheduled(range(len(names)), devices, start, finished)
     return judged, stopped
+
+
+def worker_failure(name: str, device: str, code: int, log: str) -> str:
+    """What to say of a worker process that ended without an error line of its own."""
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+        return (f"{name}: its worker process on {device} {how} (out of memory, or stopped from outside); the same "
+                f"command resumes it from its ckpt.pth (log: {log})")
+    return f"{name}: its worker process on {device} ended with exit code {code}; see {log}"
 
 
 def _run_worker(methods, results_path: str, classname: str, gpu: int, output: str, seed: int, test: str) -> None:

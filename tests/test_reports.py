@@ -257,6 +257,47 @@ def test_an_error_in_a_worker_is_one_line_and_keeps_the_other_class(sequential_a
     assert record["workers"]["mvtec_tire"]["exit_code"] == 0
 
 
+def test_a_killed_parallel_run_resumes_every_class_where_it_stopped(two_classes, dtd_root, tmp_path, monkeypatch):
+    """Both workers are killed in their second epoch; the same command again resumes each class from its
+    own ckpt.pth and ends as an uninterrupted parallel run."""
+    import glass
+    from test_resume import assert_same_checkpoint
+
+    def arguments(results: Path) -> list:
+        return ["--results_path", results, "--gpu", "0", "--gpu", "1", *TWO_NET, "--meta_epochs", "2",
+                *tiny_dataset_args(two_classes, dtd_root, classes=("tire", "tire2"))]
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    code, _, err = captured_run(arguments(whole), "2")
+    assert code == 0, err[-2000:]
+
+    monkeypatch.setenv(glass.KILL_HOOK_ENV, "1:0")  # inherited by the workers: SIGKILL before epoch 1's step
+    code, _, err = captured_run(arguments(resumed), "2")
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "its worker process on cpu was killed by SIGKILL (out of memory, or stopped from outside); the same " \
+           "command resumes it from its ckpt.pth" in errors[0]
+    for name in ("mvtec_tire", "mvtec_tire2"):
+        assert torch.load(resumed / CLASS_DIR / name / "ckpt.pth", weights_only=True)["epoch"] == 0
+    assert not (resumed / "results.csv").exists()
+    assert json.loads((resumed / "run.json").read_text())["status"].startswith("failed: ")
+
+    monkeypatch.delenv(glass.KILL_HOOK_ENV)
+    code, _, err = captured_run(arguments(resumed), "2")
+    assert code == 0, err[-2000:]
+    record = json.loads((resumed / "run.json").read_text())
+    assert sorted(record["workers"]) == ["mvtec_tire", "mvtec_tire2"]
+    for info in record["workers"].values():
+        log = Path(info["log"]).read_text()
+        assert "resuming from" in log and "(1 of 2 epochs done)" in log
+    assert read_csv(resumed / "results.csv") == read_csv(whole / "results.csv")
+    for name in ("mvtec_tire", "mvtec_tire2"):
+        best = sorted(p.name for p in (whole / CLASS_DIR / name).glob("ckpt_best_*.pth"))
+        assert sorted(p.name for p in (resumed / CLASS_DIR / name).glob("ckpt_best_*.pth")) == best and len(best) == 1
+        for checkpoint in ("ckpt.pth", *best):
+            assert_same_checkpoint(resumed / CLASS_DIR / name / checkpoint, whole / CLASS_DIR / name / checkpoint)
+
+
 # --------------------------------------------------------------------------------------------------
 # The scheduler and the device plan, without training
 

@@ -148,10 +148,10 @@ class FrozenTrueHalf:
 
     Within one GAS call the weights and the true features stay fixed, and an ascent step needs only the
     gradient with respect to g; so the first layer's matrix products over the true half (forward, and
-    backward to its input) need not be repeated at every step: half the matrix products of a step. BatchNorm sees
-    both halves, so batch statistics and running averages are those of the plain pass, and the scores and
-    gradients are the same bits wherever the layer's matrix product gives a row the same bits whatever the
-    other rows (:func:`ascent_pass_is_exact` checks it).
+    backward to its input) need not be repeated at every step: half the matrix products of a step.
+    BatchNorm sees both halves, so batch statistics and running averages are those of the plain pass, and
+    the scores and gradients are the same bits wherever the layer's matrix product gives a row the same
+    bits whatever the other rows (:func:`ascent_pass_is_exact` checks it).
     """
 
     def __init__(self, discriminator: Discriminator, true_feats: torch.Tensor):

@@ -11,8 +11,8 @@ both halves) and takes the gradient of the synthetic half's loss with respect to
   the two matrix products that a pass cannot do without.
 
 The script checks with ``glass.ascent_pass_is_exact`` (the trainer's own check) that the plain and the
-frozen pass give the same bits (scores, gradient and BatchNorm running averages) and exits with 1 if not. Every repetition times each variant once, in a rotating order;
-medians.
+frozen pass give the same bits (scores, gradient and BatchNorm running averages) and exits with 1 if not.
+Every repetition times each variant once, in a rotating order; medians.
 
     python bench/gas_speed.py                    # calibration profile: 8 x 256 positions, 512-d, dsc_hidden 512
     python bench/gas_speed.py --profile paper    # WideResNet-50 at 288 px: 8 x 1296 positions, 1536-d, dsc_hidden 1024

@@ -698,6 +698,8 @@ def cli(argv: List[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     LOGGER.info("Command line arguments: %s", " ".join(sys.argv if argv is None else ["main.py", *argv]))
     args = sys.argv[1:] if argv is None else list(argv)
+    if utils.keep_freed_memory():
+        LOGGER.debug("glibc malloc keeps freed memory for reuse (GLASS_MALLOC=system to leave its defaults)")
     try:
         main.main(args=args, prog_name="main.py", standalone_mode=False, obj={"argv": args})
     except GlassError as exc:

@@ -5,7 +5,7 @@ Both flows train the same model on the same data with the same options; only the
 * ``this``: the trainer as it is (``--cache auto``): backbone features of the training and test images
   computed once and cached, the centre from a synthesis-free pass over the cached training features,
   evaluation from the cached test features, heatmaps only when the best checkpoint is tested, GAS ascent
-  steps through ``glass.FrozenTrueHalf``.
+  steps through ``glass.FrozenTrueHalf``, freed memory kept for reuse (``utils.keep_freed_memory``).
 * ``reference``: :class:`ReferenceFlowGLASS`, the trainer with the reference's data flow put back
   (spec "Training", "Metrics", "Known oddities"): no cache; the centre computed every epoch by running
   the shuffled training loader, anomaly synthesis included, and the backbone on its images; every
@@ -13,7 +13,8 @@ Both flows train the same model on the same data with the same options; only the
   heatmap PNG written for every test image; every GAS ascent step a full discriminator pass over the true
   and synthetic features (no ``glass.FrozenTrueHalf``); pixel AUROC by scikit-learn's ``roc_auc_score`` (the same
   bits as ``metrics.roc_auc``, more slowly); PRO at the final test by a loop over the 200 thresholds
-  (each binarised, dilated, its ground-truth regions labelled and measured, as the reference does).
+  (each binarised, dilated, its ground-truth regions labelled and measured, as the reference does);
+  glibc's default malloc settings.
 
 Each flow runs in its own child process (so that its peak memory is its own): it trains ``--epochs``
 epochs with an evaluation after every epoch, then tests the best checkpoint. The two children take
@@ -243,6 +244,8 @@ def run_flow(args) -> Dict[str, object]:
     import utils
     from datasets.mvtec import DatasetSplit, MVTecDataset
 
+    if args.child == "this":  # as main.py does; the reference runs with glibc's defaults
+        utils.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -279,7 +282,9 @@ def run_flow(args) -> Dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="train_speed_") as results:
         model.set_model_dir(os.path.join(results, "models", "backbone_0"), name, results_path=results)
         start = gate("setup")
+        usage_start = resource.getrusage(resource.RUSAGE_SELF)
         best = model.trainer(train_loader, test_loader, name)
+        usage_end = resource.getrusage(resource.RUSAGE_SELF)
         test_start = gate("test")
         n_eval_predicts = len(model.bench["predict_s"])
         result = model.tester(test_loader, name)
@@ -304,6 +309,9 @@ def run_flow(args) -> Dict[str, object]:
         "eval_predict_s": bench["predict_s"][:n_eval_predicts],
         "eval_metrics_s": bench["evaluate_s"][:n_eval_predicts],
         "train_total_s": setup_s + sum(epochs),
+        # Page faults and kernel time of training (setup included), per epoch: what fresh memory costs.
+        "faults_per_epoch": (usage_end.ru_minflt - usage_start.ru_minflt) / args.epochs,
+        "system_s_per_epoch": (usage_end.ru_stime - usage_start.ru_stime) / args.epochs,
         "test_s": test_end - test_start,
         "test_pro_s": bench["evaluate_s"][-1],
         "best_record": [float(v) for v in best] if best else None,
@@ -352,6 +360,8 @@ def report(runs: Dict[str, List[dict]]) -> str:
         ("training, setup included (s)", per_flow("train_total_s", lambda v: [v])),
         ("final test of the best checkpoint (s)", per_flow("test_s", lambda v: [v])),
         ("  of which metrics incl. PRO (s)", per_flow("test_pro_s", lambda v: [v])),
+        ("training: minor page faults per epoch", per_flow("faults_per_epoch", lambda v: [v])),
+        ("training: system CPU time per epoch (s)", per_flow("system_s_per_epoch", lambda v: [v])),
         ("peak RSS, main process (MB)", per_flow("peak_rss_mb", lambda v: [v])),
         ("peak RSS, largest DataLoader worker (MB)", per_flow("peak_worker_rss_mb", lambda v: [v])),
         ("feature cache size (MB)", per_flow("cache_mb", lambda v: [v])),

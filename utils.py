@@ -82,8 +82,8 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees tensors of a few MB many times. By default glibc returns such
     blocks to the kernel (above its adaptive mmap threshold, or by trimming the heap), so the next step
-    page-faults and zero-fills them again: at the CPU calibration profile 70,000 page faults per step,
-    a sixth of its time. Here blocks under 32 MiB come from the heap, and up to 1 GiB of free heap is
+    page-faults and zero-fills them again: at the CPU calibration profile 24,000-70,000 page faults per
+    step, 5-10 % of its time. Here blocks under 32 MiB come from the heap, and up to 1 GiB of free heap is
     kept. No number changes; the process keeps its peak memory until it ends. Linux with glibc only; not
     when ``GLASS_MALLOC=system`` or the user set glibc's own ``MALLOC_*_`` variables or malloc tunables.
     """

@@ -37,6 +37,7 @@ if REPO_ROOT not in sys.path:
 
 import backbones  # noqa: E402
 import glass  # noqa: E402
+import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 
@@ -171,6 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    utils.keep_freed_memory()  # as main.py does (both sides of every ratio run with it)
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = dict(PROFILES[args.profile])

@@ -73,7 +73,7 @@ def select_device(gpu_ids: Sequence[int]) -> torch.device:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_KEEP_BLOCKS = 32 * 2**20
 MALLOC_KEEP_TOP = 2**30
-# Settings of the user's own that keep_freed_memory leaves alone.
+# Environment variables by which the user sets glibc's malloc; keep_freed_memory then leaves it alone.
 _MALLOC_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
 
 

@@ -10,9 +10,7 @@ import ctypes
 import logging
 import math
 import os
-import platform
 import random
-import sys
 import tempfile
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -77,6 +75,14 @@ MALLOC_KEEP_TOP = 2**30
 _MALLOC_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
 
 
+def glibc_version() -> str:
+    """'glibc 2.36' where the C library is glibc, '' elsewhere."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        return ""
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; True if done.
 
@@ -87,7 +93,7 @@ def keep_freed_memory() -> bool:
     kept. No number changes; the process keeps its peak memory until it ends. Linux with glibc only; not
     when ``GLASS_MALLOC=system`` or the user set glibc's own ``MALLOC_*_`` variables or malloc tunables.
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not glibc_version():
         return False
     if os.environ.get("GLASS_MALLOC", "") == "system" or any(name in os.environ for name in _MALLOC_ENVIRONMENT) \
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):

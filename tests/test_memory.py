@@ -5,7 +5,6 @@ That it changes no number is tested in test_resume.py (a run with glibc's defaul
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+GLIBC = bool(utils.glibc_version())
 
 # Ten 8 MiB blocks from glibc's malloc (as torch's CPU allocator gets them), every page written, then freed,
 # as a training step does with its activations; the page faults of 10 rounds after 2 rounds of warm-up.

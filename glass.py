@@ -59,6 +59,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # epoch (both 0-based), "EPOCH:saved" right after that epoch's ckpt.pth is written (before its new best
 # checkpoint), so that tests can interrupt a run at a known point. Never set it in normal use.
 KILL_HOOK_ENV = "GLASS_TEST_KILL_AT"
+ATEN = torch.ops.aten
+MEAN_REDUCTION = 1  # at::Reduction::Mean, as BCELoss() passes it to binary_cross_entropy(_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,37 +99,36 @@ def global_anomaly_synthesis(
     svd: int,
     mining: int,
     radius: float,
-    ascent_discriminator: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ascent_gradient: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> GASResult:
     """GAS: Gaussian features moved by gradient ascent on the discriminator's loss, then truncated.
 
     Returns the BCE loss of the last step (true -> 0, synthetic -> 1), the true and synthetic scores
     of that step, the synthetic features, and r_g, the ``radius`` quantile of their distance to c.
-    ``ascent_discriminator(g)``, when given, stands in for ``discriminator(cat([true_feats, g]))`` in the
-    steps whose scores serve only the gradient with respect to g (a :class:`FrozenTrueHalf`).
+    ``ascent_gradient(g)``, when given, stands in for the plain pass in the steps that serve only the
+    gradient of the synthetic half's loss with respect to g (:meth:`FrozenTrueHalf.gradient`).
     """
     noise = torch.normal(0, noise_std, true_feats.shape).to(true_feats.device)
     gaus_feats = true_feats + noise
     r_g = torch.zeros(1, device=true_feats.device)
     bce = torch.nn.BCELoss()
     for step in range(steps + 1):
-        ascent_only = step < steps and mining != 0
-        if ascent_only and ascent_discriminator is not None:
-            scores = ascent_discriminator(gaus_feats)
+        if ascent_gradient is not None and step < steps and mining != 0:
+            grad = ascent_gradient(gaus_feats)  # this step's losses and scores would serve nothing else
         else:
             scores = discriminator(torch.cat([true_feats, gaus_feats]))
-        true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
-        true_loss = bce(true_scores, torch.zeros_like(true_scores))
-        gaus_loss = bce(gaus_scores, torch.ones_like(gaus_scores))
-        bce_loss = true_loss + gaus_loss
-        if step == steps:
-            break
-        if mining == 0:
-            dist_g = torch.norm(gaus_feats - center, dim=1)
-            r_g = quantile_radius(dist_g, radius)
-            break
+            true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
+            true_loss = bce(true_scores, torch.zeros_like(true_scores))
+            gaus_loss = bce(gaus_scores, torch.ones_like(gaus_scores))
+            bce_loss = true_loss + gaus_loss
+            if step == steps:
+                break
+            if mining == 0:
+                dist_g = torch.norm(gaus_feats - center, dim=1)
+                r_g = quantile_radius(dist_g, radius)
+                break
+            grad = torch.autograd.grad(gaus_loss, [gaus_feats])[0]
 
-        grad = torch.autograd.grad(gaus_loss, [gaus_feats])[0]
         grad_normalized = grad / (torch.norm(grad, dim=1).view(-1, 1) + 1e-10)
         with torch.no_grad():
             gaus_feats.add_(0.001 * grad_normalized)
@@ -143,26 +144,79 @@ def global_anomaly_synthesis(
 
 
 class FrozenTrueHalf:
-    """Discriminator scores of ``cat([true_feats, g])`` for the ascent steps of GAS, the true half of the first
-    Linear layer computed once.
+    """The gradient-ascent steps of GAS with the true half of the discriminator's first Linear layer computed
+    once.
 
     Within one GAS call the weights and the true features stay fixed, and an ascent step needs only the
-    gradient with respect to g; so the first layer's matrix products over the true half (forward, and
-    backward to its input) need not be repeated at every step: half the matrix products of a step.
-    BatchNorm sees both halves, so batch statistics and running averages are those of the plain pass, and
-    the scores and gradients are the same bits wherever the layer's matrix product gives a row the same
-    bits whatever the other rows (:func:`ascent_pass_is_exact` checks it).
+    gradient of the synthetic half's loss with respect to g; so the first layer's matrix products over the
+    true half (forward, and backward to its input) need not be repeated at every step: half the matrix
+    products of a step. BatchNorm sees both halves, so batch statistics and running averages are those of
+    the plain pass, and the gradients are the same bits wherever the layer's matrix product gives a row the
+    same bits whatever the other rows (:func:`ascent_pass_is_exact` checks it). For the default
+    discriminator on the CPU, the backward pass is run by hand (:meth:`_gradient_by_hand`).
     """
 
-    def __init__(self, discriminator: Discriminator, true_feats: torch.Tensor):
+    def __init__(self, discriminator: Discriminator, true_feats: torch.Tensor,
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.discriminator = discriminator
-        with torch.no_grad():
+        self.context = context  # of the discriminator's forward passes (autocast with --amp)
+        with torch.no_grad(), context():
             self.true_half = discriminator.first_linear()(true_feats)
+        self.by_hand = _backward_by_hand_applies(discriminator, self.true_half)
 
     def __call__(self, gaus_feats: torch.Tensor) -> torch.Tensor:
+        """Scores of ``cat([true_feats, gaus_feats])``, as ``discriminator`` gives them (a graph to g)."""
         discriminator = self.discriminator
         both = torch.cat([self.true_half, discriminator.first_linear()(gaus_feats)])
         return discriminator.from_first_linear(both)
+
+    def gradient(self, gaus_feats: torch.Tensor) -> torch.Tensor:
+        """The ascent gradient: of BCE(scores of the synthetic half, 1) with respect to ``gaus_feats``."""
+        if self.by_hand:
+            return self._gradient_by_hand(gaus_feats.detach())
+        with self.context():
+            scores = self(gaus_feats).float()
+        return ascent_gradient(scores, gaus_feats)
+
+    @torch.no_grad()
+    def _gradient_by_hand(self, gaus_feats: torch.Tensor) -> torch.Tensor:
+        """:meth:`gradient` for Linear -> BatchNorm1d -> LeakyReLU -> Linear -> Sigmoid, with the ATen operations
+        that autograd runs, in its order, but without its graph, and after BatchNorm on the synthetic rows
+        only: the true rows' scores are not in the loss, so their gradient is zero up to BatchNorm."""
+        linear, norm, leaky = self.discriminator.body[0]
+        tail = self.discriminator.tail[0]
+        rows = len(self.true_half)
+        pre = torch.cat([self.true_half, torch.addmm(linear.bias, gaus_feats, linear.weight.t())])
+        normed, mean, invstd = ATEN.native_batch_norm(
+            pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.momentum, norm.eps)
+        norm.num_batches_tracked.add_(1)  # as BatchNorm1d.forward does in training mode
+        normed = normed[rows:]
+        scores = torch.sigmoid(torch.nn.functional.leaky_relu(normed, leaky.negative_slope).mm(tail.weight.t()))
+        # Backward, from the mean BCE loss of the scores against 1.
+        grad = ATEN.binary_cross_entropy_backward(
+            torch.ones((), dtype=scores.dtype), scores, torch.ones_like(scores), None, MEAN_REDUCTION)
+        grad = ATEN.sigmoid_backward(grad, scores).mm(tail.weight)
+        grad = ATEN.leaky_relu_backward(grad, normed, leaky.negative_slope, False)
+        grad = torch.cat([torch.zeros_like(grad), grad])
+        grad = ATEN.native_batch_norm_backward(
+            grad, pre, norm.weight, norm.running_mean, norm.running_var, mean, invstd, True, norm.eps,
+            [True, False, False])[0]
+        return grad[rows:].mm(linear.weight)
+
+
+def _backward_by_hand_applies(discriminator: Discriminator, true_half: torch.Tensor) -> bool:
+    """Whether :meth:`FrozenTrueHalf._gradient_by_hand` covers this discriminator: one hidden block in training
+    mode with BatchNorm's usual running averages, on the CPU in float32 (where autograd runs these ATen
+    operations; elsewhere BatchNorm may take cuDNN's path)."""
+    if len(discriminator.body) != 1 or true_half.device.type != "cpu" or true_half.dtype != torch.float32:
+        return False
+    linear, norm, leaky = discriminator.body[0]
+    return (
+        type(norm) is torch.nn.BatchNorm1d and norm.training and norm.track_running_stats
+        and norm.momentum is not None and norm.affine and type(leaky) is torch.nn.LeakyReLU
+        and discriminator.tail[0].bias is None and type(discriminator.tail[1]) is torch.nn.Sigmoid
+        and linear.bias is not None
+    )
 
 
 def ascent_gradient(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
@@ -175,8 +229,8 @@ def ascent_gradient(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Ten
 
 def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor, noise_std: float,
                          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> bool:
-    """Whether one ascent step through :class:`FrozenTrueHalf` gives the plain pass's bits on this device and
-    batch size: scores, gradient and BatchNorm running averages, on copies of the discriminator and without
+    """Whether one ascent step through :meth:`FrozenTrueHalf.gradient` gives the plain pass's bits on this device
+    and batch size: gradient and BatchNorm running averages, on copies of the discriminator and without
     drawing from the global random generators."""
     true_feats = true_feats.detach()
     noise = torch.randn(true_feats.shape, generator=torch.Generator().manual_seed(0)) * noise_std
@@ -184,12 +238,13 @@ def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor,
     for frozen in (False, True):
         model = copy.deepcopy(discriminator)
         gaus_feats = (true_feats + noise.to(true_feats.device)).requires_grad_(True)
-        with context():
-            if frozen:
-                scores = FrozenTrueHalf(model, true_feats)(gaus_feats).float()
-            else:
+        if frozen:
+            gradient = FrozenTrueHalf(model, true_feats, context).gradient(gaus_feats)
+        else:
+            with context():
                 scores = model(torch.cat([true_feats, gaus_feats])).float()
-        outcomes.append([scores.detach(), ascent_gradient(scores, gaus_feats), *model.buffers()])
+            gradient = ascent_gradient(scores, gaus_feats)
+        outcomes.append([gradient, *model.buffers()])
     return all(torch.equal(plain, frozen) for plain, frozen in zip(*outcomes))
 
 
@@ -476,8 +531,8 @@ class GLASS(torch.nn.Module):
             scores = self._discriminator_forward(features)
         return scores.float()
 
-    def _ascent_discriminator(self, true_feats: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        """Scores for GAS's ascent steps through a :class:`FrozenTrueHalf`, or None for the plain passes (no
+    def _ascent_gradient(self, true_feats: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The gradient of GAS's ascent steps through a :class:`FrozenTrueHalf`, or None for the plain passes (no
         ascent steps, ``--compile``, or a device and batch size where it would change the last bits)."""
         if not self.reuse_true_half or self.compiled or self.mining == 0 or self.step == 0:
             return None
@@ -489,13 +544,7 @@ class GLASS(torch.nn.Module):
                             "their ascent steps run the plain passes", true_feats.device, len(true_feats))
         if not self.exact_true_half[key]:
             return None
-        with self._autocast():
-            frozen = FrozenTrueHalf(self.discriminator, true_feats)
-
-        def scores(gaus_feats: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
-                return frozen(gaus_feats).float()
-        return scores
+        return FrozenTrueHalf(self.discriminator, true_feats, self._autocast).gradient
 
     # ----------------------------------------------------------------------------------------------
     # Folders and checkpoints
@@ -1177,7 +1226,7 @@ class GLASS(torch.nn.Module):
         gas = global_anomaly_synthesis(
             self._discriminate, true_feats, center, r_t,
             noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
-            ascent_discriminator=self._ascent_discriminator(true_feats),
+            ascent_gradient=self._ascent_gradient(true_feats),
         )
         fake_feats, r_f = local_anomaly_synthesis(fake_feats, mask_s_gt, center, r_t, self.svd, self.radius)
 

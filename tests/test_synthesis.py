@@ -73,32 +73,39 @@ def test_hard_sample_mining_keeps_the_largest_errors():
     assert torch.equal(all_scores, scores)
 
 
-def run_gas(disc, true_feats, svd, frozen: bool):
+def run_gas(disc, true_feats, svd, frozen: bool, by_hand: bool = True):
     """GAS with the plain passes or through a FrozenTrueHalf, then the backward pass of its final loss."""
     torch.manual_seed(1)
     calls = []
     frozen_half = FrozenTrueHalf(disc, true_feats)
+    frozen_half.by_hand &= by_hand
 
     def ascent(gaus_feats):
         calls.append(len(gaus_feats))
-        return frozen_half(gaus_feats)
+        return frozen_half.gradient(gaus_feats)
     gas = global_anomaly_synthesis(disc, true_feats, torch.zeros_like(true_feats), torch.tensor([2.0]), noise_std=0.015,
                                    steps=10, svd=svd, mining=1, radius=0.75,
-                                   ascent_discriminator=ascent if frozen else None)
+                                   ascent_gradient=ascent if frozen else None)
     assert calls == ([len(true_feats)] * 10 if frozen else [])  # every ascent step, not the final one
     gas.bce_loss.backward()
     return gas
 
 
 @pytest.mark.parametrize("svd", [0, 1])
-@pytest.mark.parametrize("rows, dim, n_layers", [(64, 8, 1), (64, 8, 2), (48, 8, 3), (1024, 128, 2)])
-def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers):
+@pytest.mark.parametrize("rows, dim, n_layers, by_hand", [
+    (64, 8, 1, False), (64, 8, 2, True), (64, 8, 2, False), (48, 8, 3, False), (1024, 128, 2, True),
+    (1024, 128, 2, False), (2 * 256, 512, 2, True),
+])
+def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers, by_hand):
+    """GAS through FrozenTrueHalf.gradient, by hand (one hidden block on the CPU) or through autograd, trains to
+    the bits of the plain passes: losses, scores, features, BatchNorm's running averages and every gradient."""
     outcomes = []
     for frozen in (False, True):
         torch.manual_seed(0)
         disc = Discriminator(dim, n_layers=n_layers, hidden=dim)
         true_feats = (torch.randn(rows, dim) * 0.5).requires_grad_(True)
-        gas = run_gas(disc, true_feats, svd, frozen)
+        assert FrozenTrueHalf(disc, true_feats).by_hand == (n_layers == 2)
+        gas = run_gas(disc, true_feats, svd, frozen, by_hand)
         outcomes.append([gas.bce_loss, gas.true_scores, gas.gaus_scores, gas.gaus_feats, gas.r_g, true_feats.grad,
                          *disc.buffers(), *(p.grad for p in disc.parameters())])
     plain, frozen = outcomes
@@ -121,8 +128,25 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
     # A device whose matrix product gave a row other bits in a smaller batch: one ulp on the true half.
     frozen_init = FrozenTrueHalf.__init__
 
-    def off_by_one_ulp(self, discriminator, feats):
-        frozen_init(self, discriminator, feats)
+    def off_by_one_ulp(self, *args):
+        frozen_init(self, *args)
         self.true_half = torch.nextafter(self.true_half, torch.full_like(self.true_half, float("inf")))
     monkeypatch.setattr(FrozenTrueHalf, "__init__", off_by_one_ulp)
     assert not ascent_pass_is_exact(disc, true_feats, 0.015)
+
+
+def test_gradient_by_hand_only_where_it_is_autograd_s_computation():
+    """The hand-written backward covers the default discriminator in training mode on the CPU in float32; any
+    other layer stack, BatchNorm setting or dtype goes through autograd."""
+    feats = torch.randn(16, 8)
+
+    def by_hand(disc, true_feats=feats):
+        return FrozenTrueHalf(disc, true_feats).by_hand
+
+    assert by_hand(Discriminator(8, n_layers=2, hidden=8))
+    assert not by_hand(Discriminator(8, n_layers=3, hidden=8))
+    assert not by_hand(Discriminator(8, n_layers=2, hidden=8).double(), feats.double())
+    cumulative = Discriminator(8, n_layers=2, hidden=8)
+    cumulative.body[0][1].momentum = None  # running averages with 1 / num_batches_tracked
+    assert not by_hand(cumulative)
+    assert not by_hand(Discriminator(8, n_layers=2, hidden=8).eval())

@@ -5,7 +5,8 @@ Both flows train the same model on the same data with the same options; only the
 * ``this``: the trainer as it is (``--cache auto``): backbone features of the training and test images
   computed once and cached, the centre from a synthesis-free pass over the cached training features,
   evaluation from the cached test features, heatmaps only when the best checkpoint is tested, GAS ascent
-  steps through ``glass.FrozenTrueHalf``, freed memory kept for reuse (``utils.keep_freed_memory``).
+  steps through ``glass.FrozenTrueHalf`` (backward by hand), freed memory kept for reuse
+  (``utils.keep_freed_memory``).
 * ``reference``: :class:`ReferenceFlowGLASS`, the trainer with the reference's data flow put back
   (spec "Training", "Metrics", "Known oddities"): no cache; the centre computed every epoch by running
   the shuffled training loader, anomaly synthesis included, and the backbone on its images; every

@@ -161,8 +161,13 @@ class FrozenTrueHalf:
         self.discriminator = discriminator
         self.context = context  # of the discriminator's forward passes (autocast with --amp)
         with torch.no_grad(), context():
-            self.true_half = discriminator.first_linear()(true_feats)
-        self.by_hand = _backward_by_hand_applies(discriminator, self.true_half)
+            true_half = discriminator.first_linear()(true_feats)
+        self.by_hand = _backward_by_hand_applies(discriminator, true_half)
+        if self.by_hand:  # the first layer's output for both halves, written in place at each step
+            self.joined = torch.cat([true_half, torch.empty_like(true_half)])
+            self.joined_grad = torch.zeros_like(self.joined)  # its gradient; the true half's stays zero
+            true_half = self.joined[: len(true_half)]
+        self.true_half = true_half
 
     def __call__(self, gaus_feats: torch.Tensor) -> torch.Tensor:
         """Scores of ``cat([true_feats, gaus_feats])``, as ``discriminator`` gives them (a graph to g)."""
@@ -182,11 +187,13 @@ class FrozenTrueHalf:
     def _gradient_by_hand(self, gaus_feats: torch.Tensor) -> torch.Tensor:
         """:meth:`gradient` for Linear -> BatchNorm1d -> LeakyReLU -> Linear -> Sigmoid, with the ATen operations
         that autograd runs, in its order, but without its graph, and after BatchNorm on the synthetic rows
-        only: the true rows' scores are not in the loss, so their gradient is zero up to BatchNorm."""
+        only: the true rows' scores are not in the loss, so their gradient is zero up to BatchNorm. The
+        synthetic half's first-layer output and gradient are written into ``joined`` and ``joined_grad``."""
         linear, norm, leaky = self.discriminator.body[0]
         tail = self.discriminator.tail[0]
         rows = len(self.true_half)
-        pre = torch.cat([self.true_half, torch.addmm(linear.bias, gaus_feats, linear.weight.t())])
+        pre, grad_pre = self.joined, self.joined_grad
+        torch.addmm(linear.bias, gaus_feats, linear.weight.t(), out=pre[rows:])
         normed, mean, invstd = ATEN.native_batch_norm(
             pre, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.momentum, norm.eps)
         norm.num_batches_tracked.add_(1)  # as BatchNorm1d.forward does in training mode
@@ -196,10 +203,9 @@ class FrozenTrueHalf:
         grad = ATEN.binary_cross_entropy_backward(
             torch.ones((), dtype=scores.dtype), scores, torch.ones_like(scores), None, MEAN_REDUCTION)
         grad = ATEN.sigmoid_backward(grad, scores).mm(tail.weight)
-        grad = ATEN.leaky_relu_backward(grad, normed, leaky.negative_slope, False)
-        grad = torch.cat([torch.zeros_like(grad), grad])
+        ATEN.leaky_relu_backward.grad_input(grad, normed, leaky.negative_slope, False, grad_input=grad_pre[rows:])
         grad = ATEN.native_batch_norm_backward(
-            grad, pre, norm.weight, norm.running_mean, norm.running_var, mean, invstd, True, norm.eps,
+            grad_pre, pre, norm.weight, norm.running_mean, norm.running_var, mean, invstd, True, norm.eps,
             [True, False, False])[0]
         return grad[rows:].mm(linear.weight)
 

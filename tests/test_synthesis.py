@@ -130,7 +130,7 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
 
     def off_by_one_ulp(self, *args):
         frozen_init(self, *args)
-        self.true_half = torch.nextafter(self.true_half, torch.full_like(self.true_half, float("inf")))
+        self.true_half.copy_(torch.nextafter(self.true_half, torch.full_like(self.true_half, float("inf"))))
     monkeypatch.setattr(FrozenTrueHalf, "__init__", off_by_one_ulp)
     assert not ascent_pass_is_exact(disc, true_feats, 0.015)
 

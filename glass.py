@@ -181,7 +181,7 @@ class FrozenTrueHalf:
             return self._gradient_by_hand(gaus_feats.detach())
         with self.context():
             scores = self(gaus_feats).float()
-        return ascent_gradient(scores, gaus_feats)
+        return ascent_gradient_from_scores(scores, gaus_feats)
 
     @torch.no_grad()
     def _gradient_by_hand(self, gaus_feats: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ def _backward_by_hand_applies(discriminator: Discriminator, true_half: torch.Ten
     )
 
 
-def ascent_gradient(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
+def ascent_gradient_from_scores(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
     """Gradient of the synthetic half's BCE loss (target 1) with respect to the synthetic features; ``scores``
     are those of ``cat([true_feats, gaus_feats])``."""
     gaus_scores = scores[len(scores) - len(gaus_feats):]
@@ -249,7 +249,7 @@ def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor,
         else:
             with context():
                 scores = model(torch.cat([true_feats, gaus_feats])).float()
-            gradient = ascent_gradient(scores, gaus_feats)
+            gradient = ascent_gradient_from_scores(scores, gaus_feats)
         outcomes.append([gradient, *model.buffers()])
     return all(torch.equal(plain, frozen) for plain, frozen in zip(*outcomes))
 

@@ -37,7 +37,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from bench.machine import describe_machine  # noqa: E402
-from glass import FrozenTrueHalf, ascent_gradient, ascent_pass_is_exact  # noqa: E402
+from glass import FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact  # noqa: E402
 from model import Discriminator  # noqa: E402
 
 PROFILES: Dict[str, dict] = {
@@ -56,7 +56,7 @@ def variants(discriminator: Discriminator, true_feats: torch.Tensor) -> Dict[str
     def floor(gaus_feats: torch.Tensor) -> torch.Tensor:
         out = first(gaus_feats)
         return torch.autograd.grad(out, [gaus_feats], torch.ones_like(out))[0]
-    passes = {"plain": lambda g: ascent_gradient(discriminator(torch.cat([true_feats, g])), g),
+    passes = {"plain": lambda g: ascent_gradient_from_scores(discriminator(torch.cat([true_feats, g])), g),
               "frozen, autograd": through_autograd.gradient}
     if by_hand.by_hand:
         passes["frozen, by hand"] = by_hand.gradient

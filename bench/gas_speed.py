@@ -20,6 +20,7 @@ Every repetition times each variant once, in a rotating order; medians.
 
     python bench/gas_speed.py                    # calibration profile: 8 x 256 positions, 512-d, dsc_hidden 512
     python bench/gas_speed.py --profile paper    # WideResNet-50 at 288 px: 8 x 1296 positions, 1536-d, dsc_hidden 1024
+    python bench/gas_speed.py --device cuda      # on a GPU (no pass by hand there: the trainer runs it on the CPU only)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, synchronize  # noqa: E402
 from glass import FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact  # noqa: E402
 from model import Discriminator  # noqa: E402
 
@@ -69,7 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: the profile's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the passes run (auto: CUDA, else MPS, else CPU)")
     args = parser.parse_args(argv)
+    device = bench_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
@@ -77,10 +80,10 @@ def main(argv=None) -> int:
     repeats = args.repeats or profile["repeats"]
 
     torch.manual_seed(0)
-    discriminator = Discriminator(dim, n_layers=2, hidden=hidden)
-    true_feats = torch.randn(rows, dim)
-    gaus_feats = (true_feats + 0.015 * torch.randn(rows, dim)).requires_grad_(True)
-    print(describe_machine(torch.get_num_threads()))
+    discriminator = Discriminator(dim, n_layers=2, hidden=hidden).to(device)
+    true_feats = torch.randn(rows, dim).to(device)
+    gaus_feats = (true_feats + 0.015 * torch.randn(rows, dim).to(device)).requires_grad_(True)
+    print(describe_machine(torch.get_num_threads(), device=device))
     print(f"Profile {args.profile}: {rows} true + {rows} synthetic features of {dim} values, dsc_hidden {hidden}; "
           f"{repeats} repetitions, medians")
     exact = ascent_pass_is_exact(discriminator, true_feats, noise_std=0.015)
@@ -90,10 +93,12 @@ def main(argv=None) -> int:
     names = list(passes)
     for name in names:  # warm-up
         passes[name](gaus_feats)
+    synchronize(device)
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             start = time.perf_counter()
             passes[name](gaus_feats)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
 
     plain = statistics.median(times["plain"])
@@ -101,7 +106,8 @@ def main(argv=None) -> int:
     for name in names:
         value = statistics.median(times[name])
         print(f"{name:24}  {value * 1000:8.1f}  {value / plain:8.2f}")
-    print("plain and FrozenTrueHalf.gradient: " + ("the same bits" if exact else "DIFFERENT BITS"))
+    print("plain and FrozenTrueHalf.gradient: " + ("the same bits" if exact else
+          "DIFFERENT BITS (the trainer's own check would run the plain passes here)"))
     return 0 if exact else 1
 
 

@@ -1,8 +1,11 @@
-"""The one-line description of the machine that every benchmark prints above its figures."""
+"""What every benchmark shares: the one-line description of the machine, and the device it times."""
 from __future__ import annotations
 
 import os
 import platform
+import sys
+
+DEVICE_CHOICES = ("cpu", "cuda", "mps", "auto")
 
 
 def cpu_model() -> str:
@@ -14,11 +17,74 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def describe_machine(threads: int, extra: str = "") -> str:
-    """CPU, cores, load, Python/torch versions and torch threads on one line (``extra`` appended)."""
+def bench_device(name: str):
+    """The ``torch.device`` that ``--device`` names (``auto``: CUDA, else MPS, else the CPU).
+
+    A device that this machine lacks ends the script with one line on stderr and exit code 2, as the CLI's
+    mistakes do.
+    """
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    problem = None
+    if name not in DEVICE_CHOICES:
+        problem = f"choose one of {', '.join(DEVICE_CHOICES)}"
+    elif (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        problem = f"this machine (torch {torch.__version__}) has no {name.upper()} device; use --device cpu or auto"
+    if problem:
+        print(f"Error: --device {name}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return torch.device(name)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): call it before reading a clock."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_device_memory(device) -> None:
+    """Start :func:`peak_device_memory_mb`'s count afresh (CUDA only)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_device_memory_mb(device) -> float:
+    """The most memory torch's allocator held for tensors on a CUDA device since the last reset, in MB; NaN
+    elsewhere (the CPU's is the process's resident set; MPS has no peak counter)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return float("nan")
+
+
+def describe_device(device) -> str:
+    """``CPU`` or the accelerator's name (CUDA: its name and memory)."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return "Apple MPS" if device.type == "mps" else "CPU"
+
+
+def describe_machine(threads: int, extra: str = "", device=None) -> str:
+    """CPU, cores, load, Python/torch versions and torch threads on one line, then the timed device when it is
+    not the CPU (``extra`` appended)."""
     import torch
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     line = (f"{cpu_model()}, {os.cpu_count()} logical cores, load average {load}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, {threads} torch thread(s)")
+    if device is not None and device.type != "cpu":
+        line += f"; timed on {describe_device(device)}"
     return f"{line}, {extra}" if extra else line

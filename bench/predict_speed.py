@@ -17,6 +17,7 @@ order, so that a busy machine slows them alike; medians over the repetitions.
     python bench/predict_speed.py --threads 1         # one torch thread
     python bench/predict_speed.py --profile paper     # WideResNet-50 layer2+layer3, 288 px, 1536-d (random backbone weights)
     python bench/predict_speed.py --class_dir results/models/backbone_0/mvtec_tire   # a trained class
+    python bench/predict_speed.py --device cuda       # on a GPU (the step-by-step embedding runs there)
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import backbones  # noqa: E402
 import glass  # noqa: E402
 import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, synchronize  # noqa: E402
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -58,8 +59,8 @@ PHASES = ("backbone", "embedding", "embedding, step by step", "projection + disc
           "predict", "predict (step-by-step embedding)")
 
 
-def build(profile: dict, seed: int = 0) -> glass.GLASS:
-    """An untrained GLASS of ``profile`` (the heads' weights do not change the time)."""
+def build(profile: dict, device: torch.device, seed: int = 0) -> glass.GLASS:
+    """An untrained GLASS of ``profile`` on ``device`` (the heads' weights do not change the time)."""
     torch.manual_seed(seed)
     try:
         backbone = backbones.load(profile["backbone"])
@@ -69,8 +70,8 @@ def build(profile: dict, seed: int = 0) -> glass.GLASS:
         weights = "random weights (no ImageNet weights offline; the time is the same)"
     backbone.name, backbone.seed = profile["backbone"], None
     size = profile["imagesize"]
-    model = glass.GLASS(torch.device("cpu"))
-    model.load(backbone=backbone, layers_to_extract_from=profile["layers"], device=torch.device("cpu"),
+    model = glass.GLASS(device)
+    model.load(backbone=backbone, layers_to_extract_from=profile["layers"], device=device,
                input_shape=(3, size, size), pretrain_embed_dimension=profile["dim"], target_embed_dimension=profile["dim"],
                patchsize=3, dsc_layers=2, dsc_hidden=profile["dsc_hidden"], pre_proj=1)
     model.bench_weights = weights
@@ -141,12 +142,14 @@ def same_outputs(model: glass.GLASS, images: torch.Tensor) -> bool:
 
 
 def measure(model: glass.GLASS, images: torch.Tensor, batch: int, repeats: int) -> Dict[str, float]:
-    """Median ms per image of every phase over ``repeats`` passes over ``images`` in batches of ``batch``."""
+    """Median ms per image of every phase over ``repeats`` passes over ``images`` in batches of ``batch``
+    (``images`` on the model's device)."""
     chunks = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
     functions = [phase_functions(model, chunk) for chunk in chunks]
     for fns in functions[:1]:  # warm-up
         for fn in fns.values():
             fn()
+    synchronize(model.device)
     totals: Dict[str, List[float]] = {phase: [] for phase in PHASES}
     for rep in range(repeats):
         spent = dict.fromkeys(PHASES, 0.0)
@@ -155,6 +158,7 @@ def measure(model: glass.GLASS, images: torch.Tensor, batch: int, repeats: int) 
             for phase in PHASES[shift:] + PHASES[:shift]:  # a rotating order
                 start = time.perf_counter()
                 fns[phase]()
+                synchronize(model.device)
                 spent[phase] += time.perf_counter() - start
         for phase in PHASES:
             totals[phase].append(spent[phase] * 1e3 / (len(chunks) * batch))
@@ -170,7 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 1], help="batch sizes")
     parser.add_argument("--repeats", type=int, default=None, help="passes over the images (median; profile default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where it runs (auto: CUDA, else MPS, else CPU)")
     args = parser.parse_args(argv)
+    device = bench_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     utils.keep_freed_memory()  # as main.py does (both sides of every ratio run with it)
     if args.threads:
@@ -178,20 +184,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     profile = dict(PROFILES[args.profile])
     try:
         if args.class_dir:
-            model, config = glass.load_trained(args.class_dir)
+            model, config = glass.load_trained(args.class_dir, device)
             profile.update(imagesize=config["input_shape"][-1])
             what = f"trained {args.class_dir} ({config['backbone']} {'+'.join(config['layers_to_extract_from'])}, " \
                    f"{config['net']['target_embed_dimension']}-d, {config['input_shape'][-1]} px)"
         else:
-            model = build(profile)
+            model = build(profile, device)
             what = (f"{profile['backbone']} {'+'.join(profile['layers'])}, {profile['dim']}-d, dsc_hidden {profile['dsc_hidden']}, "
                     f"{profile['imagesize']} px, untrained heads, backbone with {model.bench_weights}")
-        images = tire_images(args.data, profile["imagesize"], args.images or profile["images"])
+        images = tire_images(args.data, profile["imagesize"], args.images or profile["images"]).to(device)
     except GlassError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     repeats = args.repeats or profile["repeats"]
-    print(f"Machine: {describe_machine(torch.get_num_threads())}")
+    print(f"Machine: {describe_machine(torch.get_num_threads(), device=device)}")
     print(f"Model: {what}")
     identical = same_outputs(model, images[:max(args.batches)])
     print(f"Fast embedding == step-by-step embedding, bit for bit (embeddings, scores, maps): {identical}")

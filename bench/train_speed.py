@@ -24,11 +24,13 @@ the final test, and the driver lets one phase of one child run at a time, altern
 first (this, reference / reference, this / ...). So both flows see the machine's load of the same
 minutes, and the figures are medians over epochs (and ``--repeats`` pairs of runs). Peak memory is each
 child's resident-set high-water mark (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; psutil is not
-installed), the DataLoader workers' (the largest one, ``RUSAGE_CHILDREN``) reported apart.
+installed), the DataLoader workers' (the largest one, ``RUSAGE_CHILDREN``) reported apart; on a GPU
+(``--device cuda``) also the most memory torch's allocator held on it (``torch.cuda.max_memory_allocated``).
 
     python bench/train_speed.py                       # CPU calibration profile on the real tire class (~7 min on 2 idle cores)
     python bench/train_speed.py --profile tiny        # the tests' tiny profile: a quick check (under a minute)
     python bench/train_speed.py --limit 96 --epochs 3 --repeats 2   # shorter epochs, more of them
+    python bench/train_speed.py --device cuda --threads 0             # on a GPU
 
 By default torch runs one thread (``--threads 1``; ``--threads 0`` keeps torch's default): the two
 DataLoader workers take the other core, and on a shared machine two torch threads were slower than one
@@ -40,6 +42,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -53,7 +56,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import (DEVICE_CHOICES, bench_device, describe_machine, peak_device_memory_mb,  # noqa: E402
+                           reset_peak_device_memory)
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -252,7 +256,7 @@ def run_flow(args) -> Dict[str, object]:
     logging.basicConfig(level=logging.WARNING)
     profile = PROFILES[args.profile]
     size = int(profile["imagesize"])
-    device = torch.device("cpu")
+    device = bench_device(args.device)
     data_root = os.path.join(args.data, "mvtec3d")
     textures = os.path.join(args.data, "dtd", "images")
     num_workers = main.default_num_workers() if args.num_workers is None else args.num_workers
@@ -283,6 +287,7 @@ def run_flow(args) -> Dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="train_speed_") as results:
         model.set_model_dir(os.path.join(results, "models", "backbone_0"), name, results_path=results)
         start = gate("setup")
+        reset_peak_device_memory(device)
         usage_start = resource.getrusage(resource.RUSAGE_SELF)
         best = model.trainer(train_loader, test_loader, name)
         usage_end = resource.getrusage(resource.RUSAGE_SELF)
@@ -320,6 +325,8 @@ def run_flow(args) -> Dict[str, object]:
         "training_heatmaps": heatmaps,
         "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
         "peak_worker_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+        "peak_device_mb": peak_device_memory_mb(device),  # NaN on the CPU
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "num_workers": num_workers,
         "train_images": len(train_set),
@@ -337,7 +344,7 @@ def median(values: Sequence[float]) -> float:
 def child_command(args, flow: str, out: str) -> List[str]:
     command = [sys.executable, os.path.abspath(__file__), "--child", flow, "--json", out, "--profile", args.profile,
                "--data", args.data, "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
-               "--seed", str(args.seed), "--threads", str(args.threads)]
+               "--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
     if args.limit is not None:
         command += ["--limit", str(args.limit)]
     if args.num_workers is not None:
@@ -367,6 +374,8 @@ def report(runs: Dict[str, List[dict]]) -> str:
         ("peak RSS, largest DataLoader worker (MB)", per_flow("peak_worker_rss_mb", lambda v: [v])),
         ("feature cache size (MB)", per_flow("cache_mb", lambda v: [v])),
     ]
+    if any(math.isfinite(run.get("peak_device_mb", math.nan)) for flow in FLOWS for run in runs[flow]):
+        rows.insert(-2, ("peak GPU memory allocated (MB)", per_flow("peak_device_mb", lambda v: [v])))
     width = max(len(label) for label, _ in rows)
     lines = [f"{'':{width}}  {'this':>10}  {'reference':>10}  {'ratio':>7}"]
     for label, values in rows:
@@ -417,7 +426,8 @@ def main_driver(args) -> int:
     repeats = args.repeats or int(profile["repeats"])
     import torch
 
-    print(f"Machine: {describe_machine(args.threads or torch.get_num_threads())}")
+    device = bench_device(args.device)  # a device this machine lacks stops here, before the children start
+    print(f"Machine: {describe_machine(args.threads or torch.get_num_threads(), device=device)}")
     print(f"Profile {args.profile}: {profile['backbone']} {'+'.join(profile['layers'])}, "
           f"{profile['pretrain_embed_dimension']}/{profile['target_embed_dimension']}-d, dsc_hidden {profile['dsc_hidden']}, "
           f"{profile['imagesize']} px, step {profile['step']}, limit {args.limit or profile['limit']}, batch {args.batch_size}, "
@@ -458,6 +468,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: main.default_num_workers())")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where both flows train (auto: CUDA, else MPS, else CPU)")
     parser.add_argument("--json", default=None, help="write the raw figures here")
     parser.add_argument("--child", choices=FLOWS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -1,0 +1,82 @@
+"""The benchmark scripts of bench/ still run, check what they claim to check, and refuse a missing device."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import gas_speed, machine, predict_speed
+from conftest import ROOT, SHARED_DATA
+
+
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    """A machine without CUDA or MPS, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_auto_device_falls_back_to_the_cpu(no_accelerator):
+    assert machine.bench_device("auto") == torch.device("cpu")
+    assert machine.bench_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps", "tpu"])
+def test_a_missing_device_is_one_line_and_exit_code_2(no_accelerator, name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        machine.bench_device(name)
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"Error: --device {name}:") and message.count("\n") == 1
+
+
+def test_cpu_has_no_device_memory_peak():
+    cpu = torch.device("cpu")
+    machine.synchronize(cpu)
+    machine.reset_peak_device_memory(cpu)
+    assert machine.peak_device_memory_mb(cpu) != machine.peak_device_memory_mb(cpu)  # NaN
+    assert machine.describe_device(cpu) == "CPU"
+    assert "timed on" not in machine.describe_machine(1, device=cpu)
+
+
+def test_gas_speed_times_every_pass_and_finds_the_same_bits(capsys):
+    assert gas_speed.main(["--repeats", "1", "--threads", "0"]) == 0  # 0: torch's threads left as they are
+    out = capsys.readouterr().out
+    for name in ("plain", "frozen, autograd", "frozen, by hand", "floor"):
+        assert f"\n{name} " in out
+    assert "plain and FrozenTrueHalf.gradient: the same bits" in out
+
+
+def test_predict_speed_on_real_images_checks_the_fast_embedding():
+    run = subprocess.run(  # its own process: the script sets up logging and the allocator for itself
+        [sys.executable, str(ROOT / "bench" / "predict_speed.py"), "--profile", "tiny", "--images", "8", "--batches",
+         "8", "--repeats", "1", "--data", str(SHARED_DATA)],
+        capture_output=True, text=True, timeout=600)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr[-2000:]
+    assert "bit for bit (embeddings, scores, maps): True" in out
+    assert "batch 8: predict / backbone" in out
+    for phase in predict_speed.PHASES:
+        assert f"\n{phase} " in out
+
+
+def test_train_speed_runs_both_data_flows_side_by_side(tmp_path):
+    """One epoch of the tiny profile per flow: the reference flow writes a heatmap per test image at its
+    evaluation and builds no cache; this flow writes none during training and caches the features."""
+    figures = tmp_path / "figures.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--profile", "tiny", "--epochs", "1", "--data",
+         str(SHARED_DATA), "--json", str(figures)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "epoch incl. evaluation, all epochs (s)" in run.stdout
+    runs = json.loads(figures.read_text())
+    this, reference = runs["this"][0], runs["reference"][0]
+    assert len(this["epochs"]) == len(reference["epochs"]) == 1
+    assert reference["training_heatmaps"] == reference["test_images"] == 112
+    assert this["training_heatmaps"] == 0
+    assert this["cache_mb"] > 0 and reference["cache_mb"] == 0
+    assert len(this["test_result"]) == len(reference["test_result"]) == 6

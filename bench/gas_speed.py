@@ -10,8 +10,11 @@ both halves) and takes the gradient of the synthetic half's loss with respect to
   (as the trainer runs the ascent passes on other devices and discriminators);
 * ``frozen, by hand``: the same with the backward pass written out (``FrozenTrueHalf.gradient`` as the
   trainer runs it on the CPU for a discriminator with one hidden block);
+* ``frozen, by hand, oneDNN``: the same with its two matrix products through oneDNN (``--onednn_gas``:
+  AVX-512 kernels where MKL has none, other last bits; reported as its largest difference from the plain
+  pass's gradient);
 * ``floor``: the first Linear layer over the synthetic half alone, forward and backward to its input:
-  the two matrix products that a pass cannot do without.
+  the two matrix products that a pass cannot do without (through torch.addmm/mm, as the plain pass runs them).
 
 The script checks with ``glass.ascent_pass_is_exact`` (the trainer's own check) that the plain pass and
 ``FrozenTrueHalf.gradient`` give the same bits (gradient and BatchNorm running averages) and exits with 1
@@ -39,6 +42,7 @@ if REPO_ROOT not in sys.path:
 
 from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, synchronize  # noqa: E402
 from glass import FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact  # noqa: E402
+from glass import onednn_linear_available  # noqa: E402
 from model import Discriminator  # noqa: E402
 
 PROFILES: Dict[str, dict] = {
@@ -61,6 +65,8 @@ def variants(discriminator: Discriminator, true_feats: torch.Tensor) -> Dict[str
               "frozen, autograd": through_autograd.gradient}
     if by_hand.by_hand:
         passes["frozen, by hand"] = by_hand.gradient
+        if onednn_linear_available():
+            passes["frozen, by hand, oneDNN"] = FrozenTrueHalf(discriminator, true_feats, onednn=True).gradient
     passes["floor"] = floor
     return passes
 
@@ -108,6 +114,10 @@ def main(argv=None) -> int:
         print(f"{name:24}  {value * 1000:8.1f}  {value / plain:8.2f}")
     print("plain and FrozenTrueHalf.gradient: " + ("the same bits" if exact else
           "DIFFERENT BITS (the trainer's own check would run the plain passes here)"))
+    if "frozen, by hand, oneDNN" in passes:
+        plain_gradient = passes["plain"](gaus_feats)
+        difference = (passes["frozen, by hand, oneDNN"](gaus_feats) - plain_gradient).abs().max() / plain_gradient.abs().max()
+        print(f"oneDNN pass: largest gradient difference from the plain pass {difference.item():.1e} of its largest value")
     return 0 if exact else 1
 
 

@@ -1,10 +1,13 @@
 """GAS, LAS and hard-sample mining on tiny tensors with known answers."""
+import copy
+
 import pytest
 import torch
 
+import glass
 from glass import (
-    FrozenTrueHalf, ascent_pass_is_exact, global_anomaly_synthesis, hard_sample_mining, local_anomaly_synthesis,
-    truncate_to_band,
+    FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact, global_anomaly_synthesis, hard_sample_mining,
+    local_anomaly_synthesis, onednn_linear, onednn_linear_available, truncate_to_band,
 )
 from model import Discriminator
 
@@ -150,3 +153,39 @@ def test_gradient_by_hand_only_where_it_is_autograd_s_computation():
     cumulative.body[0][1].momentum = None  # running averages with 1 / num_batches_tracked
     assert not by_hand(cumulative)
     assert not by_hand(Discriminator(8, n_layers=2, hidden=8).eval())
+
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN Linear kernel")
+
+
+@needs_onednn
+def test_onednn_linear_is_a_linear_layer():
+    """Small integers: every product and sum is exact in float32, so oneDNN must give x @ W.T + b exactly."""
+    x = torch.arange(24, dtype=torch.float32).reshape(6, 4) - 10
+    weight = torch.tensor([[1.0, -2, 0, 3], [4, 1, -1, 0], [0, 0, 2, -5]])
+    bias = torch.tensor([0.5, -1.0, 2.0])
+    assert torch.equal(onednn_linear(x, weight, bias), x @ weight.T + bias)
+    assert torch.equal(onednn_linear(x, weight), x @ weight.T)
+
+
+@needs_onednn
+def test_onednn_ascent_pass_is_the_plain_pass_up_to_rounding(monkeypatch):
+    """--onednn_gas: the pass by hand with its two matrix products (and the true half's) through oneDNN gives the
+    plain pass's gradient and BatchNorm running averages up to float32 rounding."""
+    calls = []
+    monkeypatch.setattr(glass, "onednn_linear", lambda *args: calls.append(len(args[0])) or onednn_linear(*args))
+    torch.manual_seed(0)
+    disc = Discriminator(128, n_layers=2, hidden=128)
+    true_feats = torch.randn(512, 128) * 0.5
+    gaus_feats = (true_feats + 0.015 * torch.randn(512, 128)).requires_grad_(True)
+    frozen_disc = copy.deepcopy(disc)
+    plain = ascent_gradient_from_scores(disc(torch.cat([true_feats, gaus_feats])), gaus_feats)
+    frozen = FrozenTrueHalf(frozen_disc, true_feats, onednn=True)
+    assert frozen.by_hand and frozen.onednn
+    gradient = frozen.gradient(gaus_feats)
+    assert calls == [512, 512, 512]  # the true half once; the synthetic half forward, and its gradient back
+    torch.testing.assert_close(gradient, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+    for ours, theirs in zip(frozen_disc.buffers(), disc.buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # Where the pass by hand does not apply, neither does oneDNN.
+    assert not FrozenTrueHalf(Discriminator(128, n_layers=3, hidden=128), true_feats, onednn=True).onednn

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The calibration runs: the CPU profile of the reference's published figures (EfficientNet-Lite0,
 # blocks.2 + blocks.4, 512-d, 128 px, 10 epochs, seed 0) on the real classes in ../shared/data.
-# Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder, SEED=... another seed)
+# Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder, SEED=... another seed,
+#        NET_EXTRA="--onednn_gas" more `net` options)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -21,7 +22,7 @@ for class in "${CLASSES[@]}"; do
     net -b efficientnet_lite0 -le blocks.2 -le blocks.4 \
         --pretrain_embed_dimension 512 --target_embed_dimension 512 --patchsize 3 \
         --meta_epochs 10 --eval_epochs 1 --dsc_layers 2 --dsc_hidden 512 --pre_proj 1 \
-        --mining 1 --noise 0.015 --radius 0.75 --p 0.5 --step 20 --limit 392 \
+        --mining 1 --noise 0.015 --radius 0.75 --p 0.5 --step 20 --limit 392 ${NET_EXTRA:-} \
     dataset --distribution 2 --mean 0.5 --std 0.1 --fg 0 --rand_aug 1 --batch_size 8 \
         --resize 128 --imagesize 128 -d "$class" mvtec "$root" "$DATA/dtd/images"
   echo "$class: $(( $(date +%s) - start )) s wall"

@@ -33,7 +33,7 @@ import common
 import metrics
 import utils
 from loss import FocalLoss
-from model import Discriminator, Projection
+from model import Discriminator, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available
 from utils import GlassError
 
 LOGGER = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ SHAPING_KEYS = ("backbone", "layers_to_extract_from", "input_shape")
 # options for config.json files written before they existed.
 NUMERICALLY_NEUTRAL_OPTIONS = ("cache",)
 SPEED_OPTION_DEFAULTS = {"cache_dtype": "float32", "amp": "off", "compile": False, "channels_last": False,
-                         "onednn_gas": False}
+                         "onednn": False}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Test-only hook: "EPOCH:STEP" makes the trainer SIGKILL itself just before that training step of that
 # epoch (both 0-based), "EPOCH:saved" right after that epoch's ckpt.pth is written (before its new best
@@ -155,7 +155,7 @@ class FrozenTrueHalf:
     the plain pass, and the gradients are the same bits wherever the layer's matrix product gives a row the
     same bits whatever the other rows (:func:`ascent_pass_is_exact` checks it). For the default
     discriminator on the CPU, the backward pass is run by hand (:meth:`_gradient_by_hand`), and with ``onednn``
-    its matrix products run through oneDNN (:func:`onednn_linear`: other last bits, ``--onednn_gas``).
+    its matrix products run through oneDNN (:func:`model.onednn_linear`: other last bits, ``--onednn``).
     """
 
     def __init__(self, discriminator: Discriminator, true_feats: torch.Tensor,
@@ -237,20 +237,6 @@ def _backward_by_hand_applies(discriminator: Discriminator, features: torch.Tens
         and discriminator.tail[0].bias is None and type(discriminator.tail[1]) is torch.nn.Sigmoid
         and linear.bias is not None
     )
-
-
-def onednn_linear_available() -> bool:
-    """Whether this torch build can run a float32 Linear layer through oneDNN on the CPU (x86 builds)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def onednn_linear(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``features @ weight.T + bias`` through oneDNN (CPU, float32, no autograd).
-
-    oneDNN picks AVX-512 kernels wherever the CPU has them, where MKL's sgemm (``torch.addmm``) runs AVX2 on AMD
-    CPUs: about 2.3x faster on the development machine's AMD EPYC, with other last bits (``--onednn_gas``).
-    """
-    return torch.ops.mkldnn._linear_pointwise(features, weight, bias, "none", [], "")
 
 
 def ascent_gradient_from_scores(scores: torch.Tensor, gaus_feats: torch.Tensor) -> torch.Tensor:
@@ -458,7 +444,7 @@ class GLASS(torch.nn.Module):
         amp: str = "off",
         compile: bool = False,
         channels_last: bool = False,
-        onednn_gas: bool = False,
+        onednn: bool = False,
         **kwargs,
     ) -> None:
         """Build the feature pipeline, projection, discriminator and their optimisers.
@@ -467,8 +453,8 @@ class GLASS(torch.nn.Module):
         frozen-backbone feature cache (see common.py, "Feature cache"; float16 rounds the cached features); ``amp``
         (off, bf16, fp16: autocast of backbone and discriminator forwards, CUDA only), ``compile``
         (torch.compile of the discriminator, CUDA only), ``channels_last`` (backbone memory format) and
-        ``onednn_gas`` (the matrix products of GAS's ascent passes through oneDNN, CPU only). All but ``cache``
-        change the numbers slightly.
+        ``onednn`` (the projection's and discriminator's matrix products through oneDNN, CPU only). All but
+        ``cache`` change the numbers slightly.
         """
         self.backbone = backbone.to(device)
         self.layers_to_extract_from = list(layers_to_extract_from)
@@ -525,11 +511,11 @@ class GLASS(torch.nn.Module):
         self.ckpt_dir = ""
         self.logger: Optional[SummaryWriter] = None
         self.global_step = 0
-        self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn_gas)
+        self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn)
 
     def _set_speed_options(self, cache: str, cache_dtype: str, amp: str, compile: bool, channels_last: bool,
-                           onednn_gas: bool = False) -> None:
-        """Feature cache settings, autocast, torch.compile, channels-last and oneDNN in GAS (see :meth:`load`)."""
+                           onednn: bool) -> None:
+        """Feature cache settings, autocast, torch.compile, channels-last and oneDNN (see :meth:`load`)."""
         if cache not in common.CACHE_MODES:
             raise GlassError(f"--cache {cache} is not one of {', '.join(common.CACHE_MODES)}")
         if cache_dtype not in common.CACHE_DTYPES:
@@ -555,16 +541,11 @@ class GLASS(torch.nn.Module):
         self.__dict__["_discriminator_forward"] = discriminate  # not registered as a second submodule
         self.compiled = discriminate is not self.discriminator
         self.exact_true_half: Dict[Tuple[int, str], bool] = {}  # ascent_pass_is_exact by (rows, device)
-        self.onednn_gas = False
-        if onednn_gas:
-            probe = torch.empty(0, device=self.device)  # float32 features on this device
-            if not onednn_linear_available():
-                LOGGER.warning("--onednn_gas: this torch build has no oneDNN Linear kernel: ignored")
-            elif not _backward_by_hand_applies(self.discriminator, probe):
-                LOGGER.warning("--onednn_gas applies to the CPU and a discriminator of one hidden block "
-                               "(--dsc_layers 2): ignored on %s", self.device.type)
-            else:
-                self.onednn_gas = True
+        self.onednn = onednn and self.device.type == "cpu" and onednn_linear_available()
+        if onednn and self.device.type != "cpu":
+            LOGGER.warning("--onednn is for the CPU: ignored on %s", self.device.type)
+        elif onednn and not self.onednn:
+            LOGGER.warning("--onednn: this torch build has no oneDNN Linear kernel: ignored")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``--amp``'s type on CUDA; nothing otherwise."""
@@ -572,9 +553,14 @@ class GLASS(torch.nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
+    def _head_context(self) -> contextlib.AbstractContextManager:
+        """The forward passes of the projection and discriminator: autocast to ``--amp``'s type on CUDA, oneDNN's
+        Linear layers with ``--onednn`` on the CPU, nothing otherwise."""
+        return OneDNNLinearMode() if self.onednn else self._autocast()
+
     def _discriminate(self, features: torch.Tensor) -> torch.Tensor:
-        """Discriminator scores (N, 1) in float32, under ``--amp``/``--compile`` when set."""
-        with self._autocast():
+        """Discriminator scores (N, 1) in float32, under ``--amp``/``--compile``/``--onednn`` when set."""
+        with self._head_context():
             scores = self._discriminator_forward(features)
         return scores.float()
 
@@ -583,8 +569,8 @@ class GLASS(torch.nn.Module):
         ascent steps, ``--compile``, or a device and batch size where it would change the last bits)."""
         if not self.reuse_true_half or self.compiled or self.mining == 0 or self.step == 0:
             return None
-        if self.onednn_gas:  # other last bits by choice: no comparison with the plain pass
-            return FrozenTrueHalf(self.discriminator, true_feats, self._autocast, onednn=True).gradient
+        if self.onednn:  # other last bits by choice: no comparison with the plain pass
+            return FrozenTrueHalf(self.discriminator, true_feats, self._head_context, onednn=True).gradient
         key = (len(true_feats), str(true_feats.device))
         if key not in self.exact_true_half:
             self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise, self._autocast)
@@ -839,7 +825,11 @@ class GLASS(torch.nn.Module):
         return self._embed_maps(maps)
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.pre_projection(features) if self.pre_proj > 0 else features
+        """The feature adaptor's output (the features themselves with ``--pre_proj 0``)."""
+        if self.pre_proj == 0:
+            return features
+        with OneDNNLinearMode() if self.onednn else contextlib.nullcontext():  # the projection runs without autocast
+            return self.pre_projection(features)
 
     # ----------------------------------------------------------------------------------------------
     # Training

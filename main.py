@@ -106,10 +106,10 @@ def main(**kwargs):
 @click.option("--compile", "compile_discriminator", is_flag=True,
               help="torch.compile the discriminator (CUDA; changes the results slightly). Ignored with a warning elsewhere.")
 @click.option("--channels_last", is_flag=True, help="Backbone in channels-last memory format (changes the results slightly).")
-@click.option("--onednn_gas", is_flag=True,
-              help="CPU: the matrix products of GAS's gradient-ascent passes through oneDNN, which uses AVX-512 where "
-                   "MKL does not (AMD CPUs: about 2x faster products; changes the results slightly). Ignored with a "
-                   "warning elsewhere.")
+@click.option("--onednn", is_flag=True,
+              help="CPU: the projection's and discriminator's matrix products (GAS included) through oneDNN, which "
+                   "uses AVX-512 where MKL does not (AMD CPUs: about 2x faster products; changes the results "
+                   "slightly). Ignored with a warning elsewhere.")
 def net(backbone_names, layers_to_extract_from, compile_discriminator, **options):
     """The model: backbone(s), feature layers and GLASS hyperparameters."""
     options["compile"] = compile_discriminator

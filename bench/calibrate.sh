@@ -2,7 +2,7 @@
 # The calibration runs: the CPU profile of the reference's published figures (EfficientNet-Lite0,
 # blocks.2 + blocks.4, 512-d, 128 px, 10 epochs, seed 0) on the real classes in ../shared/data.
 # Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder, SEED=... another seed,
-#        NET_EXTRA="--onednn_gas" more `net` options)
+#        NET_EXTRA="--onednn" more `net` options)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -10,7 +10,7 @@ both halves) and takes the gradient of the synthetic half's loss with respect to
   (as the trainer runs the ascent passes on other devices and discriminators);
 * ``frozen, by hand``: the same with the backward pass written out (``FrozenTrueHalf.gradient`` as the
   trainer runs it on the CPU for a discriminator with one hidden block);
-* ``frozen, by hand, oneDNN``: the same with its two matrix products through oneDNN (``--onednn_gas``:
+* ``frozen, by hand, oneDNN``: the same with its two matrix products through oneDNN (``--onednn``:
   AVX-512 kernels where MKL has none, other last bits; reported as its largest difference from the plain
   pass's gradient);
 * ``floor``: the first Linear layer over the synthetic half alone, forward and backward to its input:
@@ -42,8 +42,7 @@ if REPO_ROOT not in sys.path:
 
 from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, synchronize  # noqa: E402
 from glass import FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact  # noqa: E402
-from glass import onednn_linear_available  # noqa: E402
-from model import Discriminator  # noqa: E402
+from model import Discriminator, onednn_linear_available  # noqa: E402
 
 PROFILES: Dict[str, dict] = {
     "cpu": dict(rows=8 * 16 * 16, dim=512, hidden=512, repeats=15),

@@ -18,6 +18,7 @@ order, so that a busy machine slows them alike; medians over the repetitions.
     python bench/predict_speed.py --profile paper     # WideResNet-50 layer2+layer3, 288 px, 1536-d (random backbone weights)
     python bench/predict_speed.py --class_dir results/models/backbone_0/mvtec_tire   # a trained class
     python bench/predict_speed.py --device cuda       # on a GPU (the step-by-step embedding runs there)
+    python bench/predict_speed.py --onednn            # the heads' Linear layers through oneDNN (other last bits)
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ PHASES = ("backbone", "embedding", "embedding, step by step", "projection + disc
           "predict", "predict (step-by-step embedding)")
 
 
-def build(profile: dict, device: torch.device, seed: int = 0) -> glass.GLASS:
-    """An untrained GLASS of ``profile`` on ``device`` (the heads' weights do not change the time)."""
+def build(profile: dict, device: torch.device, onednn: bool = False, seed: int = 0) -> glass.GLASS:
+    """An untrained GLASS of ``profile`` on ``device`` (the heads' weights do not change the time), with
+    ``--onednn`` when ``onednn``."""
     torch.manual_seed(seed)
     try:
         backbone = backbones.load(profile["backbone"])
@@ -73,7 +75,7 @@ def build(profile: dict, device: torch.device, seed: int = 0) -> glass.GLASS:
     model = glass.GLASS(device)
     model.load(backbone=backbone, layers_to_extract_from=profile["layers"], device=device,
                input_shape=(3, size, size), pretrain_embed_dimension=profile["dim"], target_embed_dimension=profile["dim"],
-               patchsize=3, dsc_layers=2, dsc_hidden=profile["dsc_hidden"], pre_proj=1)
+               patchsize=3, dsc_layers=2, dsc_hidden=profile["dsc_hidden"], pre_proj=1, onednn=onednn)
     model.bench_weights = weights
     return model
 
@@ -175,6 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="passes over the images (median; profile default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where it runs (auto: CUDA, else MPS, else CPU)")
+    parser.add_argument("--onednn", action="store_true",
+                        help="build the profile's model with --onednn (a --class_dir keeps its own setting)")
     args = parser.parse_args(argv)
     device = bench_device(args.device)
     logging.basicConfig(level=logging.WARNING)
@@ -189,9 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             what = f"trained {args.class_dir} ({config['backbone']} {'+'.join(config['layers_to_extract_from'])}, " \
                    f"{config['net']['target_embed_dimension']}-d, {config['input_shape'][-1]} px)"
         else:
-            model = build(profile, device)
+            model = build(profile, device, args.onednn)
             what = (f"{profile['backbone']} {'+'.join(profile['layers'])}, {profile['dim']}-d, dsc_hidden {profile['dsc_hidden']}, "
-                    f"{profile['imagesize']} px, untrained heads, backbone with {model.bench_weights}")
+                    f"{profile['imagesize']} px, untrained heads, backbone with {model.bench_weights}"
+                    f"{', --onednn' if model.onednn else ''}")
         images = tire_images(args.data, profile["imagesize"], args.images or profile["images"]).to(device)
     except GlassError as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ installed), the DataLoader workers' (the largest one, ``RUSAGE_CHILDREN``) repor
     python bench/train_speed.py --profile tiny        # the tests' tiny profile: a quick check (under a minute)
     python bench/train_speed.py --limit 96 --epochs 3 --repeats 2   # shorter epochs, more of them
     python bench/train_speed.py --device cuda --threads 0             # on a GPU
-    python bench/train_speed.py --onednn_gas                          # this flow with --onednn_gas (other last bits)
+    python bench/train_speed.py --onednn                             # this flow with --onednn (other last bits)
 
 By default torch runs one thread (``--threads 1``; ``--threads 0`` keeps torch's default): the two
 DataLoader workers take the other core, and on a shared machine two torch threads were slower than one
@@ -283,7 +283,7 @@ def run_flow(args) -> Dict[str, object]:
         dsc_layers=2, dsc_hidden=profile["dsc_hidden"], pre_proj=1, mining=1, noise=0.015, radius=0.75, p=0.5,
         lr=0.0001, step=profile["step"], limit=args.limit if args.limit is not None else profile["limit"],
         cache="auto" if args.child == "this" else "off",
-        onednn_gas=args.onednn_gas and args.child == "this",
+        onednn=args.onednn and args.child == "this",
     )
     name = "mvtec_tire"
     with tempfile.TemporaryDirectory(prefix="train_speed_") as results:
@@ -347,8 +347,8 @@ def child_command(args, flow: str, out: str) -> List[str]:
     command = [sys.executable, os.path.abspath(__file__), "--child", flow, "--json", out, "--profile", args.profile,
                "--data", args.data, "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
                "--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
-    if args.onednn_gas:
-        command.append("--onednn_gas")
+    if args.onednn:
+        command.append("--onednn")
     if args.limit is not None:
         command += ["--limit", str(args.limit)]
     if args.num_workers is not None:
@@ -436,7 +436,7 @@ def main_driver(args) -> int:
           f"{profile['pretrain_embed_dimension']}/{profile['target_embed_dimension']}-d, dsc_hidden {profile['dsc_hidden']}, "
           f"{profile['imagesize']} px, step {profile['step']}, limit {args.limit or profile['limit']}, batch {args.batch_size}, "
           f"{args.epochs} epochs with an evaluation each; {repeats} pair(s) of runs, phases taking turns"
-          f"{'; this flow with --onednn_gas (other last bits)' if args.onednn_gas else ''}", flush=True)
+          f"{'; this flow with --onednn (other last bits)' if args.onednn else ''}", flush=True)
     runs: Dict[str, List[dict]] = {flow: [] for flow in FLOWS}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
@@ -474,8 +474,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: main.default_num_workers())")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where both flows train (auto: CUDA, else MPS, else CPU)")
-    parser.add_argument("--onednn_gas", action="store_true",
-                        help="run this flow with --onednn_gas (GAS ascent products through oneDNN; other last bits)")
+    parser.add_argument("--onednn", action="store_true",
+                        help="run this flow with --onednn (its Linear layers through oneDNN; other last bits)")
     parser.add_argument("--json", default=None, help="write the raw figures here")
     parser.add_argument("--child", choices=FLOWS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -15,6 +15,7 @@ import torch
 
 import common
 import glass
+import model
 from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
 from test_resume import CLASS_DIR, assert_same_outcome
 
@@ -85,26 +86,36 @@ def test_frozen_true_half_of_the_ascent_steps_changes_no_number(tmp_path, withou
         assert_same_outcome(frozen, results)
 
 
-@pytest.mark.skipif(not glass.onednn_linear_available(), reason="this torch build has no oneDNN Linear kernel")
-def test_onednn_gas_trains_through_onednn_and_repeats_itself(tmp_path, odd_tire, dtd_root, monkeypatch, caplog):
-    """--onednn_gas: every ascent pass's matrix products go through oneDNN, without the exactness check (other
-    last bits by choice); two runs give the same bits; where it does not apply it says so and is ignored."""
-    calls = []
-    onednn = glass.onednn_linear
-    monkeypatch.setattr(glass, "onednn_linear", lambda *args: calls.append(len(args[0])) or onednn(*args))
-    monkeypatch.setattr(glass, "ascent_pass_is_exact", lambda *args: pytest.fail("no check with --onednn_gas"))
-    first = train(tmp_path / "first", odd_tire, dtd_root, "--onednn_gas")
+@pytest.mark.skipif(not model.onednn_linear_available(), reason="this torch build has no oneDNN Linear kernel")
+def test_onednn_trains_through_onednn_and_repeats_itself(tmp_path, odd_tire, dtd_root, monkeypatch, caplog):
+    """--onednn: every ascent pass's matrix products and every Linear layer of the projection and discriminator go
+    through oneDNN, without the exactness check (other last bits by choice); two runs give the same bits; a torch
+    without oneDNN says so and runs as usual."""
+    by_hand, routed = [], []
+    onednn, apply = glass.onednn_linear, model.OneDNNLinear.apply
+    monkeypatch.setattr(glass, "onednn_linear", lambda *args: by_hand.append(len(args[0])) or onednn(*args))
+    monkeypatch.setattr(model.OneDNNLinear, "apply", lambda *args: routed.append(len(args[0])) or apply(*args))
+    monkeypatch.setattr(glass, "ascent_pass_is_exact", lambda *args: pytest.fail("no check with --onednn"))
+    first = train(tmp_path / "first", odd_tire, dtd_root, "--onednn")
     # 2 epochs x 3 batches (8, 8, 1 images of 64 patches): the true half once, then 2 products x --step 3.
-    assert calls == [512] * 7 + [512] * 7 + [64] * 7 + [512] * 7 + [512] * 7 + [64] * 7
-    assert '"onednn_gas": true' in (first / CLASS_DIR / "config.json").read_text()
-    second = train(tmp_path / "second", odd_tire, dtd_root, "--onednn_gas")
+    assert by_hand == [512] * 7 + [512] * 7 + [64] * 7 + [512] * 7 + [512] * 7 + [64] * 7
+    # The projections (512 rows), the final GAS pass (both halves: 1024 rows); the evaluations (7 test images).
+    assert {512, 1024, 64, 7 * 64} <= set(routed)
+    assert '"onednn": true' in (first / CLASS_DIR / "config.json").read_text()
+    second = train(tmp_path / "second", odd_tire, dtd_root, "--onednn")
     assert_same_outcome(first, second)
 
+    # A deeper discriminator: no pass by hand, its autograd passes through oneDNN's Linear layers.
+    by_hand.clear()
+    routed.clear()
+    train(tmp_path / "deep", odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1", "--onednn", "--dsc_layers", "3")
+    assert by_hand == [] and 1024 in routed
+
     monkeypatch.undo()
+    monkeypatch.setattr(glass, "onednn_linear_available", lambda: False)
     caplog.set_level("WARNING")
-    train(tmp_path / "deep", odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1", "--onednn_gas", "--dsc_layers", "3")
-    assert "--onednn_gas applies to the CPU and a discriminator of one hidden block (--dsc_layers 2): ignored on cpu" \
-        in caplog.text
+    train(tmp_path / "without", odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1", "--onednn")
+    assert "--onednn: this torch build has no oneDNN Linear kernel: ignored" in caplog.text
 
 
 def test_cache_is_bypassed_when_the_features_change(tmp_path, odd_tire, dtd_root, caplog):

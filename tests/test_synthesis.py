@@ -1,15 +1,18 @@
 """GAS, LAS and hard-sample mining on tiny tensors with known answers."""
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
 
 import glass
+import model
 from glass import (
     FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact, global_anomaly_synthesis, hard_sample_mining,
-    local_anomaly_synthesis, onednn_linear, onednn_linear_available, truncate_to_band,
+    local_anomaly_synthesis, truncate_to_band,
 )
-from model import Discriminator
+from model import Discriminator, OneDNNLinearMode, onednn_linear, onednn_linear_available
 
 
 def test_truncate_to_band_clamps_distances_and_keeps_directions():
@@ -159,18 +162,38 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this to
 
 
 @needs_onednn
-def test_onednn_linear_is_a_linear_layer():
-    """Small integers: every product and sum is exact in float32, so oneDNN must give x @ W.T + b exactly."""
-    x = torch.arange(24, dtype=torch.float32).reshape(6, 4) - 10
-    weight = torch.tensor([[1.0, -2, 0, 3], [4, 1, -1, 0], [0, 0, 2, -5]])
-    bias = torch.tensor([0.5, -1.0, 2.0])
-    assert torch.equal(onednn_linear(x, weight, bias), x @ weight.T + bias)
-    assert torch.equal(onednn_linear(x, weight), x @ weight.T)
+def test_onednn_linear_layers_compute_what_torch_s_do():
+    """Small integers: every product and sum is exact in float32, so oneDNN's Linear layers (forward, and the
+    input, weight and bias gradients) must give torch's values exactly; 3-D inputs are left to torch."""
+    x = (torch.arange(24, dtype=torch.float32).reshape(6, 4) - 10).requires_grad_(True)
+    layer = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2, 0, 3], [4, 1, -1, 0], [0, 0, 2, -5]]))
+        layer.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    assert torch.equal(onednn_linear(x.detach(), layer.weight.detach()), x.detach() @ layer.weight.detach().T)
+    upstream = torch.arange(18, dtype=torch.float32).reshape(6, 3) - 7
+    outcomes = []
+    for mode in (contextlib.nullcontext(), OneDNNLinearMode()):
+        x.grad = None
+        layer.zero_grad()
+        with mode:
+            out = layer(x)
+        out.backward(upstream)
+        outcomes.append([out, x.grad, layer.weight.grad, layer.bias.grad])
+    for torch_value, onednn_value in zip(*outcomes):
+        assert torch.equal(torch_value, onednn_value)
+    routed = []
+    apply = model.OneDNNLinear.apply
+    with mock.patch.object(model.OneDNNLinear, "apply", lambda *args: routed.append(args[0].dim()) or apply(*args)):
+        with OneDNNLinearMode():
+            layer(x)
+            layer(x.detach().reshape(2, 3, 4))  # (B, tokens, C), as in transformer backbones: torch's own
+    assert routed == [2]
 
 
 @needs_onednn
 def test_onednn_ascent_pass_is_the_plain_pass_up_to_rounding(monkeypatch):
-    """--onednn_gas: the pass by hand with its two matrix products (and the true half's) through oneDNN gives the
+    """--onednn: the pass by hand with its two matrix products (and the true half's) through oneDNN gives the
     plain pass's gradient and BatchNorm running averages up to float32 rounding."""
     calls = []
     monkeypatch.setattr(glass, "onednn_linear", lambda *args: calls.append(len(args[0])) or onednn_linear(*args))

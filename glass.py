@@ -546,6 +546,9 @@ class GLASS(torch.nn.Module):
             LOGGER.warning("--onednn is for the CPU: ignored on %s", self.device.type)
         elif onednn and not self.onednn:
             LOGGER.warning("--onednn: this torch build has no oneDNN Linear kernel: ignored")
+        elif self.onednn:
+            LOGGER.info("--onednn: the projection's and discriminator's matrix products run through oneDNN (other last "
+                        "bits than torch's)")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``--amp``'s type on CUDA; nothing otherwise."""

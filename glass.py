@@ -393,6 +393,15 @@ class NonFiniteLossError(GlassError):
     """The training loss became NaN or infinite; training of the class stops."""
 
 
+def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` with ``loader``'s batch size, workers and memory pinning."""
+    workers = loader.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=loader.batch_size, shuffle=shuffle, num_workers=workers, pin_memory=loader.pin_memory,
+        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+    )
+
+
 def _kill_hook(epoch: int, step: int | str) -> None:
     """The test-only ``GLASS_TEST_KILL_AT=EPOCH:STEP`` hook: SIGKILL this process at that point."""
     wanted = os.environ.get(KILL_HOOK_ENV)
@@ -1015,19 +1024,36 @@ class GLASS(torch.nn.Module):
         return False
 
     def _judge_distribution(self, training_data, name: str) -> int:
-        """Judge manifold vs hypersphere from the mean normalised training image (spec, "Training")."""
+        """Judge manifold vs hypersphere from the mean normalised training image (spec, "Training").
+
+        The mean of the batch means of the training images as ``--distribution 1`` shows them (square resize,
+        no enlargement: :meth:`_judge_loader`), whichever mode asked, so that a class judged during training
+        gets the hypothesis that ``--distribution 1`` records (the authors made their tables that way). The
+        pass runs with the random generators isolated: training then goes on as from a table listing the class.
+        """
+        loader = self._judge_loader(training_data)
         total = None
-        with torch.no_grad():
-            for batch in training_data:
+        with torch.no_grad(), isolated_rng():
+            for batch in loader:
                 batch_mean = batch["image"].to(torch.float).mean(dim=0)
                 total = batch_mean if total is None else total + batch_mean
-        mean_image = utils.torch_format_2_numpy_img((total / len(training_data)).cpu().numpy())
+        mean_image = utils.torch_format_2_numpy_img((total / len(loader)).cpu().numpy())
         judge_dir = os.path.join(self.results_path, "judge")
         flag = utils.distribution_judge(mean_image, name, output_dir=os.path.join(judge_dir, "fft"))
         avg_path = os.path.join(judge_dir, "avg", str(flag), f"{name}.png")
         os.makedirs(os.path.dirname(avg_path), exist_ok=True)
         cv2.imwrite(avg_path, mean_image)
         return flag
+
+    @staticmethod
+    def _judge_loader(training_data):
+        """The judgement's loader: ``dataset.judge_view()`` shuffled in batches as ``training_data`` (the reference
+        iterates its shuffled training loader: the same images and batches, here without anomaly synthesis);
+        ``training_data`` itself when its dataset has no judge view."""
+        dataset = getattr(training_data, "dataset", None)
+        if not hasattr(dataset, "judge_view") or not isinstance(training_data, torch.utils.data.DataLoader):
+            return training_data
+        return _loader_like(training_data, dataset.judge_view(), shuffle=True)
 
     # ----------------------------------------------------------------------------------------------
     # Centre pass and feature cache
@@ -1042,11 +1068,7 @@ class GLASS(torch.nn.Module):
         dataset = getattr(training_data, "dataset", None)
         if not hasattr(dataset, "plain_view") or not isinstance(training_data, torch.utils.data.DataLoader):
             return training_data
-        workers = training_data.num_workers
-        return torch.utils.data.DataLoader(
-            dataset.plain_view(), batch_size=training_data.batch_size, shuffle=False, num_workers=workers,
-            pin_memory=training_data.pin_memory, prefetch_factor=training_data.prefetch_factor if workers > 0 else None,
-        )
+        return _loader_like(training_data, dataset.plain_view(), shuffle=False)
 
     def setup_feature_caches(self, center_data, val_data, training_data=None) -> None:
         """Cache the backbone features of the centre-pass images and of ``val_data`` (``--cache``).

@@ -132,10 +132,14 @@ def make_writable_folder(path: str) -> None:
 
 
 def atomic_write(path: str, write: "callable") -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file intact."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file intact.
+
+    The temporary file ends with ``path``'s extension (writers such as pandas' ``to_excel`` choose the
+    format by it)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".tmp.",
+                               suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)

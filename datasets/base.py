@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from enum import Enum
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -276,6 +276,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.resize: Union[int, List[int]] = resize if distribution != 1 else [resize, resize]
         if distribution != 1 and classname in self.ENLARGED_CLASSES:
             self.resize = round(self.imgsize * 329 / 288)
+        self.judge_resize = [resize, resize]  # how ``--distribution 1`` resizes: square, never enlarged
 
         if not os.path.isdir(self.source):
             raise GlassError(f"data path {self.source} does not exist: pass the folder that holds the class folders")
@@ -302,22 +303,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             "contrast": contrast_factor, "saturation": saturation_factor, "gray": gray_p, "hflip": h_flip_p,
             "vflip": v_flip_p,
         }
-        self.transform_img = transforms.Compose([
-            transforms.Resize(self.resize),
-            transforms.ColorJitter(brightness_factor, contrast_factor, saturation_factor),
-            transforms.RandomHorizontalFlip(h_flip_p),
-            transforms.RandomVerticalFlip(v_flip_p),
-            transforms.RandomGrayscale(gray_p),
-            transforms.RandomAffine(
-                rotate_degrees,
-                translate=(translate, translate),
-                scale=(1.0 - scale, 1.0 + scale),
-                interpolation=transforms.InterpolationMode.BILINEAR,
-            ),
-            transforms.CenterCrop(self.imgsize),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ])
+        self.transform_img = self.image_transform(self.resize)
         self.transform_mask = transforms.Compose([
             transforms.Resize(self.resize),
             transforms.CenterCrop(self.imgsize),
@@ -327,6 +313,27 @@ class AnomalyDataset(torch.utils.data.Dataset):
             "%s_%s %s: %d images%s", dataset_name, classname, split.value, len(self.data_to_iterate),
             f", {len(self.anomaly_source_paths)} textures, fg {self.class_fg}" if split == DatasetSplit.TRAIN else "",
         )
+
+    def image_transform(self, resize: Union[int, List[int]]) -> transforms.Compose:
+        """The image transform: Resize(``resize``), the train-time augmentations, CenterCrop, ToTensor,
+        ImageNet normalisation."""
+        augmentation = self.augmentation
+        return transforms.Compose([
+            transforms.Resize(resize),
+            transforms.ColorJitter(augmentation["brightness"], augmentation["contrast"], augmentation["saturation"]),
+            transforms.RandomHorizontalFlip(augmentation["hflip"]),
+            transforms.RandomVerticalFlip(augmentation["vflip"]),
+            transforms.RandomGrayscale(augmentation["gray"]),
+            transforms.RandomAffine(
+                augmentation["rotate_degrees"],
+                translate=(augmentation["translate"], augmentation["translate"]),
+                scale=(1.0 - augmentation["scale"], 1.0 + augmentation["scale"]),
+                interpolation=transforms.InterpolationMode.BILINEAR,
+            ),
+            transforms.CenterCrop(self.imgsize),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ])
 
     # ------------------------------------------------------------------------------------------
     # What a loader provides
@@ -539,27 +546,35 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data_to_iterate)
 
-    def plain_image(self, idx: int) -> torch.Tensor:
-        """Image ``idx`` through the image transform, as its item has it, without any synthesis."""
-        return self.transform_img(load_image(self.data_to_iterate[idx][2]))
+    def plain_image(self, idx: int, transform: Optional[Callable[[PIL.Image.Image], torch.Tensor]] = None) -> torch.Tensor:
+        """Image ``idx`` through the image transform (or ``transform``), as its item has it, without any synthesis."""
+        return (transform or self.transform_img)(load_image(self.data_to_iterate[idx][2]))
 
     def plain_view(self) -> "PlainImages":
         """The split's images without synthesis (the trainer's centre pass and feature cache)."""
         return PlainImages(self)
 
+    def judge_view(self) -> "PlainImages":
+        """The split's images as a ``--distribution 1`` dataset shows them (square resize, no enlargement),
+        without synthesis: what the distribution judgement averages, whatever ``--distribution`` asked for."""
+        return PlainImages(self, self.image_transform(self.judge_resize))
+
 
 class PlainImages(torch.utils.data.Dataset):
-    """Items ``{"image", "index"}`` of a dataset's images as its items show them, with no anomaly synthesis.
+    """Items ``{"image", "index"}`` of a dataset's images as its items show them (or through ``transform``),
+    with no anomaly synthesis.
 
     The trainer computes the centre from these (in dataset order) and caches their features. Without
     train-time augmentation ``image`` equals the ``image`` of the dataset's item ``index`` exactly.
     """
 
-    def __init__(self, dataset: AnomalyDataset) -> None:
+    def __init__(self, dataset: AnomalyDataset,
+                 transform: Optional[Callable[[PIL.Image.Image], torch.Tensor]] = None) -> None:
         self.dataset = dataset
+        self.transform = transform  # None: the dataset's image transform
 
     def __getitem__(self, idx: int) -> Dict[str, Any]:
-        return {"image": self.dataset.plain_image(idx), "index": idx}
+        return {"image": self.dataset.plain_image(idx, self.transform), "index": idx}
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -1,0 +1,139 @@
+"""The distribution hypothesis: the spectrum judgement, the judged view of the images, the xlsx table and how
+``--distribution`` 0-4 use it (spec "Training"; README deviations 3 and 11)."""
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pandas as pd
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import glass
+import main
+import utils
+from conftest import TINY_NET, tiny_dataset_args
+from datasets.mvtec import DatasetSplit, MVTecDataset
+
+
+def _disc_image(height: int, width: int, centres, radius: int, background: int = 120) -> np.ndarray:
+    """An HWC uint8 image of grey level ``background`` with bright discs of ``radius`` at ``centres`` ((y, x))."""
+    yy, xx = np.indices((height, width))
+    image = np.full((height, width, 3), background, np.uint8)
+    for cy, cx in centres:
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = 250
+    return image
+
+
+def test_flat_mean_image_is_manifold_and_a_centred_object_is_hypersphere(tmp_path):
+    # A constant image has all its spectrum at the zero frequency: one lit point, not more than 60.
+    flat = np.full((100, 100, 3), 128, np.uint8)
+    assert utils.distribution_judge(flat, "flat", output_dir=str(tmp_path)) == 0
+    # A bright disc on black (an object on a background) spreads its spectrum over a dense low-frequency blob.
+    disc = _disc_image(289, 289, [(144, 144)], 60, background=0)
+    assert utils.distribution_judge(disc, "disc", output_dir=str(tmp_path)) == 1
+    # Each judgement writes the image beside its thresholded spectrum under <flag>/.
+    for flag, name in ((0, "flat"), (1, "disc")):
+        panel = np.asarray(PIL.Image.open(tmp_path / str(flag) / f"{name}.png"))
+        assert panel.shape == (289, 2 * 289, 3)
+
+
+def _synthetic_class(root, n_train: int = 6):
+    """An MVTec-layout class ``wide`` of 64 x 192 images: flat in the centre, a bright disc at either end.
+
+    Resized to a square (``--distribution 1``) the discs stay in the picture; resized by the shorter side and
+    centre-cropped (the training view) only the flat middle is left."""
+    image = PIL.Image.fromarray(_disc_image(64, 192, [(32, 24), (32, 168)], 18))
+    for folder, count in (("train/good", n_train), ("test/good", 2)):
+        (root / "wide" / folder).mkdir(parents=True)
+        for i in range(count):
+            image.save(root / "wide" / folder / f"{i:03d}.png")
+    return root
+
+
+def _judge(dataset, tmp_path) -> int:
+    model = glass.GLASS(torch.device("cpu"))
+    model.results_path = str(tmp_path / "results")
+    loader = main.make_loader(dataset, batch_size=4, num_workers=0, shuffle=True)
+    return model._judge_distribution(loader, "mvtec_wide")
+
+
+def test_judgement_sees_the_images_as_distribution_1_does_and_draws_no_random_numbers(tmp_path, dtd_root):
+    root = _synthetic_class(tmp_path / "data")
+    common = dict(classname="wide", resize=64, imagesize=64, fg=0, split=DatasetSplit.TRAIN)
+    cropped = MVTecDataset(root, dtd_root, distribution=0, **common)
+    square = MVTecDataset(root, dtd_root, distribution=1, **common)
+    # The judged view of a --distribution 0 dataset is the --distribution 1 dataset's image, bit for bit.
+    for i in range(len(cropped)):
+        assert torch.equal(cropped.judge_view()[i]["image"], square[i]["image"])
+    assert not torch.equal(cropped.plain_image(0), square.plain_image(0))
+    # The crop alone is flat (manifold); the judgement sees the discs (hypersphere) whichever mode asked.
+    flat = utils.torch_format_2_numpy_img(cropped.plain_image(0).numpy())
+    assert utils.distribution_judge(flat, "crop") == 0
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    assert _judge(cropped, tmp_path) == 1
+    assert _judge(square, tmp_path) == 1
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    assert (tmp_path / "results" / "judge" / "avg" / "1" / "mvtec_wide.png").is_file()
+
+
+def _run(args) -> None:
+    result = CliRunner().invoke(main.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def _checkpoint(results) -> dict:
+    return torch.load(results / "models" / "backbone_0" / "mvtec_tire" / "ckpt.pth", weights_only=True)
+
+
+def _table(results) -> pd.DataFrame:
+    return pd.read_excel(results / "datasets" / "excel" / "mvtec_distribution.xlsx")
+
+
+def test_judge_only_then_the_table_decides_and_a_missing_class_is_judged_and_trained_alike(tmp_path, tiny_tire, dtd_root):
+    net = [*TINY_NET[:TINY_NET.index("--meta_epochs")], "--meta_epochs", "1", "--step", "2", "--limit", "8"]
+
+    def dataset(distribution: str):
+        args = tiny_dataset_args(tiny_tire, dtd_root)
+        args[args.index("--distribution") + 1] = distribution
+        return args
+
+    # --distribution 1: judge, record (Class, Distribution, Foreground) and train nothing.
+    judged = tmp_path / "judged"
+    _run(["--results_path", str(judged), "--gpu", "-1", *net, *dataset("1")])
+    table = _table(judged)
+    assert list(table.columns) == ["Class", "Distribution", "Foreground"]
+    assert list(table["Class"]) == ["mvtec_tire"]
+    flag = int(table["Distribution"][0])
+    assert int(table["Foreground"][0]) == flag
+    assert not list((judged / "models" / "backbone_0" / "mvtec_tire").glob("*.pth"))
+
+    # --distribution 0 with no table listing tire (the shipped one has MVTec AD's classes only): judged as
+    # --distribution 1 judges it, recorded, and trained exactly as with that hypothesis forced.
+    fallback = tmp_path / "fallback"
+    _run(["--results_path", str(fallback), "--gpu", "-1", *net, *dataset("0")])
+    state = _checkpoint(fallback)
+    assert (state["svd"], state["judged_distribution"]) == (flag, flag)
+    assert _table(fallback).equals(table)
+    forced = tmp_path / "forced"
+    _run(["--results_path", str(forced), "--gpu", "-1", *net, *dataset("3" if flag else "2")])
+    other = _checkpoint(forced)
+    assert other["svd"] == flag and other["judged_distribution"] is None
+    for part in ("discriminator", "pre_projection"):
+        for key, value in state[part].items():
+            assert torch.equal(value, other[part][key]), (part, key)
+    assert (fallback / "results.csv").read_text() == (forced / "results.csv").read_text()
+
+    # --distribution 0 and 4 read the table the judged run wrote: its hypothesis and the opposite one.
+    for distribution, expected in (("0", flag), ("4", 1 - flag)):
+        results = tmp_path / f"table_{distribution}"
+        shutil.copytree(judged / "datasets", results / "datasets")
+        _run(["--results_path", str(results), "--gpu", "-1", *net, *dataset(distribution)])
+        state = _checkpoint(results)
+        assert (state["svd"], state["judged_distribution"]) == (expected, None)

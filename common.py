@@ -42,10 +42,11 @@ class ForwardHook:
         self.outputs = outputs
         self.layer_name = layer_name
         self.n_wanted = n_wanted
+        self.stop = True  # False: let the forward run through the whole backbone
 
     def __call__(self, module, inputs, output):
         self.outputs[self.layer_name] = output
-        if len(self.outputs) == self.n_wanted:
+        if self.stop and len(self.outputs) == self.n_wanted:
             raise LastLayerToExtractReachedException()
 
 
@@ -87,8 +88,10 @@ class NetworkFeatureAggregator(torch.nn.Module):
             handle.remove()
         backbone.hook_handles = []
         n_wanted = len(set(self.layers_to_extract_from))
+        self.hooks: List[ForwardHook] = []
         for name in dict.fromkeys(self.layers_to_extract_from):
             hook = ForwardHook(self.outputs, name, n_wanted)
+            self.hooks.append(hook)
             backbone.hook_handles.append(resolve_layer(backbone, name).register_forward_hook(hook))
         self.to(device)
 
@@ -102,14 +105,33 @@ class NetworkFeatureAggregator(torch.nn.Module):
         return dict(self.outputs)
 
     def feature_dimensions(self, input_shape: Sequence[int]) -> List[int]:
-        """Channel count of every wanted layer for an input of shape (C, H, W)."""
+        """Channel count of every wanted layer for an input of shape (C, H, W).
+
+        As in the reference, the probe is one forward of an image of ones through the whole backbone in
+        training mode, without gradients (the reference's backbones come in training mode, and its hooks never
+        stop the forward): every BatchNorm layer folds that image's statistics into its running averages once
+        (with its momentum), and Dropout layers draw from torch's generator. Every feature, in training and
+        testing, is computed with those running averages, as the reference's are. The backbone is left in the
+        mode it had.
+        """
         dummy = torch.ones([1, *input_shape], device=self.device)
+        training = self.backbone.training
+        self.backbone.train()
+        for hook in self.hooks:
+            hook.stop = False
         try:
-            outputs = self(dummy)
+            self.outputs.clear()
+            with torch.no_grad():
+                self.backbone(dummy)
+            outputs = dict(self.outputs)
         except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for another image size
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise GlassError(f"the backbone cannot take {input_shape[-2]}x{input_shape[-1]} images ({first}): choose "
                              "another --imagesize (ViT, DeiT and Swin take 224)") from None
+        finally:
+            for hook in self.hooks:
+                hook.stop = True
+            self.backbone.train(training)
         return [map_.shape[1] for map_ in self.feature_maps(outputs)]
 
     def feature_maps(self, outputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:

@@ -1,4 +1,6 @@
 """Feature pipeline: hooks that stop early, patch unfolding, alignment, pooling, segmentor."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +45,58 @@ def test_hooks_stop_the_backbone_after_the_last_wanted_layer(lite0):
         handle.remove()
     assert set(outputs) == {"blocks.2", "blocks.4"} and not later_calls
     assert aggregator.feature_dimensions((3, 64, 64)) == [40, 112]
+
+
+def test_the_dimension_probe_updates_batchnorm_once_in_training_mode_as_the_reference(tire_root):
+    # The reference's backbones come in training mode and its probe (a ones image) runs them whole, so every
+    # BatchNorm folds the probe's statistics into its running averages.
+    cpu = torch.device("cpu")
+    backbone = backbones.load("efficientnet_lite0")
+    pristine = {name: value.clone() for name, value in backbone.named_buffers()}
+    by_hand = backbones.load("efficientnet_lite0")
+    generator_before = torch.get_rng_state()
+    embedder = common.PatchEmbedder(backbone, ["blocks.2", "blocks.4"], cpu, (3, 64, 64), 128, 128)
+    generator_after = torch.get_rng_state()
+
+    torch.set_rng_state(generator_before)
+    by_hand.train()
+    with torch.no_grad():
+        by_hand(torch.ones(1, 3, 64, 64))  # through the classifier: nothing stops it
+    by_hand.eval()
+    assert torch.equal(torch.get_rng_state(), generator_after)
+    buffers = dict(backbone.named_buffers())
+    for name, value in by_hand.named_buffers():
+        assert torch.equal(buffers[name], value), name
+    # Every BatchNorm moved, the classifier's last one (after the wanted layers) too, and only once.
+    assert not torch.equal(buffers["blocks.2.0.bn1.running_mean"], pristine["blocks.2.0.bn1.running_mean"])
+    assert not torch.equal(buffers["bn2.running_var"], pristine["bn2.running_var"])
+    assert int(buffers["bn2.num_batches_tracked"]) == int(pristine["bn2.num_batches_tracked"]) + 1
+    # The backbone is left in eval mode, and the features are those of the updated statistics.
+    assert not backbone.training
+    images = load_tire_batch(tire_root, 64)
+    outputs = {}
+    by_hand.blocks[2].register_forward_hook(lambda module, inputs, output: outputs.update(blocks2=output))
+    with torch.no_grad():
+        by_hand(images)
+    assert torch.equal(embedder.layer_features(images)[0], outputs["blocks2"])
+
+
+def test_the_dimension_probe_draws_what_the_whole_backbone_draws_in_training_mode():
+    # AlexNet's classifier has Dropout, after the wanted layers: the reference's probe draws there, which moves
+    # the random stream that initialises the projection and the discriminator next.
+    torch.manual_seed(0)
+    backbone = backbones.load("alexnet", pretrained=False)
+    by_hand = copy.deepcopy(backbone)
+    generator_before = torch.get_rng_state()
+    aggregator = common.NetworkFeatureAggregator(backbone, ["features.3", "features.6"], torch.device("cpu"))
+    assert aggregator.feature_dimensions((3, 64, 64)) == [192, 384]
+    generator_after = torch.get_rng_state()
+    torch.set_rng_state(generator_before)
+    with torch.no_grad():
+        by_hand.train()(torch.ones(1, 3, 64, 64))
+    assert not torch.equal(generator_after, generator_before)
+    assert torch.equal(torch.get_rng_state(), generator_after)
+    assert not backbone.training
 
 
 def test_unknown_layer_is_a_one_line_error(lite0):

@@ -673,8 +673,8 @@ class GLASS(torch.nn.Module):
         (just finished), ``meta_epochs``, ``best_record`` ([i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch] or
         None), ``best_checkpoint`` (file name or None), ``svd``, ``judged_distribution``, ``global_step``
         (TensorBoard), optimiser states ``dsc_opt``, ``proj_opt`` and, with --train_backbone,
-        ``backbone_opt`` and ``backbone`` (weights), and ``rng`` (see :func:`rng_state`). Only tensors and
-        plain values, so that it loads with ``weights_only=True``.
+        ``backbone_opt``, ``backbone`` (weights) and ``backbone_grad`` (its gradients, never cleared), and ``rng``
+        (see :func:`rng_state`). Only tensors and plain values, so that it loads with ``weights_only=True``.
         """
         state: Dict[str, Any] = dict(weights)
         state.update({
@@ -694,6 +694,8 @@ class GLASS(torch.nn.Module):
         if self.train_backbone:
             state["backbone_opt"] = self.backbone_opt.state_dict()
             state["backbone"] = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+            state["backbone_grad"] = {k: v.grad.detach().cpu().clone() for k, v in self.backbone.named_parameters()
+                                      if v.grad is not None}
         return state
 
     def read_training_checkpoint(self) -> Optional[dict]:
@@ -773,7 +775,7 @@ class GLASS(torch.nn.Module):
         The random generators are restored separately (:func:`set_rng_state`), right before the next epoch.
         """
         needed = ["epoch", "dsc_opt", "rng", "global_step", "svd"] + (["proj_opt"] if self.pre_proj > 0 else [])
-        needed += ["backbone_opt", "backbone"] if self.train_backbone else []
+        needed += ["backbone_opt", "backbone", "backbone_grad"] if self.train_backbone else []
         missing = [key for key in needed if key not in state]
         if missing or int(state.get("format", 0)) > RESUME_FORMAT:
             raise GlassError(f"{path} cannot be resumed (missing {missing or 'nothing'}, format {state.get('format')}): "
@@ -783,6 +785,9 @@ class GLASS(torch.nn.Module):
             if self.train_backbone:
                 self.backbone.load_state_dict(state["backbone"])
                 self.backbone_opt.load_state_dict(state["backbone_opt"])
+                parameters = dict(self.backbone.named_parameters())
+                for name, grad in state["backbone_grad"].items():
+                    parameters[name].grad = grad.to(parameters[name].device)
             self.dsc_opt.load_state_dict(state["dsc_opt"])
             if self.pre_proj > 0:
                 self.proj_opt.load_state_dict(state["proj_opt"])
@@ -1261,8 +1266,8 @@ class GLASS(torch.nn.Module):
         self.dsc_opt.zero_grad()
         if self.pre_proj > 0:
             self.proj_opt.zero_grad()
-        if self.train_backbone:
-            self.backbone_opt.zero_grad()
+        # With --train_backbone the backbone's gradients are never cleared, as in the reference: every step adds
+        # to them and AdamW steps on their running sum (ckpt.pth keeps them for resuming).
 
         images = batch["image"].to(torch.float).to(self.device)
         aug = batch["aug"].to(torch.float).to(self.device)

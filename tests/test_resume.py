@@ -141,6 +141,21 @@ def test_resume_with_the_feature_cache_off_ends_as_the_cached_run(tmp_path, kill
     assert_same_outcome(results, uninterrupted)
 
 
+def test_killed_run_with_train_backbone_resumes_with_its_accumulated_backbone_gradients(tmp_path, small_tire, dtd_root):
+    # The reference never clears the backbone's gradients: ckpt.pth must carry them for the resumed run to
+    # end as the uninterrupted one.
+    extra = ["--train_backbone"]
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_main(arguments(uninterrupted, small_tire, dtd_root, net_extra=extra)) == 0
+    state = torch.load(uninterrupted / CLASS_DIR / "ckpt.pth", weights_only=True)
+    assert state["backbone_grad"] and set(state["backbone_grad"]) <= set(state["backbone"])
+    results = tmp_path / "results"
+    done = run_subprocess(arguments(results, small_tire, dtd_root, net_extra=extra), kill_at="1:0")
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert run_main(arguments(results, small_tire, dtd_root, net_extra=extra)) == 0
+    assert_same_outcome(results, uninterrupted)
+
+
 def test_kill_between_ckpt_and_new_best_is_repaired(tmp_path, uninterrupted, small_tire, dtd_root):
     results = tmp_path / "results"
     done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:saved")

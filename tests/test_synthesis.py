@@ -212,3 +212,30 @@ def test_onednn_ascent_pass_is_the_plain_pass_up_to_rounding(monkeypatch):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # Where the pass by hand does not apply, neither does oneDNN.
     assert not FrozenTrueHalf(Discriminator(128, n_layers=3, hidden=128), true_feats, onednn=True).onednn
+
+
+def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_reference(tire_root):
+    # The reference clears the projection's and the discriminator's gradients before each step, never the
+    # backbone's: AdamW then steps on their running sum.
+    import backbones
+    from test_common import load_tire_batch
+
+    torch.manual_seed(0)
+    trained = glass.GLASS(torch.device("cpu"))
+    trained.load(backbone=backbones.load("efficientnet_lite0"), layers_to_extract_from=["blocks.2", "blocks.4"],
+                 device=torch.device("cpu"), input_shape=(3, 64, 64), pretrain_embed_dimension=32,
+                 target_embed_dimension=32, dsc_hidden=16, step=2, train_backbone=True)
+    trained.c = torch.zeros(64, 32)
+    images = load_tire_batch(tire_root, 64)
+    mask_s = torch.zeros(2, 8, 8)
+    mask_s[:, 2:5, 3:6] = 1
+    batch = {"image": images, "aug": images.flip(-1), "mask_s": mask_s}
+    weight, tail = trained.backbone.conv_stem.weight, trained.discriminator.tail[0].weight
+    step_gradients, tail_gradients = [], []
+    weight.register_hook(lambda grad: step_gradients.append(grad.clone()))
+    tail.register_hook(lambda grad: tail_gradients.append(grad.clone()))
+    trained._train_step(batch)
+    trained._train_step(batch)
+    assert len(step_gradients) == 2 and not torch.equal(step_gradients[0], step_gradients[1])
+    assert torch.equal(weight.grad, step_gradients[0] + step_gradients[1])
+    assert len(tail_gradients) == 2 and torch.equal(tail.grad, tail_gradients[1])

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Test-only GLASS on MAD-sys (MVTec AD classes, real-world shifts) with the MVTec-trained checkpoints in RESULTS (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
+# Test-only GLASS on MAD-sys (its five MVTec AD texture classes, as the reference's script; one Beta_* level at a time) with the MVTec-trained checkpoints in RESULTS (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
 # MAD holds the MVTec AD classes in MVTec AD layout; NAME stays `mvtec` so that the checkpoints trained by
 # run-mvtec.sh (results/models/backbone_0/mvtec_<class>) are tested. To train on MAD itself, use NAME `mad`.
 # Override the paths: DATAPATH=/data/mvtec AUGPATH=/data/dtd/images bash shell/run-mad-sys.sh
-DATAPATH=${DATAPATH:-/root/dataset/MAD-sys}
+DATAPATH=${DATAPATH:-/root/dataset/MAD-sys/Beta_0.1}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
-CLASSES=${CLASSES:-"carpet grid leather tile wood bottle cable capsule hazelnut metal_nut pill screw toothbrush transistor zipper"}
+CLASSES=${CLASSES:-"carpet grid leather tile wood"}
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_data_folders
 

@@ -60,8 +60,8 @@ class DatasetSplit(Enum):
 # Files
 
 def is_image(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
-    """Whether ``name`` has an image extension (any case)."""
-    return os.path.splitext(name)[1].lower() in extensions
+    """Whether ``name`` has an image extension (any case) and is not hidden (macOS's ``._*`` files are not images)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
 
 
 def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
@@ -76,8 +76,9 @@ def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Li
 
 
 def subfolders(folder: str) -> List[str]:
-    """Sorted names of the folders directly in ``folder``."""
-    return sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
+    """Sorted names of the folders directly in ``folder``, hidden ones left out."""
+    return sorted(name for name in os.listdir(folder)
+                  if not name.startswith(".") and os.path.isdir(os.path.join(folder, name)))
 
 
 def image_size(path: str) -> Optional[Tuple[int, int]]:
@@ -516,11 +517,12 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if mask is None:
             fill = 0.0 if anomaly == self.NORMAL else float("nan")
             return torch.full([1, *size], fill)
-        # Kept as resized (edges fractional), as the reference: the metrics decide what counts.
-        resized = self.transform_mask(load_mask(mask))
         if self.BINARIZE_RESIZED_MASK:
-            resized = (resized > 0).to(torch.float32)
-        return resized
+            # Resized as floats ('F'), then every pixel the defect reaches counts, as the reference's VisA loader:
+            # an 8-bit resize would round the faintest edge weights to 0.
+            return (self.transform_mask(load_mask(mask).convert("F")) > 0).to(torch.float32)
+        # Kept as resized (edges fractional), as the reference: the metrics decide what counts.
+        return self.transform_mask(load_mask(mask))
 
     def __getitem__(self, idx: int) -> Dict[str, Any]:
         if self.split == DatasetSplit.TRAIN:

@@ -17,6 +17,7 @@ import PIL.Image
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision import transforms
 
 import glass
 import main
@@ -184,6 +185,23 @@ def test_visa_items_follow_the_split_file(tmp_path):
         assert values == ({0.0, 1.0} if i < 4 else {0.0})  # labels 1..3 binarised, after the resize too
 
 
+def test_visa_masks_are_resized_as_floats_then_binarised_as_the_reference(tmp_path):
+    root = build_visa(tmp_path / "visa")
+    # One defect pixel in a VisA-sized mask: after an 8-bit resize its faintest edge weights round to 0.
+    image, mask = root / "candle/Data/Images/Anomaly/000.JPG", root / "candle/Data/Masks/Anomaly/000.png"
+    PIL.Image.open(image).convert("RGB").resize((1300, 1000)).save(image)
+    pixels = np.zeros((1000, 1300), np.uint8)
+    pixels[500, 650] = 1
+    PIL.Image.fromarray(pixels).save(mask)
+    test = VisADataset(root, DTD, classname="candle", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    resize = transforms.Compose([transforms.Resize(SIZE), transforms.CenterCrop(SIZE), transforms.ToTensor()])
+    for i in range(4):  # the anomalies: the reference opens the mask as 'F', resizes it and keeps > 0
+        expected = (resize(PIL.Image.open(test.data_to_iterate[i][3]).convert("F")) > 0).to(torch.float32)
+        assert torch.equal(test[i]["mask_gt"], expected)
+    eight_bit = resize(PIL.Image.fromarray(pixels * 255)) > 0
+    assert test[0]["mask_gt"].sum() > eight_bit.sum() > 0
+
+
 def test_visa_trains_and_tests(tmp_path):
     results = tmp_path / "results"
     assert run_tiny(results, build_visa(tmp_path / "visa"), "visa", "candle") == 0
@@ -330,6 +348,25 @@ def test_layout_problems_of_several_classes_are_reported_together(custom_part, c
     assert not (custom_part.parent / "results" / "models").exists()  # neither class trained
 
 
+def test_hidden_files_and_folders_are_not_images_or_classes(custom_part, tmp_path):
+    # macOS's AppleDouble files (._name.png) and tools' hidden folders sit beside real images when a dataset
+    # was copied from a Mac or opened in Jupyter; the reference's texture glob skips them too.
+    junk = b"\x00\x05\x16\x07 AppleDouble"
+    (custom_part / "part" / "train" / "good" / "._000.png").write_bytes(junk)
+    (custom_part / "part" / "test" / ".ipynb_checkpoints").mkdir()
+    (custom_part / "part" / "test" / ".ipynb_checkpoints" / "000.png").write_bytes(junk)
+    textures = tmp_path / "dtd"
+    for category in ("banded", ".cache"):
+        for source in first(DTD / "banded", 2):
+            save(source, textures / category / source.name)
+    (textures / "banded" / "._x.jpg").write_bytes(junk)
+    train = MVTecDataset(custom_part, textures, classname="part", resize=SIZE, imagesize=SIZE)
+    test = MVTecDataset(custom_part, textures, classname="part", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert len(train) == 16 and len(test) == 12
+    assert train.anomaly_source_paths == [str(textures / "banded" / p.name) for p in first(DTD / "banded", 2)]
+    assert {row[1] for row in test.data_to_iterate} == {"good", "cut", "hole", "combined", "contamination"}
+
+
 def test_missing_folders_and_foreground_masks(tmp_path):
     cls = tmp_path / "part"
     (cls / "train" / "bad").mkdir(parents=True)
@@ -406,6 +443,13 @@ def test_a_script_with_its_folders_hands_them_to_main(tmp_path):
                       RESULTS=str(tmp_path / "results"))
     assert done.returncode == 2
     assert "part_a" in done.stderr.splitlines()[-1] and done.stderr.splitlines()[-1].startswith("Error: ")
+
+
+def test_mad_sys_script_tests_the_five_texture_classes_as_the_reference():
+    script = (ROOT / "shell" / "run-mad-sys.sh").read_text()
+    classes = re.search(r'CLASSES=\$\{CLASSES:-"([^"]*)"\}', script).group(1).split()
+    assert classes == ["carpet", "grid", "leather", "tile", "wood"]
+    assert "MAD-sys/Beta_0.1}" in script
 
 
 def test_visa_classes_agree_with_the_downloader():

@@ -136,6 +136,12 @@ class NetworkFeatureAggregator(torch.nn.Module):
 
     def feature_maps(self, outputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """The wanted layer outputs as (B, C, H, W) maps, in the order of ``layers_to_extract_from``."""
+        for name in self.layers_to_extract_from:
+            output = outputs[name]
+            if not isinstance(output, torch.Tensor) or output.dim() not in (3, 4):
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise GlassError(f"layer '{name}' gives {shape}, not a feature map: choose a convolutional stage or "
+                                 "transformer block (e.g. -le layer2 -le layer3, -le blocks.2 -le blocks.4)")
         return [to_feature_map(outputs[name], self.prefix_tokens, self.channels_last_maps)
                 for name in self.layers_to_extract_from]
 
@@ -146,6 +152,10 @@ def map_layout(backbone: torch.nn.Module) -> Tuple[int, bool]:
     return int(getattr(backbone, "num_prefix_tokens", 0) or 0), getattr(backbone, "output_fmt", None) == "NHWC"
 
 
+def _is_square(number: int) -> bool:
+    return number > 0 and math.isqrt(number) ** 2 == number
+
+
 def to_feature_map(feature: torch.Tensor, prefix_tokens: int = 0, channels_last: bool = False) -> torch.Tensor:
     """A layer output as a (B, C, H, W) map.
 
@@ -154,6 +164,8 @@ def to_feature_map(feature: torch.Tensor, prefix_tokens: int = 0, channels_last:
     """
     if feature.dim() == 3:
         batch, length, channels = feature.shape
+        if not _is_square(length - prefix_tokens) and _is_square(length):
+            prefix_tokens = 0  # a layer before the class token is prepended (ViT's patch_embed)
         tokens = length - prefix_tokens
         side = math.isqrt(max(tokens, 0))
         if side * side != tokens or side == 0:

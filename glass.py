@@ -118,6 +118,7 @@ def global_anomaly_synthesis(
             grad = ascent_gradient(gaus_feats)  # this step's losses and scores would serve nothing else
         else:
             scores = discriminator(torch.cat([true_feats, gaus_feats]))
+            _check_finite_scores(scores)
             true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
             true_loss = bce(true_scores, torch.zeros_like(true_scores))
             gaus_loss = bce(gaus_scores, torch.ones_like(gaus_scores))
@@ -243,6 +244,7 @@ def ascent_gradient_from_scores(scores: torch.Tensor, gaus_feats: torch.Tensor) 
     """Gradient of the synthetic half's BCE loss (target 1) with respect to the synthetic features; ``scores``
     are those of ``cat([true_feats, gaus_feats])``."""
     gaus_scores = scores[len(scores) - len(gaus_feats):]
+    _check_finite_scores(gaus_scores)
     loss = torch.nn.BCELoss()(gaus_scores, torch.ones_like(gaus_scores))
     return torch.autograd.grad(loss, [gaus_feats])[0]
 
@@ -390,7 +392,20 @@ def other_differences(saved: dict, current: dict) -> List[str]:
 
 
 class NonFiniteLossError(GlassError):
-    """The training loss became NaN or infinite; training of the class stops."""
+    """The training loss (or the scores it comes from) became NaN or infinite; training of the class stops."""
+
+
+def _training_stopped(name: str, what: str, epoch: int, best_path: Optional[str]) -> NonFiniteLossError:
+    """The one-line error that stops a class whose training diverged in ``epoch``."""
+    kept = f"{os.path.basename(best_path)} is kept" if best_path else "there is no best checkpoint yet"
+    return NonFiniteLossError(f"{name}: {what} in epoch {epoch}, so training of this class stopped ({kept}): "
+                              "lower --lr or check the training images")
+
+
+def _check_finite_scores(scores: torch.Tensor) -> None:
+    """NonFiniteLossError when a discriminator's scores hold NaN (diverged weights), before BCE refuses them."""
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteLossError("the discriminator's scores became non-finite")
 
 
 def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
@@ -931,16 +946,14 @@ class GLASS(torch.nn.Module):
             try:
                 epoch_str = self._train_discriminator(training_data, epoch, pbar, summary)
             except NonFiniteLossError as exc:
-                kept = f"{os.path.basename(best_path)} is kept" if best_path else "there is no best checkpoint yet"
-                raise NonFiniteLossError(
-                    f"{name}: {exc} in epoch {epoch}, so training of this class stopped ({kept}): "
-                    "lower --lr or check the training images"
-                ) from None
+                raise _training_stopped(name, str(exc), epoch, best_path) from None
             weights = self.checkpoint_state()
 
             new_best = None
             if (epoch + 1) % self.eval_epochs == 0:
                 images, scores, segmentations, labels_gt, masks_gt = self.predict(val_data, keep_images=False)
+                if not np.isfinite(scores).all():
+                    raise _training_stopped(name, "the test images' anomaly scores became non-finite", epoch, best_path)
                 result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
                 for tag, value in zip(("i-auroc", "i-ap", "p-auroc", "p-ap", "p-pro"), result):
                     self.logger.add_scalar(tag, value, epoch)
@@ -1292,11 +1305,14 @@ class GLASS(torch.nn.Module):
         dist_t = torch.norm(true_points - c_t_points, dim=1)
         r_t = quantile_radius(dist_t, self.radius)
 
-        gas = global_anomaly_synthesis(
-            self._discriminate, true_feats, center, r_t,
-            noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
-            ascent_gradient=self._ascent_gradient(true_feats),
-        )
+        try:
+            gas = global_anomaly_synthesis(
+                self._discriminate, true_feats, center, r_t,
+                noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
+                ascent_gradient=self._ascent_gradient(true_feats),
+            )
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc} at step {self.global_step}") from None
         fake_feats, r_f = local_anomaly_synthesis(fake_feats, mask_s_gt, center, r_t, self.svd, self.radius)
 
         fake_scores = self._discriminate(fake_feats)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -51,6 +52,23 @@ def default_num_workers() -> int:
     return min(16, os.cpu_count() or 1)
 
 
+class FiniteRange(click.FloatRange):
+    """A float range that refuses nan and inf, which every range check lets through."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def odd_patchsize(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """--patchsize must be odd: the patches are padded by (patchsize - 1) / 2 so that the grid keeps its size."""
+    if value % 2 == 0:
+        raise click.BadParameter(f"{value} is even: the patch grid keeps the layer's size only with an odd patch size (3)")
+    return value
+
+
 @click.group(chain=True)
 @click.option("--results_path", type=str, default="results", show_default=True, help="Where every output is written.")
 @click.option("--gpu", type=int, default=[0], multiple=True, show_default=True,
@@ -73,24 +91,26 @@ def main(**kwargs):
 
 
 @main.command("net")
-@click.option("--dsc_margin", type=float, default=0.5, show_default=True, help="Score margin for the p_true/p_fake statistics.")
+@click.option("--dsc_margin", type=FiniteRange(), default=0.5, show_default=True, help="Score margin for the p_true/p_fake statistics.")
 @click.option("--train_backbone", is_flag=True, help="Fine-tune the backbone too (AdamW, lr).")
 @click.option("--backbone_names", "-b", type=str, multiple=True, default=[], help="Backbone name(s); NAME.seed-N fixes a seed per backbone.")
 @click.option("--layers_to_extract_from", "-le", type=str, multiple=True, default=[], help="Backbone layer(s) to take features from, e.g. -le layer2 -le layer3.")
 @click.option("--pretrain_embed_dimension", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--target_embed_dimension", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--patchsize", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--patchsize", type=click.IntRange(min=1), default=3, show_default=True, callback=odd_patchsize,
+              help="Side of the neighbourhood aggregated around each location (odd).")
 @click.option("--meta_epochs", type=click.IntRange(min=1), default=640, show_default=True)
 @click.option("--eval_epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--dsc_layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--dsc_hidden", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--pre_proj", type=click.IntRange(min=0), default=1, show_default=True, help="Number of Linear layers in the feature adaptor (0: none).")
-@click.option("--mining", type=int, default=1, show_default=True, help="1: gradient ascent for GAS; 0: Gaussian noise only.")
-@click.option("--noise", type=float, default=0.015, show_default=True, help="Std of the Gaussian noise that starts GAS.")
-@click.option("--radius", type=float, default=0.75, show_default=True, help="Quantile that defines the radii r_t, r_g, r_f.")
-@click.option("--p", type=float, default=0.5, show_default=True, help="Hard-sample mining quantile of the LAS loss.")
-@click.option("--lr", type=float, default=0.0001, show_default=True)
-@click.option("--svd", type=int, default=0, show_default=True, help="0: manifold, 1: hypersphere (normally set by --distribution).")
+@click.option("--mining", type=click.IntRange(0, 1), default=1, show_default=True, help="1: gradient ascent for GAS; 0: Gaussian noise only.")
+@click.option("--noise", type=FiniteRange(min=0), default=0.015, show_default=True, help="Std of the Gaussian noise that starts GAS.")
+@click.option("--radius", type=FiniteRange(0, 1), default=0.75, show_default=True, help="Quantile that defines the radii r_t, r_g, r_f.")
+@click.option("--p", type=FiniteRange(0, 1), default=0.5, show_default=True, help="Hard-sample mining quantile of the LAS loss.")
+@click.option("--lr", type=FiniteRange(min=0, min_open=True), default=0.0001, show_default=True,
+              help="Learning rate (projection; twice this for the discriminator).")
+@click.option("--svd", type=click.IntRange(0, 1), default=0, show_default=True, help="0: manifold, 1: hypersphere (normally set by --distribution).")
 @click.option("--step", type=click.IntRange(min=0), default=20, show_default=True, help="Gradient-ascent steps of GAS.")
 @click.option("--limit", type=click.IntRange(min=0), default=392, show_default=True, help="Training samples per epoch (stops after more than this).")
 @click.option("--cache", type=click.Choice(["auto", "ram", "disk", "off"]), default="auto", show_default=True,
@@ -115,6 +135,10 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
     options["compile"] = compile_discriminator
     backbone_names = list(backbone_names)
     layers = list(layers_to_extract_from)
+    if options["eval_epochs"] > options["meta_epochs"]:
+        raise click.BadParameter(
+            f"{options['eval_epochs']} > --meta_epochs {options['meta_epochs']}: no epoch would be evaluated, so no best "
+            "checkpoint would be saved to test", param_hint="--eval_epochs")
 
     def get_glass(input_shape, device) -> List[glass.GLASS]:
         if not backbone_names:
@@ -152,22 +176,25 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
               help="DataLoader workers (reference: 16; here at most the number of cores).")
 @click.option("--resize", default=288, type=click.IntRange(min=1), show_default=True)
 @click.option("--imagesize", default=288, type=click.IntRange(min=1), show_default=True)
-@click.option("--rotate_degrees", default=0, type=int)
-@click.option("--translate", default=0, type=float)
-@click.option("--scale", default=0.0, type=float)
-@click.option("--brightness", default=0.0, type=float)
-@click.option("--contrast", default=0.0, type=float)
-@click.option("--saturation", default=0.0, type=float)
-@click.option("--gray", default=0.0, type=float)
-@click.option("--hflip", default=0.0, type=float)
-@click.option("--vflip", default=0.0, type=float)
+@click.option("--rotate_degrees", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Train-time augmentation: random rotation within +-this many degrees.")
+@click.option("--translate", default=0.0, type=FiniteRange(0, 1), show_default=True,
+              help="Train-time augmentation: random shift, as a fraction of the image size.")
+@click.option("--scale", default=0.0, type=FiniteRange(0, 1, max_open=True), show_default=True,
+              help="Train-time augmentation: random zoom within 1 +- this.")
+@click.option("--brightness", default=0.0, type=FiniteRange(min=0), show_default=True, help="Train-time augmentation: ColorJitter brightness.")
+@click.option("--contrast", default=0.0, type=FiniteRange(min=0), show_default=True, help="Train-time augmentation: ColorJitter contrast.")
+@click.option("--saturation", default=0.0, type=FiniteRange(min=0), show_default=True, help="Train-time augmentation: ColorJitter saturation.")
+@click.option("--gray", default=0.0, type=FiniteRange(0, 1), show_default=True, help="Train-time augmentation: probability of greyscale.")
+@click.option("--hflip", default=0.0, type=FiniteRange(0, 1), show_default=True, help="Train-time augmentation: probability of a horizontal flip.")
+@click.option("--vflip", default=0.0, type=FiniteRange(0, 1), show_default=True, help="Train-time augmentation: probability of a vertical flip.")
 @click.option("--distribution", default=0, type=click.IntRange(0, 4), show_default=True,
               help="0: from the xlsx; 1: judge only; 2: manifold; 3: hypersphere; 4: opposite of the xlsx.")
-@click.option("--mean", default=0.5, type=float, show_default=True, help="Mean of the LAS blending factor beta.")
-@click.option("--std", default=0.1, type=float, show_default=True, help="Std of the LAS blending factor beta.")
+@click.option("--mean", default=0.5, type=FiniteRange(), show_default=True, help="Mean of the LAS blending factor beta.")
+@click.option("--std", default=0.1, type=FiniteRange(min=0), show_default=True, help="Std of the LAS blending factor beta.")
 @click.option("--fg", default=1, type=click.IntRange(0, 2), show_default=True,
               help="Foreground masks for LAS: 0 none, 1 from <data>/fg_mask/<class>/, 2 as the xlsx says.")
-@click.option("--rand_aug", default=1, type=int, show_default=True, help="Random augmentation of the anomaly textures.")
+@click.option("--rand_aug", default=1, type=click.IntRange(0, 1), show_default=True, help="Random augmentation of the anomaly textures.")
 @click.option("--downsampling", default=8, type=click.IntRange(min=1), show_default=True, help="Image size / feature grid size.")
 @click.option("--augment", is_flag=True, help="Accepted for compatibility; unused.")
 def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **options):

@@ -155,6 +155,12 @@ def test_unknown_layer(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["-le", "layer9"]), "layer 'layer9' not found")
 
 
+def test_layer_without_a_feature_map(capsys, results, data, dtd_root, tmp_path):
+    fresh = tmp_path / "fresh"
+    assert_fails(capsys, results, cli_args(fresh, data, dtd_root, net=["-le", "classifier"]),
+                 "layer 'classifier' gives (1, 1000), not a feature map", "-le blocks.2")
+
+
 def test_imagesize_not_a_multiple_of_downsampling(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root, dataset=["--imagesize", "60"]),
                  "--imagesize 60 is not a multiple of --downsampling 8", usage=True)
@@ -180,6 +186,27 @@ def test_mask_grid_unlike_the_feature_grid(capsys, results, data, dtd_root, tmp_
 def test_zero_or_negative_sizes(capsys, results, data, dtd_root, where, option, value):
     extra = {where: [option, value]}
     assert_fails(capsys, results, cli_args(results, data, dtd_root, **extra), option, value, usage=True)
+
+
+@pytest.mark.parametrize("where, option, value, says", [
+    ("net", "--radius", "1.5", "0<=x<=1"),  # a quantile
+    ("net", "--p", "-0.5", "0<=x<=1"),
+    ("net", "--noise", "-1", "x>=0"),
+    ("net", "--lr", "0", "x>0"),
+    ("net", "--lr", "nan", "not a finite number"),
+    ("net", "--patchsize", "2", "odd"),
+    ("dataset", "--std", "-1", "x>=0"),
+    ("dataset", "--translate", "2", "0<=x<=1"),
+    ("dataset", "--scale", "1.5", "0<=x<1"),
+    ("dataset", "--rotate_degrees", "-10", "x>=0"),
+    ("dataset", "--hflip", "2", "0<=x<=1"),
+    ("dataset", "--brightness", "-0.2", "x>=0"),
+    ("net", "--eval_epochs", "5", "no epoch would be evaluated"),  # --meta_epochs 1
+])
+def test_option_values_out_of_range_are_refused_before_anything_runs(capsys, results, data, dtd_root, where, option,
+                                                                       value, says):
+    extra = {where: [option, value]}
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, **extra), option, value, says, usage=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +261,15 @@ def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert_fails(capsys, results, cli_args(blocker / "results", data, dtd_root), "cannot write to --results_path")
+
+
+def test_diverging_training_stops_the_class_and_keeps_the_best_checkpoint(capsys, results, data, dtd_root, tmp_path):
+    # Adam's first steps move every weight by about lr: the scores become NaN before any loss does.
+    fresh = tmp_path / "fresh"
+    assert_fails(capsys, results, cli_args(fresh, data, dtd_root, net=["--meta_epochs", "3", "--lr", "1e30"]),
+                 "mvtec_tire: the discriminator's scores became non-finite at step", "training of this class stopped",
+                 "lower --lr")
+    assert not (fresh / "results.csv").exists()
 
 
 def test_nan_loss_stops_the_class_and_keeps_the_best_checkpoint(capsys, results, data, dtd_root, tmp_path, monkeypatch):

@@ -113,6 +113,8 @@ def test_token_and_channels_last_layers_become_maps():
         for j in range(2):  # patches row by row after the class token
             assert torch.equal(maps[:, :, i, j], tokens[:, 1 + 2 * i + j])
     assert torch.equal(common.to_feature_map(tokens[:, 1:]), maps)  # no class token: all tokens are patches
+    # A layer before the class token is prepended (ViT's patch_embed) has a square number of tokens: all patches.
+    assert torch.equal(common.to_feature_map(tokens[:, 1:], prefix_tokens=1), maps)
     nhwc = torch.randn(2, 4, 5, 3)
     assert torch.equal(common.to_feature_map(nhwc, channels_last=True), nhwc.permute(0, 3, 1, 2))
     assert common.to_feature_map(nhwc) is nhwc  # (B, C, H, W) maps pass as they are

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import glob
 import logging
+import math
 import os
 import random
 import re
@@ -1610,9 +1611,13 @@ def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = 
     path = os.path.join(class_dir, THRESHOLD_NAME)
     checkpoint = os.path.basename(getattr(model, "checkpoint_path", ""))
     if os.path.isfile(path) and not calibrate:
-        record = utils.read_json(path)
+        fix = "delete it or rerun with --calibrate"
+        record = utils.read_json(path, fix)
         if "threshold" in record and record.get("checkpoint") == checkpoint:
-            return record
+            value = record["threshold"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GlassError(f"{path}: the threshold {value!r} is not a finite number: fix it, {fix}")
+            return {"method": f"from {THRESHOLD_NAME}", **record, "threshold": float(value)}
         LOGGER.info("%s was not chosen for %s: choosing the threshold again", path, checkpoint)
     record = calibrate_threshold(model, make_test_loader())
     utils.atomic_write(path, lambda tmp: utils.write_json(tmp, record))

@@ -266,7 +266,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
 @click.option("--dataset", "dataset_name", default="mvtec", show_default=True,
               help="Dataset name used at training; the model is <results_path>/models/backbone_<i>/<dataset>_<class>.")
 @click.option("--backbone_index", default=0, type=click.IntRange(min=0), show_default=True, help="Which backbone_<i> folder.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FiniteRange(), default=None,
               help="Score at or above which an image is anomalous. Default: <class folder>/threshold.json, chosen on the test set when missing.")
 @click.option("--calibrate", is_flag=True, help="Choose the threshold on the test set again (F1-best) and rewrite threshold.json.")
 @click.option("--output", type=str, default=None, help="Folder for predictions.csv and the PNGs [default: <results_path>/predict/<dataset>_<class>].")
@@ -304,7 +304,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
         rows = glass.predict_images(model, config, paths, out_dir, record["threshold"], batch_size)
         flagged = sum(row["anomalous"] == "1" for row in rows)
         click.echo(f"{dataset_name}_{subdataset}: {flagged} of {len(rows)} image(s) anomalous at threshold "
-                   f"{record['threshold']:.6f} ({record['method'].split(';')[0]})")
+                   f"{record['threshold']:.6f} ({str(record['method']).split(';')[0]})")
         click.echo(f"Predictions: {os.path.join(out_dir, 'predictions.csv')}")
 
     return "predict", run_predict

@@ -175,14 +175,18 @@ def write_json(path: str, data: dict) -> None:
         json.dump(data, handle, indent=2, sort_keys=True, default=str)
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str, fix: str = "train the class again") -> dict:
+    """The JSON object in ``path``; GlassError (saying ``fix``) when it cannot be read or is not an object."""
     import json
 
     try:
         with open(path) as handle:
-            return json.load(handle)
+            record = json.load(handle)
     except (OSError, ValueError) as exc:
-        raise GlassError(f"cannot read {path} ({exc}): the file is damaged; train the class again") from None
+        raise GlassError(f"cannot read {path} ({exc}): the file is damaged; {fix}") from None
+    if not isinstance(record, dict):
+        raise GlassError(f"{path} holds a JSON {type(record).__name__}, not an object: the file is damaged; {fix}")
+    return record
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -293,9 +297,17 @@ def lookup_distribution(excel_dirs: Iterable[str], dataset_name: str, class_key:
         except Exception as exc:  # a damaged table is not fatal: the class is judged instead
             LOGGER.warning("Could not read %s (%s); ignoring it", path, exc)
             continue
+        missing = [column for column in DISTRIBUTION_COLUMNS if column not in table.columns]
+        if missing:
+            raise GlassError(f"{path} has no column {', '.join(missing)} (it needs {', '.join(DISTRIBUTION_COLUMNS)}): "
+                             "fix the table or delete it")
         rows = table.loc[table["Class"] == class_key]
         if len(rows):
-            return int(rows["Distribution"].values[0]), int(rows["Foreground"].values[0])
+            values = [rows[column].values[0] for column in DISTRIBUTION_COLUMNS[1:]]
+            if any(value not in (0, 1) for value in values):  # NaN (an empty cell) is not either
+                raise GlassError(f"{path}: the row {class_key} has Distribution, Foreground = {values[0]}, {values[1]}, "
+                                 "not 0 or 1 each: fix the row or delete it")
+            return int(values[0]), int(values[1])
     return None
 
 

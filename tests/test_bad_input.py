@@ -240,6 +240,27 @@ def test_checkpoint_of_another_configuration(capsys, results, data, dtd_root):
                  "ckpt_best_0.pth", "discriminator.body.block1.0.weight has shape (128, 128)", "(64, 128)")
 
 
+def test_config_json_that_is_not_an_object(capsys, results, data, dtd_root):
+    (results / CLASS_DIR / "config.json").write_text("[1, 2]")
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, main=["--test", "test"]),
+                 "config.json holds a JSON list, not an object")
+
+
+@pytest.mark.parametrize("table, says", [
+    ({"Class": ["mvtec_tire"], "Distribution": [1], "Foreground": [None]}, "the row mvtec_tire has Distribution, Foreground = 1, nan"),
+    ({"Name": ["mvtec_tire"], "Distribution": [1], "Foreground": [1]}, "has no column Class"),
+])
+def test_hand_edited_distribution_table(capsys, results, data, dtd_root, tmp_path, table, says):
+    import pandas as pd
+
+    fresh = tmp_path / "fresh"
+    (fresh / "datasets" / "excel").mkdir(parents=True)
+    pd.DataFrame(table).to_excel(fresh / "datasets" / "excel" / "mvtec_distribution.xlsx", index=False)
+    args = cli_args(fresh, data, dtd_root)
+    args[args.index("--distribution") + 1] = "0"
+    assert_fails(capsys, results, args, "mvtec_distribution.xlsx", says, "or delete it")
+
+
 def test_checkpoint_trained_on_other_layers(capsys, results, data, dtd_root):
     # Same shapes, other features: only the class folder's config.json can tell.
     net = ["-le", "blocks.3"]

@@ -91,9 +91,38 @@ def test_threshold_from_option_file_or_recalibration(results, tiny_tire, tmp_pat
     rows = read_csv(tmp_path / "c" / "predictions.csv")
     assert [row["threshold"] for row in rows] == ["0.99", "0.99"] and [row["anomalous"] for row in rows] == ["0", "0"]
 
+    # ... also without the note of how it was chosen ...
+    threshold_file.write_text(json.dumps({"threshold": 0.98, "checkpoint": calibrated["checkpoint"]}))
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "e", *images]) == 0
+    assert {row["threshold"] for row in read_csv(tmp_path / "e" / "predictions.csv")} == {"0.98"}
+
     # ... until --calibrate chooses it again on the test set.
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--calibrate", "--output", tmp_path / "d", images[0]]) == 0
     assert json.loads(threshold_file.read_text())["threshold"] == calibrated["threshold"]
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"threshold": "abc", "checkpoint": "CKPT"}', "the threshold 'abc' is not a finite number"),
+    ('{"threshold": NaN, "checkpoint": "CKPT"}', "the threshold nan is not a finite number"),
+    ('[0.5]', "holds a JSON list, not an object"),
+    ('{"threshold": 0.5,', "the file is damaged"),
+])
+def test_a_damaged_threshold_file_is_one_line_saying_how_to_fix_it(results, tiny_tire, tmp_path, capsys, content, says):
+    class_dir = results / "models" / "backbone_0" / "mvtec_tire"
+    image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
+    checkpoint = next(class_dir.glob("ckpt_best_*.pth")).name
+    threshold_file = class_dir / "threshold.json"
+    saved = threshold_file.read_text() if threshold_file.exists() else None
+    try:
+        threshold_file.write_text(content.replace("CKPT", checkpoint))
+        assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path, image]) == 2
+        line = one_error_line(capsys)
+        assert says in line and "delete it or rerun with --calibrate" in line
+    finally:
+        if saved is None:
+            threshold_file.unlink()
+        else:
+            threshold_file.write_text(saved)
 
 
 def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, capsys):
@@ -107,6 +136,8 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     assert "holds no images" in one_error_line(capsys)
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--calibrate", image]) == 2
     assert "not both" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "nan", image]) == 2
+    assert "not a finite number" in one_error_line(capsys)
 
 
 def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, tiny_tire, tmp_path):

@@ -202,6 +202,10 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     if name not in _DATASETS:
         raise click.BadParameter(f"unknown dataset '{name}': choose one of {', '.join(sorted(_DATASETS))}", param_hint="NAME")
     module_name, class_name = _DATASETS[name]
+    repeated = sorted({classname for classname in subdatasets if subdatasets.count(classname) > 1})
+    if repeated:
+        raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each class once",
+                                 param_hint="-d/--subdatasets")
     if options["imagesize"] % options["downsampling"]:
         raise click.BadParameter(
             f"--imagesize {options['imagesize']} is not a multiple of --downsampling {options['downsampling']}",

@@ -255,7 +255,7 @@ def compute_pro(masks: ArrayLike, amaps: ArrayLike, num_th: int = 200) -> float:
         return float("nan")
     fpr, pro = fpr[keep], pro[keep]
     fpr_norm = (fpr - fpr.min()) / (fpr.max() - fpr.min() + PRO_NORM_EPS)
-    return float(skm.auc(fpr_norm, pro))
+    return float(skm.auc(fpr_norm, pro)) + 0.0  # + 0.0: no -0.0 in the reports
 
 
 def compute_best_pr_re(labels: ArrayLike, scores: ArrayLike) -> Tuple[float, float, float]:

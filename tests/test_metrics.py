@@ -262,3 +262,14 @@ def test_roc_auc_has_the_bits_of_scikit_learn_on_real_masks(tire_root):
 def test_roc_auc_one_class_is_nan_as_in_scikit_learn():
     with pytest.warns(Warning):
         assert math.isnan(metrics.roc_auc(np.zeros(5, dtype=int), np.arange(5.0)))
+
+
+def test_pro_of_maps_that_never_cover_a_defect_is_a_plain_zero():
+    # The defect lies where the map is lowest: no threshold covers it before the FPR limit. The area of the
+    # decreasing FPR curve comes out as -0.0, which would print as -0.00.
+    masks = np.zeros((2, 16, 16))
+    masks[0, 4:8, 4:8] = 1
+    amaps = np.random.RandomState(0).rand(2, 16, 16)
+    amaps[0, 2:10, 2:10] = -1
+    pro = metrics.compute_pro(masks, amaps)
+    assert pro == 0.0 and math.copysign(1.0, pro) == 1.0

@@ -720,7 +720,7 @@ class RunRecord:
         self.data.update(status=status, finished=datetime.now().isoformat(timespec="seconds"))
         try:
             self.write()
-        except OSError as exc:  # never hide the run's own outcome behind a failed record
+        except (OSError, GlassError) as exc:  # never hide the run's own outcome behind a failed record
             LOGGER.warning("Could not update %s (%s)", self.path, exc)
 
     def write(self) -> None:
@@ -743,6 +743,10 @@ def cli(argv: List[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
+    except OSError as exc:  # the environment, not the code: a full disk, a file where a folder must be, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"Error: {where}{exc.strerror or exc}: {utils.write_advice(exc)}", err=True)
+        return 2
     except click.UsageError as exc:  # one line for the mistake, one for where to look
         if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())) and exc.ctx is not None:
             click.echo(exc.ctx.get_help(), err=True)  # no arguments at all: the help, as click shows it

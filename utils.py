@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import errno
 import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -137,17 +139,40 @@ def atomic_write(path: str, write: "callable") -> None:
     The temporary file ends with ``path``'s extension (writers such as pandas' ``to_excel`` choose the
     format by it)."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".tmp.",
-                               suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".tmp.",
+                                   suffix=os.path.splitext(path)[1])
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, _file_mode(path))  # mkstemp makes the file private (0600); keep the usual mode
         os.replace(tmp, path)
+    except OSError as exc:
+        raise GlassError(f"cannot write {path} ({exc.strerror or exc}): {write_advice(exc)}") from None
+    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if not _disk_nearly_full(directory):
+            raise
+        raise GlassError(f"cannot write {path} (no space left on the device): {write_advice(None)}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_advice(exc: Optional[OSError]) -> str:
+    """How to get past an error writing under the results folder (``None``: the disk is full)."""
+    if exc is None or exc.errno == errno.ENOSPC:
+        return "free some disk space or choose another --results_path; rerunning the command resumes"
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return "a file or folder of that name is in the way: move it or choose another --results_path"
+    return "check that path and its permissions"
+
+
+def _disk_nearly_full(directory: str) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 16 * 2**20
+    except OSError:
+        return False
 
 
 def _read_umask() -> int:

@@ -294,6 +294,18 @@ def test_diverging_training_stops_the_class_and_keeps_the_best_checkpoint(capsys
     assert not (fresh / "results.csv").exists()
 
 
+@pytest.mark.parametrize("in_the_way", ["results.csv", "models"])
+def test_a_file_or_folder_in_the_way_of_an_output(capsys, results, data, dtd_root, tmp_path, in_the_way):
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    if in_the_way == "models":  # a file where the checkpoints' folder must go
+        (fresh / "models").write_text("not a folder")
+    else:  # a folder where results.csv must go (written after the class is tested)
+        (fresh / "results.csv").mkdir()
+    assert_fails(capsys, results, cli_args(fresh, data, dtd_root), str(fresh / in_the_way),
+                 "a file or folder of that name is in the way")
+
+
 def test_nan_loss_stops_the_class_and_keeps_the_best_checkpoint(capsys, results, data, dtd_root, tmp_path, monkeypatch):
     train_discriminator = glass.GLASS._train_discriminator
 

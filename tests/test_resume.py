@@ -9,6 +9,7 @@ moment would do, without the timing races of killing from outside.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import random
@@ -304,3 +305,27 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["results.csv"]
     utils.atomic_write(str(target), lambda tmp: Path(tmp).write_text("new\n"))
     assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["results.csv"]
+
+
+def test_atomic_write_failures_are_one_line_errors_that_keep_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt.pth"
+    target.write_text("old")
+
+    def full_disk(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", tmp)
+
+    with pytest.raises(utils.GlassError, match=r"cannot write .*ckpt.pth \(No space left on device\): free some disk space"):
+        utils.atomic_write(str(target), full_disk)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pth"]
+
+    def zip_writer_failure(tmp):  # how torch.save reports a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(utils, "_disk_nearly_full", lambda directory: True)
+    with pytest.raises(utils.GlassError, match="no space left on the device"):
+        utils.atomic_write(str(target), zip_writer_failure)
+    monkeypatch.setattr(utils, "_disk_nearly_full", lambda directory: False)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not the disk: a real error
+        utils.atomic_write(str(target), zip_writer_failure)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pth"]

@@ -277,9 +277,25 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
 @click.option("--data_path", type=str, default=None, help="Dataset root for calibration [default: the one recorded in config.json].")
 @click.option("--batch_size", default=8, type=click.IntRange(min=1), show_default=True, help="Images per forward pass.")
 def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibrate, output, data_path, batch_size):
-    """Score new images with a trained class. INPUTS: image files, folders (recursive) or quoted glob patterns."""
+    """Score new images with a trained class. INPUTS: image files, folders (recursive) or quoted glob patterns.
+
+    Chained after `net ... dataset NAME ...`, it scores with the class just trained (NAME unless --dataset is given).
+    """
+    name_given = click.get_current_context().get_parameter_source("dataset_name") != click.core.ParameterSource.DEFAULT
+    chosen = {"dataset": dataset_name}
+
+    def check_before_training(results_path: str, trained_name: str, trained_classes: Sequence[str]) -> None:
+        """Chained after training: the inputs and the class, checked before the training starts."""
+        if not name_given:
+            chosen["dataset"] = trained_name
+        glass.collect_images(inputs)
+        class_dir = os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{chosen['dataset']}_{subdataset}")
+        if not (chosen["dataset"] == trained_name and subdataset in trained_classes) and not os.path.isdir(class_dir):
+            raise GlassError(f"predict -d {subdataset}: neither trained by this run ({trained_name}: "
+                             f"{', '.join(trained_classes)}) nor in {class_dir}: name one of the classes")
 
     def run_predict(results_path: str, device: torch.device) -> None:
+        dataset_name = chosen["dataset"]
         class_dir = os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{dataset_name}_{subdataset}")
         if not os.path.isdir(class_dir):
             raise GlassError(f"no trained class folder {class_dir}: check --results_path, -d and --dataset, or train the class first")
@@ -311,6 +327,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
                    f"{record['threshold']:.6f} ({str(record['method']).split(';')[0]})")
         click.echo(f"Predictions: {os.path.join(out_dir, 'predictions.csv')}")
 
+    run_predict.check_before_training = check_before_training
     return "predict", run_predict
 
 
@@ -359,6 +376,9 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     if missing:
         raise GlassError(f"missing subcommand(s): {', '.join(missing)}; usage: python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH")
     results_path = ensure_writable(results_path)
+    if predict_images is not None:
+        dataset_options = methods["get_dataloaders"].options
+        predict_images.check_before_training(results_path, dataset_options["name"], dataset_options["subdatasets"])
     excel_dir = os.path.join(results_path, "datasets", "excel")
     list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir)  # checks every class before any training
     workers = plan_workers(gpu, [loaders["testing"].name for loaders in list_of_dataloaders])

@@ -178,3 +178,25 @@ def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, t
                      "--output", out, data.data_to_iterate[0][2]]) == 0
     [row] = read_csv(out / "predictions.csv")
     assert float(row["score"]) == pytest.approx(float(our_scores[0]), abs=1e-5)  # batch 1 vs 4: rounding only
+
+
+def test_chained_predict_scores_with_the_class_just_trained_and_checks_its_inputs_first(tiny_tire, dtd_root, tmp_path,
+                                                                                       capsys):
+    from conftest import TINY_NET, tiny_dataset_args
+
+    net = [*TINY_NET[:TINY_NET.index("--meta_epochs")], "--meta_epochs", "1", "--step", "2", "--limit", "8"]
+    data = tiny_dataset_args(tiny_tire, dtd_root)
+    data[data.index("mvtec")] = "custom"  # another dataset name than predict's default (mvtec)
+    images = tiny_tire / "tire" / "test" / "good"
+    results = tmp_path / "typo"
+    assert run_main(["--results_path", results, *net, *data, "predict", "-d", "tire", tmp_path / "no_such_folder"]) == 2
+    assert "matched no file" in one_error_line(capsys)
+    assert not list(results.rglob("*.pth"))  # refused before training
+    assert run_main(["--results_path", results, *net, *data, "predict", "-d", "bottle", images]) == 2
+    assert "neither trained by this run (custom: tire)" in one_error_line(capsys)
+
+    results = tmp_path / "chained"
+    assert run_main(["--results_path", results, *net, *data, "predict", "-d", "tire", images]) == 0
+    rows = read_csv(results / "predict" / "custom_tire" / "predictions.csv")
+    assert len(rows) == len(list(images.glob("*.png")))
+    assert (results / "models" / "backbone_0" / "custom_tire" / "threshold.json").is_file()

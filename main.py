@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -461,17 +462,46 @@ def metrics_line(name: str, result: Sequence[float]) -> str:
 
 class ResultsTable:
     """The rows of ``results.csv`` (in ``-d`` order, whichever class finishes first), rewritten with
-    ``summary.md`` and ``summary.csv`` after every tested class; the summary is printed at the end."""
+    ``summary.md`` and ``summary.csv`` after every tested class; the summary is printed at the end.
+
+    Rows that earlier runs wrote for classes this run does not test are kept, first, and count in the Mean
+    (the reference rewrites the table with the run's classes only, losing the others' rows).
+    """
 
     def __init__(self, results_path: str, n_classes: int, record: "RunRecord") -> None:
         self.results_path = results_path
         self.record = record
         self.slots: List[List[tuple]] = [[] for _ in range(n_classes)]  # (row name, metrics) per class
+        self.earlier = self._earlier_rows()
+
+    def _earlier_rows(self) -> List[tuple]:
+        """(row name, metrics) of the results.csv already in the results folder, Mean left out."""
+        path = os.path.join(self.results_path, "results.csv")
+        if not os.path.isfile(path):
+            return []
+        try:
+            header, rows = utils.read_results(path)
+            if header[1:] != METRIC_NAMES:
+                raise ValueError(f"its columns are {', '.join(header)}")
+            earlier = []
+            for row in rows:
+                if row[0] != "Mean":
+                    values: List[Any] = [float(v) if v != "" else float("nan") for v in row[1:]]
+                    values[-1] = int(values[-1]) if math.isfinite(values[-1]) else values[-1]  # best_epoch
+                    earlier.append((row[0], values))
+            return earlier
+        except (OSError, ValueError, IndexError) as exc:
+            kept = path + ".old"
+            shutil.copyfile(path, kept)
+            LOGGER.warning("Could not read the earlier %s (%s): kept as %s, starting a new table", path, exc, kept)
+            return []
 
     def add(self, index: int, row_name: str, record_name: str, result: Sequence[float]) -> None:
         self.slots[index].append((row_name, list(result)))
         click.echo(metrics_line(row_name, result))
         rows = [entry for slot in self.slots for entry in slot]
+        names = {name for name, _ in rows}
+        rows = [entry for entry in self.earlier if entry[0] not in names] + rows
         utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
                                               row_names=[name for name, _ in rows])
         with utils.never_fatal(utils.SUMMARY_MD):

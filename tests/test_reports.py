@@ -390,3 +390,32 @@ def test_last_error_line_reads_what_cli_prints(tmp_path):
     assert main.last_error_line(str(log)) == "the real problem: fix it"
     log.write_text("Traceback (most recent call last):\nValueError: boom\n")
     assert main.last_error_line(str(log)) is None
+
+
+def test_results_csv_keeps_the_rows_of_classes_tested_by_earlier_runs(tmp_path, tiny_tire, dtd_root):
+    import shutil
+
+    from conftest import TINY_NET, run_main, tiny_dataset_args
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_tire / "tire", data / "tire")
+    shutil.copytree(tiny_tire / "tire", data / "tire2")
+    net = [*TINY_NET[:TINY_NET.index("--meta_epochs")], "--meta_epochs", "1", "--step", "2", "--limit", "8"]
+    results = tmp_path / "results"
+
+    def table():
+        with open(results / "results.csv", newline="") as handle:
+            return {row["Row Names"]: row for row in csv.DictReader(handle)}
+
+    assert run_main(["--results_path", results, *net, *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
+    first = table()
+    assert run_main(["--results_path", results, *net, *tiny_dataset_args(data, dtd_root, classes=("tire2",))]) == 0
+    both = table()
+    assert list(both) == ["mvtec_tire", "mvtec_tire2", "Mean"] and both["mvtec_tire"] == first["mvtec_tire"]
+    mean = (float(both["mvtec_tire"]["image_auroc"]) + float(both["mvtec_tire2"]["image_auroc"])) / 2
+    assert float(both["Mean"]["image_auroc"]) == pytest.approx(mean)
+    assert both["mvtec_tire"]["best_epoch"] == "0"
+    # A test-only run of one class rewrites its row and keeps the other one.
+    assert run_main(["--results_path", results, "--test", "test", *net,
+                     *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
+    assert table() == both

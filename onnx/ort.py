@@ -40,23 +40,66 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------
 # Model and metadata
 
+OUTPUT_NAMES = ("image_score", "anomaly_map")
+# Metadata that sets the preprocessing: key, type, how many values (mean may be negative; the rest must be > 0).
+METADATA_NUMBERS = (("resize", int, (1, 2)), ("imagesize", int, (1, 2)), ("mean", float, (3,)), ("std", float, (3,)))
+
+
 def _numbers(text: str, kind=float) -> List:
     return [kind(v) for v in text.split(",") if v.strip()]
 
 
-def read_metadata(session: onnxruntime.InferenceSession) -> Dict:
-    """Preprocessing and provenance from the model's metadata_props (as written by pth2onnx.py)."""
+def _finite(text: str) -> Optional[float]:
+    """``text`` as a finite float, else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _not_usable(name: str, why: str) -> UsageError:
+    return UsageError(f"{name} is not a usable GLASS export ({why}): export it again with onnx/pth2onnx.py")
+
+
+def read_metadata(session: onnxruntime.InferenceSession, name: str = "the model") -> Dict:
+    """Preprocessing and provenance from the model's metadata_props (as written by pth2onnx.py), checked.
+
+    ``name`` (the model's path) goes into the one-line error when the metadata cannot be used.
+    """
     props = session.get_modelmeta().custom_metadata_map
-    missing = [key for key in ("resize", "imagesize", "mean", "std") if key not in props]
+    missing = [key for key, _, _ in METADATA_NUMBERS if key not in props]
     if missing:
-        raise UsageError(f"the model has no {', '.join(missing)} in its metadata: export it with onnx/pth2onnx.py")
+        raise _not_usable(name, f"no {', '.join(missing)} in its metadata")
     meta = dict(props)
-    meta["resize"] = _numbers(props["resize"], int)
-    meta["imagesize"] = _numbers(props["imagesize"], int)
-    meta["mean"] = np.asarray(_numbers(props["mean"]), dtype=np.float32)
-    meta["std"] = np.asarray(_numbers(props["std"]), dtype=np.float32)
-    meta["threshold"] = float(props["threshold"]) if props.get("threshold") else None
+    for key, kind, counts in METADATA_NUMBERS:
+        try:
+            values = _numbers(props[key], kind)
+        except ValueError:
+            values = []
+        if len(values) not in counts or not all(np.isfinite(values)) or (key != "mean" and min(values) <= 0):
+            raise _not_usable(name, f"its metadata {key} is {props[key]!r}")
+        meta[key] = values if kind is int else np.asarray(values, dtype=np.float32)
+    meta["threshold"] = None
+    if props.get("threshold"):
+        meta["threshold"] = _finite(props["threshold"])
+        if meta["threshold"] is None:
+            raise _not_usable(name, f"its metadata threshold is {props['threshold']!r}")
     return meta
+
+
+def check_graph(session: onnxruntime.InferenceSession, meta: Dict, name: str = "the model") -> None:
+    """The graph takes one (B, 3, H, W) image of the metadata's crop size and gives GLASS's outputs."""
+    outputs = [output.name for output in session.get_outputs()]
+    absent = [output for output in OUTPUT_NAMES if output not in outputs]
+    if absent:
+        raise _not_usable(name, f"it has no output {', '.join(absent)}")
+    inputs = session.get_inputs()
+    height, width = (meta["imagesize"] * 2)[:2]
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or any(
+            isinstance(have, int) and have != want for have, want in zip(inputs[0].shape[1:], (3, height, width))):
+        shapes = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+        raise _not_usable(name, f"it takes {shapes or 'no input'}, not one image batch (B, 3, {height}, {width})")
 
 
 def open_session(model_path: str, providers: Optional[Sequence[str]] = None) -> onnxruntime.InferenceSession:
@@ -173,7 +216,7 @@ def score_images(
         chunk = paths[start:start + batch_size]
         prepared = [preprocess(path, meta) for path in chunk]
         batch = np.stack([tensor for tensor, _ in prepared])
-        scores, maps = session.run(["image_score", "anomaly_map"], {input_name: batch})
+        scores, maps = session.run(list(OUTPUT_NAMES), {input_name: batch})
         for path, (_, crop), score, anomaly_map in zip(chunk, prepared, scores, maps):
             yield path, float(score), anomaly_map, crop
 
@@ -190,8 +233,11 @@ def predict(
     """Score ``inputs`` with the model; write the CSV (and PNGs). Returns the CSV rows."""
     if batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, not {batch_size}")
+    if threshold is not None and not np.isfinite(threshold):
+        raise UsageError(f"--threshold {threshold} is not a finite number: give a score such as 0.5, or leave it out to use the model's")
     session = open_session(model_path, providers)
-    meta = read_metadata(session)
+    meta = read_metadata(session, model_path)
+    check_graph(session, meta, model_path)
     threshold = meta["threshold"] if threshold is None else threshold
     paths = collect_images(inputs)
     stems = output_stems(paths)

@@ -39,6 +39,7 @@ if REPO_ROOT not in sys.path:
 
 import common  # noqa: E402
 import glass  # noqa: E402
+import main as glass_main  # noqa: E402  (its dataset names)
 import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
 
@@ -198,6 +199,35 @@ class GlassOnnx(torch.nn.Module):
         return image_score, self.smoothing(maps).squeeze(1)
 
 
+def supported_opsets() -> Tuple[int, int]:
+    """The opsets the installed exporter writes: torchlib's own (18 in torch 2.x) up to the newest of onnx's version converter.
+
+    Below torchlib's opset torch converts the graph down, which fails for every GLASS graph (the patch
+    neighbourhoods are padded, and onnx has no Pad adapter below 18) and then silently keeps torchlib's
+    opset; above the converter's newest it does the same.
+    """
+    import onnx
+
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
+    except ImportError:  # another torch layout: the opset this file was tested with
+        TORCHLIB_OPSET = OPSET
+    return int(TORCHLIB_OPSET), int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the installed exporter cannot write (before any work)."""
+    low, high = supported_opsets()
+    if not low <= opset <= high:
+        raise GlassError(f"--opset {opset} cannot be written by the installed torch/onnx exporter: choose {low} to {high} (default {OPSET})")
+
+
+def check_output(path: str) -> None:
+    """Refuse an output path that names a folder."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise GlassError(f"-o {path} names a directory: give a file path such as {os.path.join(path, DEFAULT_NAME)}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Which model to export
 
@@ -338,6 +368,8 @@ def export(
     """
     import onnx
 
+    check_opset(opset)
+    check_output(path)
     wrapper = GlassOnnx(model)
     example = torch.zeros(2, *wrapper.input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -356,6 +388,9 @@ def export(
             "try another --opset, or report it with the backbone name"
         ) from None
     proto = program.model_proto
+    written = [entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")]
+    if written != [opset]:  # torch converts to other opsets and keeps its own when that fails
+        raise GlassError(f"the exporter wrote opset {', '.join(map(str, written))} instead of --opset {opset}: choose --opset {OPSET}")
     for key, value in export_metadata(config, checkpoint, threshold).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -419,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("which model")
     source.add_argument("--results_path", help="results folder of main.py; the class folder is <results_path>/models/backbone_<i>/<dataset>_<class>")
     source.add_argument("-d", "--subdataset", help="class name, with --results_path (e.g. bottle)")
-    source.add_argument("--dataset", default="mvtec", help="dataset name used at training (mvtec, visa, mpdd, wfdd); part of the class folder name")
+    source.add_argument("--dataset", default="mvtec",
+                        help=f"dataset NAME given to main.py at training ({', '.join(sorted(glass_main._DATASETS))}); part of the class folder name")
     source.add_argument("--backbone_index", type=int, default=0, help="which backbone_<i> folder, with --results_path")
     source.add_argument("--class_dir", help="class folder holding config.json and ckpt_best_<epoch>.pth (instead of --results_path/-d)")
     source.add_argument("--checkpoint", help="checkpoint to export (default: the class folder's ckpt_best_<epoch>.pth); alone, its folder is the class folder")
@@ -433,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     bare.add_argument("--class_name", help="class name to record in the metadata")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")
-    out.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    out.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version, {} to {} with the installed exporter".format(*supported_opsets()))
     out.add_argument("--no_check", action="store_true", help="skip comparing onnxruntime with PyTorch on two random images after export")
     return parser
 
@@ -445,6 +481,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
+        check_opset(args.opset)
+        if args.output:
+            check_output(args.output)
         model, config, checkpoint = load_for_export(args)
         class_dir = os.path.dirname(os.path.abspath(checkpoint))
         output = args.output or os.path.join(class_dir, DEFAULT_NAME)

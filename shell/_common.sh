@@ -1,5 +1,21 @@
-# Shared by the run-*.sh scripts: run from the repository root with the project's Python.
-# Each script sets DATAPATH/AUGPATH defaults that environment variables override.
+# Shared by the run-*.sh scripts, sourced before their defaults: paths the caller gives (DATAPATH, AUGPATH,
+# RESULTS, DEMO_DIR, PYTHON) are made absolute against the caller's folder, then the script runs from the
+# repository root with the project's Python, so its defaults (results, demo_data) are the repository's.
+# Each script then sets DATAPATH/AUGPATH defaults that environment variables override.
+
+# An absolute form of a path relative to the current folder (the path need not exist yet).
+absolute_path() {
+  case "$1" in
+    /*) printf '%s' "$1" ;;
+    *) local path=$1; while [ "${path#./}" != "$path" ]; do path=${path#./}; done; printf '%s/%s' "$PWD" "${path:-.}" ;;
+  esac
+}
+for _var in DATAPATH AUGPATH RESULTS DEMO_DIR; do
+  if [ -n "${!_var:-}" ]; then printf -v "$_var" '%s' "$(absolute_path "${!_var}")"; fi
+done
+case "${PYTHON:-}" in */*) PYTHON=$(absolute_path "$PYTHON") ;; esac  # a path, not a command name such as python3
+unset _var
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi

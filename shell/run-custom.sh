@@ -10,11 +10,11 @@
 # Manifold hypothesis (--distribution 2) and no foreground masks (--fg 0), as the reference's custom script;
 # the dataset name `custom` names the checkpoint folders (results/models/backbone_0/custom_<class>).
 # Override: DATAPATH=/data/mine AUGPATH=/data/dtd/images CLASSES="part_a part_b" bash shell/run-custom.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/Custom}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"class1 class2"}
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_data_folders
 
 "$PYTHON" main.py \

@@ -4,11 +4,11 @@
 # EfficientNet-Lite0 (ImageNet weights that install offline) at a CPU-sized profile.
 # Override: DEMO_DIR=/tmp/demo EPOCHS=4 CLASSES="brick" bash shell/run-demo.sh
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DEMO_DIR=${DEMO_DIR:-demo_data}
 RESULTS=${RESULTS:-results/demo}
 CLASSES=${CLASSES:-"brick grass"}
 EPOCHS=${EPOCHS:-8}
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 "$PYTHON" -m datasets.demo "$DEMO_DIR" --classes "$(echo $CLASSES | tr ' ' ',')"
 

@@ -5,11 +5,11 @@
 # class's hypothesis is judged from its training images (--distribution 0 with no table: judged, recorded
 # under RESULTS/datasets/excel, then trained) and no foreground masks are used (--fg 0).
 # Override the paths: DATAPATH=/data/mvtec_loco_anomaly_detection AUGPATH=/data/dtd/images bash shell/run-loco.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/mvtec_loco_anomaly_detection}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"breakfast_box juice_bottle pushpins screw_bag splicing_connectors"}
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_data_folders
 
 "$PYTHON" main.py \

@@ -3,11 +3,11 @@
 # MAD holds the MVTec AD classes in MVTec AD layout; NAME stays `mvtec` so that the checkpoints trained by
 # run-mvtec.sh (results/models/backbone_0/mvtec_<class>) are tested. To train on MAD itself, use NAME `mad`.
 # Override the paths: DATAPATH=/data/mvtec AUGPATH=/data/dtd/images bash shell/run-mad-sys.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/MAD-sys/Beta_0.1}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"carpet grid leather tile wood"}
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_data_folders
 
 "$PYTHON" main.py \

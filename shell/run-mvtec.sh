@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GLASS on MVTec AD with the paper's settings (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
 # Override the paths: DATAPATH=/data/mvtec AUGPATH=/data/dtd/images bash shell/run-mvtec.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/MVTec}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}
 RESULTS=${RESULTS:-results}
 CLASSES=${CLASSES:-"carpet grid leather tile wood bottle cable capsule hazelnut metal_nut pill screw toothbrush transistor zipper"}
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_data_folders
 
 "$PYTHON" main.py \

@@ -456,3 +456,34 @@ def test_visa_classes_agree_with_the_downloader():
     from datasets import fetch, visa
 
     assert tuple(fetch.VISA_CLASSES) == visa.VISA_CLASSES
+
+
+def test_script_paths_are_relative_to_the_callers_folder(tmp_path):
+    """DATAPATH, AUGPATH, RESULTS, DEMO_DIR and PYTHON given relative to where the script is run; defaults stay the repository's."""
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "dtd").symlink_to(DTD)
+    stub = tmp_path / "fake_python"  # records its folder and arguments instead of training
+    stub.write_text('#!/bin/sh\necho "cwd=$PWD"\nfor arg in "$@"; do echo "$arg"; done\n')
+    stub.chmod(0o755)
+
+    def run(script: str, **env: str) -> list:
+        done = subprocess.run(["bash", str(ROOT / "shell" / script)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHON": "./fake_python", **env})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    args = run("run-custom.sh", DATAPATH="ok", AUGPATH="./dtd", RESULTS="myres", CLASSES="part_a")
+    assert args[0] == f"cwd={ROOT}"
+    assert args[args.index("--results_path") + 1] == str(tmp_path / "myres")
+    assert args[-3:] == ["custom", str(tmp_path / "ok"), str(tmp_path / "dtd")]
+    args = run("run-custom.sh", DATAPATH=str(tmp_path / "ok"), AUGPATH=str(DTD), CLASSES="part_a")
+    assert args[args.index("--results_path") + 1] == "results"  # the default: <repository>/results
+
+    args = run("run-demo.sh", DEMO_DIR="demo", RESULTS="out")
+    assert args[:2] == [f"cwd={ROOT}", "-m"] and args[3] == str(tmp_path / "demo")
+    assert args[args.index("--results_path") + 1] == str(tmp_path / "out")
+    assert args[-2:] == [str(tmp_path / "demo" / "demo"), str(tmp_path / "demo" / "textures")]
+
+    missing = subprocess.run(["bash", str(ROOT / "shell" / "run-custom.sh")], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "DATAPATH": "nowhere", "AUGPATH": "dtd"})
+    assert missing.returncode == 2 and missing.stderr.startswith(f"Error: DATAPATH={tmp_path / 'nowhere'} is not a folder")

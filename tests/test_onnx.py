@@ -201,3 +201,98 @@ def test_transformer_backbone_exports_and_matches_pytorch(test_images, tmp_path,
     assert maps.shape == (2, 224, 224) and maps.std() > 0
     assert np.abs(scores - np.asarray(ref_scores)).max() < TOLERANCE
     assert np.abs(maps - np.stack(ref_maps)).max() < TOLERANCE
+
+
+def one_error_line(capsys) -> str:
+    """The single stderr line of a refused command."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    return lines[0]
+
+
+def test_opset_the_exporter_cannot_write_is_refused_before_anything_is_written(class_dir, tmp_path, capsys, monkeypatch):
+    low, high = pth2onnx.supported_opsets()
+    assert low == pth2onnx.OPSET == 18 and high >= 23  # torch's own opset, up to onnx's version converter
+    results = str(class_dir.parents[2])
+    for opset in (99, high + 1, 5, low - 1):
+        target = tmp_path / f"y{opset}.onnx"
+        assert pth2onnx.main(["--results_path", results, "-d", "tire", "--opset", str(opset), "-o", str(target)]) == 2
+        line = one_error_line(capsys)
+        assert f"--opset {opset} " in line and f"choose {low} to {high}" in line
+        assert not target.exists()
+
+    # A supported opset other than the default is the one written.
+    target = tmp_path / "y19.onnx"
+    assert pth2onnx.main(["--results_path", results, "-d", "tire", "--opset", "19", "-o", str(target), "--no_check"]) == 0
+    assert [(e.domain, e.version) for e in onnx.load(str(target)).opset_import if e.domain in ("", "ai.onnx")] == [("", 19)]
+
+    # Were the range check bypassed, torch would keep opset 18 for 17 (no Pad adapter, after its own warnings):
+    # refused, nothing written.
+    monkeypatch.setattr(pth2onnx, "check_opset", lambda opset: None)
+    target = tmp_path / "y17.onnx"
+    assert pth2onnx.main(["--results_path", results, "-d", "tire", "--opset", "17", "-o", str(target), "--no_check"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("Error: the exporter wrote opset 18 instead of --opset 17")
+    assert not target.exists()
+
+
+def test_output_naming_a_directory_is_refused(class_dir, tmp_path, capsys):
+    results = str(class_dir.parents[2])
+    for output in (str(tmp_path), str(tmp_path / "new") + "/"):
+        assert pth2onnx.main(["--results_path", results, "-d", "tire", "-o", output]) == 2
+        line = one_error_line(capsys)
+        assert "names a directory" in line and "glass.onnx" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_names_every_dataset_of_main(capsys):
+    import main
+
+    with pytest.raises(SystemExit) as done:
+        pth2onnx.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"({', '.join(sorted(main._DATASETS))})" in text
+
+
+def edited_export(exported, path, metadata=None, outputs=None):
+    """A copy of ``exported`` with some metadata values replaced, or a one-node graph carrying its metadata."""
+    proto = onnx.load(str(exported))
+    if outputs is not None:
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["image"], [outputs])], "other", list(proto.graph.input),
+            [onnx.helper.make_tensor_value_info(outputs, onnx.TensorProto.FLOAT, ["batch", 3, 64, 64])])
+        other = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import))
+        other.ir_version = proto.ir_version
+        other.metadata_props.extend(proto.metadata_props)
+        proto = other
+    values = {**{entry.key: entry.value for entry in proto.metadata_props}, **(metadata or {})}
+    del proto.metadata_props[:]
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_ort_refuses_a_file_that_is_not_a_usable_glass_export(exported, tiny_tire, tmp_path, capsys):
+    images = str(tiny_tire / "tire" / "test" / "good")
+    models = [
+        edited_export(exported, tmp_path / "resize.onnx", metadata={"resize": "abc"}),
+        edited_export(exported, tmp_path / "std.onnx", metadata={"std": "0,0,0"}),
+        edited_export(exported, tmp_path / "threshold.onnx", metadata={"threshold": "nan"}),
+        edited_export(exported, tmp_path / "crop.onnx", metadata={"imagesize": "32,32"}),  # the graph takes 64 px
+        edited_export(exported, tmp_path / "outputs.onnx", outputs="features"),
+    ]
+    for model in models:
+        assert ort_script.main([str(model), images, "-o", str(tmp_path / "out")]) == 2
+        line = one_error_line(capsys)
+        assert f"{model} is not a usable GLASS export" in line and "export it again with onnx/pth2onnx.py" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_ort_refuses_a_threshold_that_is_not_a_number(exported, tiny_tire, tmp_path, capsys):
+    images = str(tiny_tire / "tire" / "test" / "good")
+    for value in ("nan", "inf", "-inf"):
+        assert ort_script.main([str(exported), images, "-o", str(tmp_path / "out"), f"--threshold={value}"]) == 2
+        assert "is not a finite number" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

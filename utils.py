@@ -150,7 +150,7 @@ def atomic_write(path: str, write: "callable") -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise GlassError(f"cannot write {path} ({exc.strerror or exc}): {write_advice(exc)}") from None
-    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError of its zip writer
+    except RuntimeError:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if not _disk_nearly_full(directory):
             raise
         raise GlassError(f"cannot write {path} (no space left on the device): {write_advice(None)}") from None

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import PIL.Image
-import pytest
 import torch
 from click.testing import CliRunner
 

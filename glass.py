@@ -1597,6 +1597,19 @@ def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
     }
 
 
+def read_threshold_file(path: str) -> Dict[str, Any]:
+    """The record in a ``threshold.json`` (``method`` filled in when missing); GlassError, saying how to fix it,
+    when it is damaged or its ``threshold`` is not a finite number."""
+    fix = "delete it or rerun with --calibrate"
+    record = utils.read_json(path, fix)
+    if "threshold" not in record:
+        return record
+    value = record["threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GlassError(f"{path}: the threshold {value!r} is not a finite number: fix it, {fix}")
+    return {"method": f"from {THRESHOLD_NAME}", **record, "threshold": float(value)}
+
+
 def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = None, calibrate: bool = False,
                      make_test_loader=None) -> Dict[str, Any]:
     """The decision threshold and how it was chosen: ``--threshold``, ``threshold.json``, or calibrated now.
@@ -1611,13 +1624,9 @@ def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = 
     path = os.path.join(class_dir, THRESHOLD_NAME)
     checkpoint = os.path.basename(getattr(model, "checkpoint_path", ""))
     if os.path.isfile(path) and not calibrate:
-        fix = "delete it or rerun with --calibrate"
-        record = utils.read_json(path, fix)
+        record = read_threshold_file(path)
         if "threshold" in record and record.get("checkpoint") == checkpoint:
-            value = record["threshold"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise GlassError(f"{path}: the threshold {value!r} is not a finite number: fix it, {fix}")
-            return {"method": f"from {THRESHOLD_NAME}", **record, "threshold": float(value)}
+            return record
         LOGGER.info("%s was not chosen for %s: choosing the threshold again", path, checkpoint)
     record = calibrate_threshold(model, make_test_loader())
     utils.atomic_write(path, lambda tmp: utils.write_json(tmp, record))

@@ -344,13 +344,13 @@ def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = 
 
 def stored_threshold(class_dir: str, checkpoint: str) -> Optional[float]:
     """The threshold in ``<class_dir>/threshold.json`` if it was chosen for this checkpoint."""
-    path = os.path.join(class_dir, "threshold.json")
+    path = os.path.join(class_dir, glass.THRESHOLD_NAME)
     if not os.path.isfile(path):
         return None
-    record = utils.read_json(path)
+    record = glass.read_threshold_file(path)
     if record.get("checkpoint") not in (None, os.path.basename(checkpoint)):
         return None
-    return float(record["threshold"]) if "threshold" in record else None
+    return record.get("threshold")
 
 
 def export(

@@ -19,6 +19,7 @@ from conftest import ROOT
 
 import glass
 from datasets.mvtec import DatasetSplit, MVTecDataset
+from utils import GlassError
 
 TOLERANCE = 1e-4
 
@@ -172,6 +173,9 @@ def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path
     (tmp_path / "threshold.json").write_text('{"threshold": 0.42, "checkpoint": "ckpt_best_3.pth"}')
     assert pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_3.pth")) == 0.42
     assert pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_4.pth")) is None  # made for another one
+    (tmp_path / "threshold.json").write_text('{"threshold": "abc", "checkpoint": "ckpt_best_3.pth"}')
+    with pytest.raises(GlassError, match="the threshold 'abc' is not a finite number: fix it, delete it or rerun with --calibrate"):
+        pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_3.pth"))
     config = {"backbone": "resnet18", "layers_to_extract_from": ["layer2"], "input_shape": [3, 32, 32],
               "dataset": {"resize_used": [40, 40]}}
     meta = pth2onnx.export_metadata(config, "ckpt_best_3.pth", 0.42)

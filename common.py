@@ -132,16 +132,16 @@ class NetworkFeatureAggregator(torch.nn.Module):
             for hook in self.hooks:
                 hook.stop = True
             self.backbone.train(training)
-        return [map_.shape[1] for map_ in self.feature_maps(outputs)]
-
-    def feature_maps(self, outputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-        """The wanted layer outputs as (B, C, H, W) maps, in the order of ``layers_to_extract_from``."""
-        for name in self.layers_to_extract_from:
+        for name in self.layers_to_extract_from:  # checked once here: a layer's kind of output does not change
             output = outputs[name]
             if not isinstance(output, torch.Tensor) or output.dim() not in (3, 4):
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise GlassError(f"layer '{name}' gives {shape}, not a feature map: choose a convolutional stage or "
                                  "transformer block (e.g. -le layer2 -le layer3, -le blocks.2 -le blocks.4)")
+        return [map_.shape[1] for map_ in self.feature_maps(outputs)]
+
+    def feature_maps(self, outputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """The wanted layer outputs as (B, C, H, W) maps, in the order of ``layers_to_extract_from``."""
         return [to_feature_map(outputs[name], self.prefix_tokens, self.channels_last_maps)
                 for name in self.layers_to_extract_from]
 

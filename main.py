@@ -283,21 +283,22 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     Chained after `net ... dataset NAME ...`, it scores with the class just trained (NAME unless --dataset is given).
     """
     name_given = click.get_current_context().get_parameter_source("dataset_name") != click.core.ParameterSource.DEFAULT
-    chosen = {"dataset": dataset_name}
+
+    def class_folder(results_path: str, trained_name: Optional[str]) -> tuple[str, str]:
+        """(dataset name, class folder): the chained run's NAME unless --dataset is given."""
+        name = trained_name if trained_name is not None and not name_given else dataset_name
+        return name, os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{name}_{subdataset}")
 
     def check_before_training(results_path: str, trained_name: str, trained_classes: Sequence[str]) -> None:
         """Chained after training: the inputs and the class, checked before the training starts."""
-        if not name_given:
-            chosen["dataset"] = trained_name
         glass.collect_images(inputs)
-        class_dir = os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{chosen['dataset']}_{subdataset}")
-        if not (chosen["dataset"] == trained_name and subdataset in trained_classes) and not os.path.isdir(class_dir):
+        name, class_dir = class_folder(results_path, trained_name)
+        if not (name == trained_name and subdataset in trained_classes) and not os.path.isdir(class_dir):
             raise GlassError(f"predict -d {subdataset}: neither trained by this run ({trained_name}: "
                              f"{', '.join(trained_classes)}) nor in {class_dir}: name one of the classes")
 
-    def run_predict(results_path: str, device: torch.device) -> None:
-        dataset_name = chosen["dataset"]
-        class_dir = os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{dataset_name}_{subdataset}")
+    def run_predict(results_path: str, device: torch.device, trained_name: Optional[str] = None) -> None:
+        dataset_name, class_dir = class_folder(results_path, trained_name)
         if not os.path.isdir(class_dir):
             raise GlassError(f"no trained class folder {class_dir}: check --results_path, -d and --dataset, or train the class first")
         paths = glass.collect_images(inputs)
@@ -377,8 +378,8 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     if missing:
         raise GlassError(f"missing subcommand(s): {', '.join(missing)}; usage: python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH")
     results_path = ensure_writable(results_path)
+    dataset_options = methods["get_dataloaders"].options
     if predict_images is not None:
-        dataset_options = methods["get_dataloaders"].options
         predict_images.check_before_training(results_path, dataset_options["name"], dataset_options["subdatasets"])
     excel_dir = os.path.join(results_path, "datasets", "excel")
     list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir)  # checks every class before any training
@@ -405,7 +406,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
         raise
     record.finish("finished")
     if predict_images is not None:  # chained after training/testing: score the images with the new checkpoint
-        predict_images(results_path, device)
+        predict_images(results_path, device, dataset_options["name"])
 
 
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,

@@ -1017,7 +1017,8 @@ class GLASS(torch.nn.Module):
         """Set ``self.svd`` from ``--distribution``; returns True when the run should only judge.
 
         1 = judge now and stop; 2 = manifold; 3 = hypersphere; 0 = the xlsx entry; 4 = its opposite.
-        A class missing from the xlsx is judged, recorded and then trained in the same run.
+        A class missing from the xlsx is judged and recorded, then trained with the judged hypothesis (0) or its
+        opposite (4), as a rerun that reads the recorded table would.
         """
         choice = getattr(training_data.dataset, "distribution", 0)
         self.judged_distribution = None
@@ -1035,8 +1036,9 @@ class GLASS(torch.nn.Module):
                 "%s is not in any %s_distribution.xlsx (looked in %s): judging it now, recording the result and training with it",
                 name, dataset_name, ", ".join(self.excel_dirs) or "nowhere",
             )
-            self.svd = self._judge_distribution(training_data, name)
-            self.judged_distribution = self.svd
+            self.judged_distribution = self._judge_distribution(training_data, name)
+            # 4 trains on the opposite of what the table will say, as a rerun reading it would.
+            self.svd = self.judged_distribution if choice == 0 else 1 - self.judged_distribution
         else:
             self.svd = found[0] if choice == 0 else 1 - found[0]
         LOGGER.info("%s: %s hypothesis (svd %d)", name, "hypersphere" if self.svd else "manifold", self.svd)

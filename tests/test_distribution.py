@@ -136,3 +136,11 @@ def test_judge_only_then_the_table_decides_and_a_missing_class_is_judged_and_tra
         _run(["--results_path", str(results), "--gpu", "-1", *net, *dataset(distribution)])
         state = _checkpoint(results)
         assert (state["svd"], state["judged_distribution"]) == (expected, None)
+
+    # --distribution 4 for a class missing from the table: the opposite of the judgement it records, as the
+    # rerun above that reads the recorded table trains.
+    opposite = tmp_path / "fallback_4"
+    _run(["--results_path", str(opposite), "--gpu", "-1", *net, *dataset("4")])
+    state = _checkpoint(opposite)
+    assert (state["svd"], state["judged_distribution"]) == (1 - flag, flag)
+    assert _table(opposite).equals(table)

@@ -392,8 +392,16 @@ def other_differences(saved: dict, current: dict) -> List[str]:
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-class NonFiniteLossError(GlassError):
+class ClassStoppedError(GlassError):
+    """One class cannot go on; the run goes on with the other classes and names this one at its end."""
+
+
+class NonFiniteLossError(ClassStoppedError):
     """The training loss (or the scores it comes from) became NaN or infinite; training of the class stops."""
+
+
+class MissingCheckpointError(ClassStoppedError):
+    """``--test test`` for a class folder without a best checkpoint (the reference logs it and goes on)."""
 
 
 def _training_stopped(name: str, what: str, epoch: int, best_path: Optional[str]) -> NonFiniteLossError:
@@ -1354,8 +1362,9 @@ class GLASS(torch.nn.Module):
         """Evaluate the best checkpoint on ``test_data``: ``(i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch)``."""
         path = self.best_checkpoint()
         if path is None:
-            raise GlassError(
-                f"no ckpt_best_*.pth in {self.ckpt_dir}: train first (--test ckpt) or point --results_path at the run that trained it"
+            raise MissingCheckpointError(
+                f"{name}: no ckpt_best_*.pth in {self.ckpt_dir}: train first (--test ckpt) or point --results_path at "
+                "the run that trained it"
             )
         self.load_checkpoint(path)
         images, scores, segmentations, labels_gt, masks_gt = self.predict(test_data)

@@ -400,7 +400,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
             LOGGER.info("Distribution judgements written to %s", path)
         table.finish()
         if stopped:
-            raise GlassError(stopped[0] if len(stopped) == 1 else f"training stopped for {len(stopped)} classes: " + " | ".join(stopped))
+            raise GlassError(stopped[0] if len(stopped) == 1 else f"{len(stopped)} classes stopped: " + " | ".join(stopped))
     except BaseException as exc:
         record.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {utils.error_message(exc)}")
         raise
@@ -412,9 +412,10 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
                  add_result: Callable[[int, str, str, List[float]], None]) -> tuple[Dict[str, int], List[str]]:
     """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
-    tested model; returns the judged distributions and the messages of classes whose training stopped."""
+    tested model; returns the judged distributions and the messages of the classes that stopped (a diverging
+    training, no best checkpoint to test): the others still run."""
     judged: Dict[str, int] = {}
-    stopped: List[str] = []  # classes whose training stopped on a non-finite loss
+    stopped: List[str] = []
     for index, dataloaders in enumerate(list_of_dataloaders):
         utils.fix_seeds(seed, device)
         dataset_name = dataloaders["training"].name
@@ -433,12 +434,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                 model.check_config({**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed},
                                    training=test == "ckpt")
                 if test == "ckpt":
-                    try:
-                        outcome = model.trainer(dataloaders["training"], dataloaders["testing"], dataset_name)
-                    except glass.NonFiniteLossError as exc:
-                        LOGGER.error("%s", exc)
-                        stopped.append(str(exc))
-                        continue
+                    outcome = model.trainer(dataloaders["training"], dataloaders["testing"], dataset_name)
                     if model.judged_distribution is not None:
                         judged[dataset_name] = model.judged_distribution
                     if isinstance(outcome, int):  # --distribution 1: judged only
@@ -447,6 +443,10 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                         click.echo(f"{dataset_name}: already trained, testing its best checkpoint "
                                    f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], dataset_name))
+            except glass.ClassStoppedError as exc:
+                LOGGER.error("%s", exc)
+                stopped.append(str(exc))
+                continue
             finally:
                 model.close()
             add_result(index, dataset_name, dataset_name if len(models) == 1 else f"{dataset_name}/backbone_{i}", result)

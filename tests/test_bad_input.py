@@ -213,11 +213,14 @@ def test_option_values_out_of_range_are_refused_before_anything_runs(capsys, res
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def test_test_only_without_a_checkpoint(capsys, results, data, dtd_root):
+def test_test_only_without_a_checkpoint_names_the_class_after_testing_the_others(capsys, results, data, dtd_root):
     shutil.copytree(data / "tire", data / "tire2")  # a class that was never trained
     args = cli_args(results, data, dtd_root, main=["--test", "test"])
-    args[args.index("tire")] = "tire2"
+    at = args.index("tire")
+    args[at:at + 1] = ["tire2", "-d", "tire"]  # the untrained class first: the trained one is still tested
+    shutil.rmtree(results / "eval")
     assert_fails(capsys, results, args, "no ckpt_best_*.pth", "mvtec_tire2", "train first")
+    assert len(list((results / "eval" / "mvtec_tire").glob("*.png"))) == 7  # tire was tested all the same
 
 
 def test_truncated_best_checkpoint(capsys, results, data, dtd_root):

@@ -62,6 +62,11 @@ class FiniteRange(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
+    def _describe_range(self) -> str:  # click writes "x<=None" for a range without bounds
+        if self.min is None and self.max is None:
+            return "finite"
+        return super()._describe_range()
+
 
 def odd_patchsize(ctx: click.Context, param: click.Parameter, value: int) -> int:
     """--patchsize must be odd: the patches are padded by (patchsize - 1) / 2 so that the grid keeps its size."""
@@ -250,11 +255,12 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
             }
             if train_set is None:
                 train_loader = test_loader
-                LOGGER.info("Dataset %s: train=0 test=%d", test_set.classname, len(test_set))
+                LOGGER.info("Dataset %s: train=0 test=%d", f"{test_set.classname.upper():^20}", len(test_set))
             else:
                 train_loader = make_loader(train_set, batch_size, num_workers, shuffle=True)
                 train_loader.name = test_loader.name
-                LOGGER.info("Dataset %s: train=%d test=%d", test_set.classname, len(train_set), len(test_set))
+                LOGGER.info("Dataset %s: train=%d test=%d", f"{test_set.classname.upper():^20}", len(train_set),
+                            len(test_set))  # the reference's line
             loaders.append({"training": train_loader, "testing": test_loader})
         return loaders
 

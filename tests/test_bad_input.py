@@ -210,6 +210,18 @@ def test_option_values_out_of_range_are_refused_before_anything_runs(capsys, res
     assert_fails(capsys, results, cli_args(results, data, dtd_root, **extra), option, value, says, usage=True)
 
 
+def test_help_shows_every_range_without_click_placeholders():
+    from click.testing import CliRunner
+
+    import main
+
+    for command in ([], ["net"], ["dataset"]):
+        text = CliRunner().invoke(main.main, [*command, "--help"]).output
+        assert "0<=x<=4" in text or command != ["dataset"]  # --distribution's range is shown
+        assert "None" not in text, text  # an unbounded range once read "x<=None"
+    assert "[default: 0.5; finite]" in CliRunner().invoke(main.main, ["dataset", "--help"]).output  # --mean
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 

@@ -8,7 +8,8 @@
 # masks for some defect images only, pixel metrics use the images whose ground truth is known. The layout is
 # checked before training and every problem is listed at once.
 # Manifold hypothesis (--distribution 2) and no foreground masks (--fg 0), as the reference's custom script;
-# the dataset name `custom` names the checkpoint folders (results/models/backbone_0/custom_<class>).
+# the dataset name `mvtec`, as there, names the class folders (results/models/backbone_0/mvtec_<class>), so this
+# script finds the checkpoints of the reference's custom runs (`custom` instead names them custom_<class>).
 # Override: DATAPATH=/data/mine AUGPATH=/data/dtd/images CLASSES="part_a part_b" bash shell/run-custom.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/Custom}
@@ -49,4 +50,4 @@ require_data_folders
     --batch_size 8 \
     --resize 288 \
     --imagesize 288 \
-    $(class_flags $CLASSES) custom "$DATAPATH" "$AUGPATH"
+    $(class_flags $CLASSES) mvtec "$DATAPATH" "$AUGPATH"

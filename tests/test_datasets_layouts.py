@@ -475,7 +475,7 @@ def test_script_paths_are_relative_to_the_callers_folder(tmp_path):
     args = run("run-custom.sh", DATAPATH="ok", AUGPATH="./dtd", RESULTS="myres", CLASSES="part_a")
     assert args[0] == f"cwd={ROOT}"
     assert args[args.index("--results_path") + 1] == str(tmp_path / "myres")
-    assert args[-3:] == ["custom", str(tmp_path / "ok"), str(tmp_path / "dtd")]
+    assert args[-3:] == ["mvtec", str(tmp_path / "ok"), str(tmp_path / "dtd")]  # the reference custom script's name
     args = run("run-custom.sh", DATAPATH=str(tmp_path / "ok"), AUGPATH=str(DTD), CLASSES="part_a")
     assert args[args.index("--results_path") + 1] == "results"  # the default: <repository>/results
 

@@ -219,7 +219,9 @@ def compute_pro_curve(masks: ArrayLike, amaps: ArrayLike, num_th: int = 200) -> 
         pro = np.full(num_t, np.nan)
 
     # False-positive rate on the undilated maps.
-    inverse_masks = 1 - masks
+    # In float64, as the reference's masks are (it gathers them with .tolist()); a float32 sum of bilinearly
+    # resized masks differs in its last bits, and uint8 masks would wrap below zero.
+    inverse_masks = 1 - masks.astype(np.float64)
     normal = inverse_masks != 0
     normal_values = amaps[normal]
     false_pos = _counts_above(normal_values, thresholds, np.zeros(normal_values.shape, dtype=np.int64), 1)[0]

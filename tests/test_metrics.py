@@ -203,6 +203,18 @@ def test_pro_matches_slow_loop_at_a_realistic_size():
     assert metrics.compute_pro(masks, amaps) == slow_pro(masks, amaps)
 
 
+def test_pro_false_positive_rate_sums_float32_masks_in_float64_as_the_reference():
+    # The reference gathers the resized masks with .tolist(), so its FPR denominator (1 - masks).sum() is a
+    # float64 sum; over many fractional float32 mask pixels a float32 sum gives other last bits.
+    masks, amaps = random_case(6, n=4, size=256, dtype=np.float32, empty_image=False)
+    soft = np.clip(ndimage.uniform_filter(masks.astype(np.float32), size=(1, 5, 5)) * 1.3, 0, 1).astype(np.float32)
+    assert (1 - soft).sum() != (1 - soft.astype(np.float64)).sum()  # the case tells the two sums apart
+    _, fpr, _ = metrics.compute_pro_curve(soft, amaps)
+    _, fpr64, _ = metrics.compute_pro_curve(soft.astype(np.float64), amaps)
+    assert np.array_equal(fpr, fpr64)
+    assert metrics.compute_pro(soft, amaps) == slow_pro(soft.astype(np.float64), amaps)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Best threshold
 # ---------------------------------------------------------------------------------------------------------

@@ -50,16 +50,34 @@ class ForwardHook:
             raise LastLayerToExtractReachedException()
 
 
-def resolve_layer(backbone: torch.nn.Module, layer_name: str) -> torch.nn.Module:
-    """Find a (dotted) layer name in the backbone; on a Sequential the hook goes on its last child."""
+def _find_layer(backbone: torch.nn.Module, layer_name: str) -> Optional[torch.nn.Module]:
+    """The module at a dotted path (``blocks.2``), or at the reference's ``<index>.<block>`` (``2.blocks``)."""
     try:
-        module = backbone.get_submodule(layer_name)
+        return backbone.get_submodule(layer_name)
     except AttributeError:
+        pass
+    parts = layer_name.split(".")
+    if len(parts) == 2 and parts[0].isdigit():  # the reference splits "2.blocks" into index 2 of "blocks"
+        try:
+            return backbone.get_submodule(f"{parts[1]}.{parts[0]}")
+        except AttributeError:
+            pass
+    return None
+
+
+def resolve_layer(backbone: torch.nn.Module, layer_name: str) -> torch.nn.Module:
+    """Find a (dotted) layer name in the backbone; on a Sequential the hook goes on its last child.
+
+    ``blocks.2`` is the module path; the reference's own order ``2.blocks`` (index, then block) names the same
+    layer, so that its command lines work.
+    """
+    module = _find_layer(backbone, layer_name)
+    if module is None:
         children = ", ".join(name for name, _ in backbone.named_children())
         raise GlassError(
             f"layer '{layer_name}' not found in backbone {getattr(backbone, 'name', type(backbone).__name__)}; "
             f"its top-level layers are: {children} (use dotted names such as blocks.2 for nested ones)"
-        ) from None
+        )
     if isinstance(module, torch.nn.Sequential) and len(module) > 0:
         module = module[-1]
     return module

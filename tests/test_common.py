@@ -99,6 +99,21 @@ def test_the_dimension_probe_draws_what_the_whole_backbone_draws_in_training_mod
     assert not backbone.training
 
 
+def test_the_references_index_first_layer_names_find_the_same_layers(lite0):
+    # The reference reads "2.blocks" as index 2 of "blocks" (and cannot read "blocks.2"); both work here.
+    assert common.resolve_layer(lite0, "2.blocks") is common.resolve_layer(lite0, "blocks.2") is lite0.blocks[2][-1]
+    aggregator = common.NetworkFeatureAggregator(lite0, ["2.blocks", "4.blocks"], torch.device("cpu"))
+    lite0.eval()
+    reference_order = aggregator(torch.ones(1, 3, 64, 64))
+    module_path = common.NetworkFeatureAggregator(lite0, ["blocks.2", "blocks.4"], torch.device("cpu"))
+    lite0.eval()
+    path_order = module_path(torch.ones(1, 3, 64, 64))
+    assert torch.equal(reference_order["2.blocks"], path_order["blocks.2"])
+    assert torch.equal(reference_order["4.blocks"], path_order["blocks.4"])
+    with pytest.raises(GlassError, match="layer '9.blocks' not found"):
+        common.resolve_layer(lite0, "9.blocks")
+
+
 def test_unknown_layer_is_a_one_line_error(lite0):
     with pytest.raises(GlassError, match="layer 'layer2' not found.*blocks") as info:
         common.NetworkFeatureAggregator(lite0, ["layer2"], torch.device("cpu"))

@@ -68,6 +68,17 @@ def test_las_pushes_only_masked_features_on_the_hypersphere():
     assert torch.equal(same, feats)
 
 
+def test_las_on_a_leaf_that_requires_gradients_keeps_them():
+    # With --pre_proj 0 the trainer's fake features are leaves that require gradients; the reference's in-place
+    # write crashes there. Out of place, the pushed rows carry the gradient of the band truncation.
+    feats = torch.tensor([[0.1, 0.0], [0.0, 0.2], [5.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0], [0.0], [1.0]])
+    out, _ = local_anomaly_synthesis(feats, mask, torch.zeros(3, 2), torch.tensor([1.0]), svd=1, radius=0.75)
+    out.sum().backward()
+    assert torch.equal(feats.grad[1], torch.ones(2))  # unmasked row: identity
+    assert not torch.equal(feats.grad[0], torch.ones(2))  # masked row: through the rescaling to 2 r_t
+
+
 def test_hard_sample_mining_keeps_the_largest_errors():
     scores = torch.tensor([[0.1], [0.9], [0.4], [0.6]])
     labels = torch.tensor([[0.0], [0.0], [1.0], [1.0]])

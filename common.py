@@ -317,14 +317,13 @@ class PatchEmbedder(torch.nn.Module):
         pretrain_embed_dimension: int,
         target_embed_dimension: int,
         patchsize: int = 3,
-        patchstride: int = 1,
         train_backbone: bool = False,
     ):
         super().__init__()
         self.layers_to_extract_from = list(layers_to_extract_from)
         self.feature_aggregator = NetworkFeatureAggregator(backbone, layers_to_extract_from, device, train_backbone)
         self.feature_dimensions = self.feature_aggregator.feature_dimensions(input_shape)
-        self.patch_maker = PatchMaker(patchsize, stride=patchstride)
+        self.patch_maker = PatchMaker(patchsize)
         self.preprocessing = Preprocessing(self.feature_dimensions, pretrain_embed_dimension)
         self.preadapt_aggregator = Aggregator(target_embed_dimension)
         self.train_backbone = train_backbone

@@ -456,7 +456,6 @@ class GLASS(torch.nn.Module):
         pretrain_embed_dimension: int,
         target_embed_dimension: int,
         patchsize: int = 3,
-        patchstride: int = 1,
         meta_epochs: int = 640,
         eval_epochs: int = 1,
         dsc_layers: int = 2,
@@ -478,7 +477,6 @@ class GLASS(torch.nn.Module):
         compile: bool = False,
         channels_last: bool = False,
         onednn: bool = False,
-        **kwargs,
     ) -> None:
         """Build the feature pipeline, projection, discriminator and their optimisers.
 
@@ -501,7 +499,6 @@ class GLASS(torch.nn.Module):
             pretrain_embed_dimension,
             target_embed_dimension,
             patchsize=patchsize,
-            patchstride=patchstride,
             train_backbone=train_backbone,
         ).to(device)
         self.patch_maker = self.embedder.patch_maker
@@ -1654,7 +1651,7 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
     """
     from torchvision import transforms
 
-    from datasets.mvtec import load_image
+    from datasets.base import load_image
 
     dataset = config.get("dataset", {})
     resize = dataset.get("resize_used", config["input_shape"][-1])

@@ -225,7 +225,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
         dataset_class = getattr(module, class_name)
         splits = []  # (test set, train set or None) of each class
         for classname in (subdatasets if classes is None else classes):
-            common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"], seed=seed,
+            common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"],
                           check_layout=False)
             test_set = dataset_class(data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TEST, **common)
             train_set = None
@@ -238,7 +238,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                     h_flip_p=options["hflip"], v_flip_p=options["vflip"], scale=options["scale"],
                     distribution=options["distribution"], mean=options["mean"], std=options["std"],
                     fg=options["fg"], rand_aug=options["rand_aug"], downsampling=options["downsampling"],
-                    augment=options["augment"], batch_size=batch_size, excel_dir=excel_dir, **common,
+                    batch_size=batch_size, excel_dir=excel_dir, **common,
                 )
             splits.append((test_set, train_set))
         # Layout problems of every split of every class are reported together, before any loader or training.

@@ -12,29 +12,23 @@ import torch.nn.functional as F
 
 
 def init_weight(module: torch.nn.Module) -> None:
-    """Xavier-normal Linear weights (biases keep PyTorch's default); DCGAN-style conv/BN init."""
+    """Xavier-normal Linear weights; biases and BatchNorm keep PyTorch's defaults (as the reference)."""
     if isinstance(module, torch.nn.Linear):
         torch.nn.init.xavier_normal_(module.weight)
-    if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.data.normal_(1.0, 0.02)
-        module.bias.data.fill_(0)
-    elif isinstance(module, torch.nn.Conv2d):
-        module.weight.data.normal_(0.0, 0.02)
 
 
 class Discriminator(torch.nn.Module):
     """Patch discriminator: ``n_layers - 1`` blocks Linear -> BatchNorm1d -> LeakyReLU(0.2), then
     Linear(hidden, 1, no bias) -> Sigmoid. Output: (N, 1) anomaly probability per patch."""
 
-    def __init__(self, in_planes: int, n_layers: int = 2, hidden: int | None = None):
+    def __init__(self, in_planes: int, n_layers: int, hidden: int):
         super().__init__()
         # Without hidden blocks the tail sees the input directly (the reference crashes on
         # --dsc_layers 1 with a --dsc_hidden that differs from the embedding size).
-        width = in_planes if hidden is None or n_layers < 2 else hidden
+        width = in_planes if n_layers < 2 else hidden
         self.body = torch.nn.Sequential()
         for i in range(n_layers - 1):
             block_in = in_planes if i == 0 else width
-            width = int(width // 1.5) if hidden is None else hidden
             self.body.add_module(
                 f"block{i + 1}",
                 torch.nn.Sequential(
@@ -64,16 +58,13 @@ class Discriminator(torch.nn.Module):
 
 
 class Projection(torch.nn.Module):
-    """Feature adaptor: ``n_layers`` Linear layers (``layer_type > 1`` puts LeakyReLU between them)."""
+    """Feature adaptor: ``n_layers`` Linear layers in a row (``--pre_proj``), without activations between them."""
 
-    def __init__(self, in_planes: int, out_planes: int | None = None, n_layers: int = 1, layer_type: int = 0):
+    def __init__(self, in_planes: int, out_planes: int, n_layers: int = 1):
         super().__init__()
-        out_planes = in_planes if out_planes is None else out_planes
         self.layers = torch.nn.Sequential()
         for i in range(n_layers):
             self.layers.add_module(f"{i}fc", torch.nn.Linear(in_planes if i == 0 else out_planes, out_planes))
-            if i < n_layers - 1 and layer_type > 1:
-                self.layers.add_module(f"{i}relu", torch.nn.LeakyReLU(0.2))
         self.apply(init_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +74,9 @@ class Projection(torch.nn.Module):
 class PatchMaker:
     """Cuts feature maps into ``patchsize x patchsize`` neighbourhoods and reshapes patch scores."""
 
-    def __init__(self, patchsize: int, top_k: int = 0, stride: int | None = None):
+    def __init__(self, patchsize: int, stride: int = 1):
         self.patchsize = patchsize
-        self.stride = stride if stride is not None else 1
-        self.top_k = top_k
+        self.stride = stride
 
     def patchify(self, features: torch.Tensor, return_spatial_info: bool = False):
         """(B, C, H, W) -> (B, H' * W', C, p, p) with zero padding (p - 1) / 2, plus (H', W')."""
@@ -103,6 +93,7 @@ class PatchMaker:
         return unfolded
 
     def unpatch_scores(self, x: torch.Tensor, batchsize: int) -> torch.Tensor:
+        """(B * H' * W', ...) patch scores -> (B, H' * W', ...)."""
         return x.reshape(batchsize, -1, *x.shape[1:])
 
     def score(self, x: torch.Tensor) -> torch.Tensor:

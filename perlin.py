@@ -11,7 +11,6 @@ Differences from the reference, both documented where they happen:
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable, Sequence, Tuple, Union
 
@@ -19,7 +18,6 @@ import cv2
 import numpy as np
 import torch
 
-LOGGER = logging.getLogger(__name__)
 
 # A thresholded noise map keeps the points where the noise exceeds this value.
 NOISE_THRESHOLD = 0.5

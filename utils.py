@@ -269,8 +269,6 @@ def distribution_judge(img: np.ndarray, name: str, output_dir: str | None = None
     radius exceeds 12 and there are more than 60 points. With ``output_dir`` the image and its
     thresholded spectrum are written to ``<output_dir>/<flag>/<name>.png``.
     """
-    import cv2
-
     resized = cv2.resize(img, (289, 289))
     gray = cv2.blur(cv2.cvtColor(resized, cv2.COLOR_BGR2GRAY), (39, 39))
     spectrum = np.fft.fftshift(cv2.dft(np.float32(gray), flags=cv2.DFT_COMPLEX_OUTPUT))

@@ -29,8 +29,6 @@ import glass  # noqa: E402
 from utils import GlassError  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 
-LOGGER = logging.getLogger(__name__)
-
 
 def load_pth2onnx():
     """onnx/pth2onnx.py as a module (the folder name must not shadow the onnx package)."""

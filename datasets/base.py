@@ -235,7 +235,6 @@ class AnomalyDataset(torch.utils.data.Dataset):
         downsampling: int = 8,
         excel_dir: Union[str, Sequence[str], None] = None,
         check_layout: bool = True,
-        **kwargs: Any,
     ) -> None:
         """
         Args:

@@ -23,18 +23,11 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from datasets.base import (  # noqa: F401  (re-exported: the loaders' public names)
-    IMAGE_EXTENSIONS,
-    SHIPPED_EXCEL_DIR,
-    TEXTURE_EXTENSIONS,
+from datasets.base import (  # noqa: F401  (DatasetSplit re-exported for main.py)
     AnomalyDataset,
     DatasetSplit,
     Mask,
-    is_image,
     list_images,
-    list_textures,
-    load_image,
-    raise_layout_problems,
     subfolders,
 )
 from utils import GlassError

@@ -13,14 +13,12 @@ Training items are synthesised exactly as for MVTec AD (``datasets/base.py``).
 from __future__ import annotations
 
 import csv
-import logging
 import os
 from typing import Any, Dict, List, Tuple
 
 from datasets.base import AnomalyDataset, DatasetSplit  # noqa: F401  (DatasetSplit for main.py)
 from utils import GlassError
 
-LOGGER = logging.getLogger(__name__)
 
 VISA_CLASSES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",

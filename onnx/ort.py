@@ -27,7 +27,6 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
-LOGGER = logging.getLogger("glass.ort")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CSV_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]

@@ -1618,6 +1618,22 @@ def read_threshold_file(path: str) -> Dict[str, Any]:
     return {"method": f"from {THRESHOLD_NAME}", **record, "threshold": float(value)}
 
 
+def stored_threshold(class_dir: str, checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The ``<class_dir>/threshold.json`` record if it applies to ``checkpoint`` (a path or file name): it has a
+    threshold and was chosen for that checkpoint, or names none (written by hand). None otherwise.
+
+    The one rule for predict, the class report and the ONNX export.
+    """
+    path = os.path.join(class_dir, THRESHOLD_NAME)
+    if not os.path.isfile(path):
+        return None
+    record = read_threshold_file(path)
+    name = os.path.basename(checkpoint)
+    if "threshold" not in record or record.get("checkpoint", name) != name:
+        return None
+    return record
+
+
 def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = None, calibrate: bool = False,
                      make_test_loader=None) -> Dict[str, Any]:
     """The decision threshold and how it was chosen: ``--threshold``, ``threshold.json``, or calibrated now.
@@ -1631,11 +1647,12 @@ def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = 
         return {"threshold": float(threshold), "method": "given with --threshold"}
     path = os.path.join(class_dir, THRESHOLD_NAME)
     checkpoint = os.path.basename(getattr(model, "checkpoint_path", ""))
-    if os.path.isfile(path) and not calibrate:
-        record = read_threshold_file(path)
-        if "threshold" in record and record.get("checkpoint") == checkpoint:
+    if not calibrate:
+        record = stored_threshold(class_dir, checkpoint)
+        if record is not None:
             return record
-        LOGGER.info("%s was not chosen for %s: choosing the threshold again", path, checkpoint)
+        if os.path.isfile(path):
+            LOGGER.info("%s was not chosen for %s: choosing the threshold again", path, checkpoint)
     record = calibrate_threshold(model, make_test_loader())
     utils.atomic_write(path, lambda tmp: utils.write_json(tmp, record))
     LOGGER.info("Threshold %.6f written to %s", record["threshold"], path)

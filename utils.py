@@ -810,14 +810,12 @@ def plots_dir(results_path: str, class_dir: str) -> str:
 def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], labels: Sequence[int]
                      ) -> Tuple[Optional[float], str]:
     """The threshold to draw: ``threshold.json`` when it was chosen for ``checkpoint``, else the F1-best one."""
-    from glass import THRESHOLD_NAME, read_threshold_file  # here: glass imports this module
+    from glass import THRESHOLD_NAME, stored_threshold  # here: glass imports this module
 
-    path = os.path.join(class_dir, THRESHOLD_NAME)
-    if os.path.isfile(path):
-        with never_fatal(path):
-            record = read_threshold_file(path)
-            if "threshold" in record and record.get("checkpoint", checkpoint) == checkpoint:
-                return record["threshold"], THRESHOLD_NAME
+    with never_fatal(os.path.join(class_dir, THRESHOLD_NAME)):
+        record = stored_threshold(class_dir, checkpoint)
+        if record is not None:
+            return record["threshold"], THRESHOLD_NAME
     labels = np.asarray(labels).astype(int)
     if labels.size == 0 or labels.min() == labels.max():
         return None, "no threshold: one kind of test image only"

@@ -343,14 +343,9 @@ def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = 
 
 
 def stored_threshold(class_dir: str, checkpoint: str) -> Optional[float]:
-    """The threshold in ``<class_dir>/threshold.json`` if it was chosen for this checkpoint."""
-    path = os.path.join(class_dir, glass.THRESHOLD_NAME)
-    if not os.path.isfile(path):
-        return None
-    record = glass.read_threshold_file(path)
-    if record.get("checkpoint") not in (None, os.path.basename(checkpoint)):
-        return None
-    return record.get("threshold")
+    """The threshold in ``<class_dir>/threshold.json`` if it applies to this checkpoint (glass.stored_threshold)."""
+    record = glass.stored_threshold(class_dir, checkpoint)
+    return None if record is None else record["threshold"]
 
 
 def export(

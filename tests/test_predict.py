@@ -13,6 +13,7 @@ from conftest import run_main
 
 import glass
 import metrics
+import utils
 from datasets.mvtec import DatasetSplit, MVTecDataset
 
 
@@ -95,6 +96,14 @@ def test_threshold_from_option_file_or_recalibration(results, tiny_tire, tmp_pat
     threshold_file.write_text(json.dumps({"threshold": 0.98, "checkpoint": calibrated["checkpoint"]}))
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "e", *images]) == 0
     assert {row["threshold"] for row in read_csv(tmp_path / "e" / "predictions.csv")} == {"0.98"}
+
+    # ... or one written by hand that names no checkpoint: predict keeps it, as the report and the export do ...
+    by_hand = json.dumps({"threshold": 0.97})
+    threshold_file.write_text(by_hand)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "f", *images]) == 0
+    assert {row["threshold"] for row in read_csv(tmp_path / "f" / "predictions.csv")} == {"0.97"}
+    assert threshold_file.read_text() == by_hand
+    assert utils.report_threshold(str(class_dir), calibrated["checkpoint"], [0.1, 0.9], [0, 1]) == (0.97, "threshold.json")
 
     # ... until --calibrate chooses it again on the test set.
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--calibrate", "--output", tmp_path / "d", images[0]]) == 0

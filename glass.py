@@ -33,6 +33,7 @@ import backbones
 import common
 import metrics
 import utils
+from datasets.base import IMAGE_EXTENSIONS, is_image, load_image
 from loss import FocalLoss
 from model import Discriminator, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available
 from utils import GlassError
@@ -536,7 +537,7 @@ class GLASS(torch.nn.Module):
         self.focal_loss = FocalLoss()
         self.anomaly_segmentor = common.RescaleSegmentor(device=device, target_size=self.input_shape[-2:])
 
-        self.results_path = "results"
+        self.results_path: Optional[str] = None  # set by set_model_dir: the run's --results_path
         self.excel_dirs: List[str] = []
         self.ckpt_dir = ""
         self.logger: Optional[SummaryWriter] = None
@@ -617,13 +618,13 @@ class GLASS(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Folders and checkpoints
 
-    def set_model_dir(self, model_dir: str, dataset_name: str, results_path: str | None = None) -> None:
-        """Checkpoints go to ``<model_dir>/<dataset_name>/``, TensorBoard logs to its ``tb/``."""
+    def set_model_dir(self, model_dir: str, dataset_name: str, results_path: str) -> None:
+        """Checkpoints go to ``<model_dir>/<dataset_name>/``, TensorBoard logs to its ``tb/``; judgement images,
+        heatmaps, plots and a disk cache under ``results_path``."""
         self.ckpt_dir = os.path.join(model_dir, dataset_name)
         self.tb_dir = os.path.join(self.ckpt_dir, "tb")
         os.makedirs(self.tb_dir, exist_ok=True)
-        if results_path is not None:
-            self.results_path = results_path
+        self.results_path = results_path
         self.logger = SummaryWriter(log_dir=self.tb_dir)
 
     def save_config(self, config: dict) -> str:
@@ -1548,7 +1549,6 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
 
 THRESHOLD_NAME = "threshold.json"
 PREDICTION_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def collect_images(inputs: Sequence[str]) -> List[str]:
@@ -1563,7 +1563,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise GlassError(f"{item} matched no file: give image files, folders or glob patterns such as 'dir/*.png'")
-        images = [m for m in matches if os.path.isfile(m) and os.path.splitext(m)[1].lower() in IMAGE_EXTENSIONS]
+        images = [m for m in matches if os.path.isfile(m) and is_image(os.path.basename(m))]
         if not images:
             raise GlassError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         found.extend(images)
@@ -1668,7 +1668,6 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
     """
     from torchvision import transforms
 
-    from datasets.base import load_image
 
     dataset = config.get("dataset", {})
     resize = dataset.get("resize_used", config["input_shape"][-1])

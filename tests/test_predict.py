@@ -134,6 +134,14 @@ def test_a_damaged_threshold_file_is_one_line_saying_how_to_fix_it(results, tiny
             threshold_file.write_text(saved)
 
 
+def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tmp_path):
+    for name in ("b.png", "a.JPG", "._a.png", "notes.txt", "sub/c.bmp", ".ipynb_checkpoints/a-checkpoint.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = glass.collect_images([str(tmp_path), str(tmp_path / "b.png"), str(tmp_path / "*.JPG")])
+    assert found == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), str(tmp_path / "sub" / "c.bmp")]
+
+
 def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, capsys):
     image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
     assert run_main(["--results_path", results, "predict", "-d", "bottle", image]) == 2

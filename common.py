@@ -439,7 +439,7 @@ class RescaleSegmentor:
 # 0.07 MB). When the embeddings do not fit but the layer maps do, the maps are cached and embedded at
 # every lookup (the same operations on the same values).
 #
-# Where (``--cache``): ``ram`` keeps CPU tensors, ``disk`` float32 ``np.memmap`` files in a temporary
+# Where (``--cache``): ``ram`` keeps CPU tensors, ``disk`` ``np.memmap`` files of ``--cache_dtype`` values in a temporary
 # folder under the results path (removed when training ends; a folder left by a killed run is removed by
 # the next run), ``auto`` takes RAM when the cache needs at most half of the available memory, else disk
 # when it fits there, else runs without a cache, and ``off`` never caches. ``--cache_dtype float16``

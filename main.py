@@ -1,7 +1,9 @@
-"""GLASS command line: ``python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH``.
+"""GLASS command line: ``python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH``,
+optionally followed by ``predict [OPTIONS] IMAGES...``, or ``python main.py [OPTIONS] predict ...`` alone.
 
 A chained Click group: ``net`` returns a factory of GLASS models, ``dataset`` a factory of data
-loaders, and the result callback trains and/or tests every class and writes the results table.
+loaders, ``predict`` a function that scores images with a trained class, and the result callback trains
+and/or tests every class, writes the results table and then runs ``predict``.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ def main(**kwargs):
 @click.option("--limit", type=click.IntRange(min=0), default=392, show_default=True, help="Training samples per epoch (stops after more than this).")
 @click.option("--cache", type=click.Choice(["auto", "ram", "disk", "off"]), default="auto", show_default=True,
               help="Frozen-backbone feature cache of the training and test images (same results as off): ram, disk "
-                   "(float32 memmap under --results_path, deleted after training), auto (ram if it needs at most half "
+                   "(memmap of --cache_dtype values under --results_path, deleted after training), auto (ram if it needs at most half "
                    "the available memory, else disk, else off) or off. Not used with --train_backbone; train-time "
                    "augmentation leaves only the test images cached.")
 @click.option("--cache_dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,

@@ -94,6 +94,7 @@ def test_same_seeds_same_masks():
         np.random.seed(7)
         torch.manual_seed(7)
         out.append(perlin_mask((3, 64, 64), 8, 0, 6, torch.tensor([1]), flag=1))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
     np.testing.assert_array_equal(out[0][1], out[1][1])
 
 

@@ -414,9 +414,14 @@ def test_every_dataset_name_reaches_a_loader_with_its_classes(name):
         script = (ROOT / "shell" / SCRIPTS[name]).read_text()
         classes = re.search(r'CLASSES=\$\{CLASSES:-"([^"]*)"\}', script).group(1).split()
         assert tuple(classes) == loader.CLASSNAMES[name]
-    for script in ROOT.glob("shell/run-*.sh"):
+
+
+def test_every_script_names_a_known_dataset():
+    scripts = [path for path in ROOT.glob("shell/run-*.sh") if path.name != "run-demo.sh"]
+    assert len(scripts) == 10
+    for script in scripts:
         used = re.search(r"\) (\w+) \"\$DATAPATH\"", script.read_text())
-        assert used is None or used.group(1) in main._DATASETS
+        assert used is not None and used.group(1) in main._DATASETS, script.name
 
 
 DATA_SCRIPTS = sorted(path.name for path in (ROOT / "shell").glob("run-*.sh") if path.name != "run-demo.sh")

@@ -1446,7 +1446,7 @@ class GLASS(torch.nn.Module):
     def _evaluate(self, scores, segmentations, labels_gt, masks_gt, path: str = "training") -> List[float]:
         """[i_auroc, i_ap, p_auroc, p_ap, p_pro]; AP and PRO only when ``path == "eval"`` (reference)."""
         scores = np.squeeze(np.asarray(scores))
-        norm_scores = (scores - scores.min()) / (scores.max() - scores.min() + 1e-10)
+        norm_scores = metrics.min_max(scores)
         image_metrics = metrics.compute_imagewise_retrieval_metrics(norm_scores, labels_gt, path)
 
         masks = np.asarray(masks_gt)
@@ -1457,15 +1457,14 @@ class GLASS(torch.nn.Module):
         if masks.size == 0 or not np.any(masks >= 1):  # no pixel counts as defective: not available
             nan = float("nan")
             return [image_metrics["auroc"], image_metrics["ap"], nan, nan, nan]
-        norm_maps = (segmentations - segmentations.min()) / (segmentations.max() - segmentations.min() + 1e-10)
+        norm_maps = metrics.min_max(segmentations)
         pixel_metrics = metrics.compute_pixelwise_retrieval_metrics(norm_maps, masks, path)
         pixel_pro = metrics.compute_pro(np.squeeze(masks, axis=1) if masks.ndim == 4 else masks, norm_maps) if path == "eval" else 0.0
         return [image_metrics["auroc"], image_metrics["ap"], pixel_metrics["auroc"], pixel_metrics["ap"], pixel_pro]
 
     def _write_heatmaps(self, images, segmentations, masks_gt, name: str, folder: str) -> None:
         """``<results>/<folder>/<name>/NNN.png``: image | ground truth | jet-coloured normalised map."""
-        segmentations = np.asarray(segmentations)
-        norm_maps = (segmentations - segmentations.min()) / (segmentations.max() - segmentations.min() + 1e-10)
+        norm_maps = metrics.min_max(np.asarray(segmentations))
         out_dir = os.path.join(self.results_path, folder, name)
         os.makedirs(out_dir, exist_ok=True)
         masks = np.asarray(masks_gt)
@@ -1587,11 +1586,7 @@ def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
     labels = np.asarray(labels).astype(int)
     if labels.size == 0 or labels.min() == labels.max():
         raise GlassError("the test set needs both good and defective images to choose a threshold: pass --threshold instead")
-    threshold = metrics.compute_best_threshold(labels, scores)
-    flagged = scores >= threshold
-    true_pos = int(np.sum(flagged & (labels == 1)))
-    precision = true_pos / max(int(flagged.sum()), 1)
-    recall = true_pos / int(labels.sum())
+    threshold, precision, recall = metrics.compute_best_pr_re(labels, scores)
     return {
         "threshold": float(threshold),
         "method": "F1-best image-score threshold on the test set (metrics.compute_best_threshold); anomalous when score >= threshold",

@@ -2,7 +2,7 @@
 # Test-only GLASS on MAD-sys (its five MVTec AD texture classes, as the reference's script; one Beta_* level at a time) with the MVTec-trained checkpoints in RESULTS (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
 # MAD holds the MVTec AD classes in MVTec AD layout; NAME stays `mvtec` so that the checkpoints trained by
 # run-mvtec.sh (results/models/backbone_0/mvtec_<class>) are tested. To train on MAD itself, use NAME `mad`.
-# Override the paths: DATAPATH=/data/mvtec AUGPATH=/data/dtd/images bash shell/run-mad-sys.sh
+# Override the paths: DATAPATH=/data/MAD-sys/Beta_0.1 AUGPATH=/data/dtd/images bash shell/run-mad-sys.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/MAD-sys/Beta_0.1}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}

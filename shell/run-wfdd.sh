@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GLASS on WFDD with the paper's settings (WideResNet-50, layer2+layer3, 1536-d, 640 epochs, 288 px).
-# Override the paths: DATAPATH=/data/mvtec AUGPATH=/data/dtd/images bash shell/run-wfdd.sh
+# Override the paths: DATAPATH=/data/wfdd AUGPATH=/data/dtd/images bash shell/run-wfdd.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DATAPATH=${DATAPATH:-/root/dataset/WFDD}
 AUGPATH=${AUGPATH:-/root/dataset/dtd/images}

@@ -27,7 +27,8 @@ import torch
 import backbones
 import glass
 import utils
-from datasets.base import raise_layout_problems
+from datasets import LOADERS, loader_class
+from datasets.base import DatasetSplit, raise_layout_problems
 from utils import GlassError
 
 LOGGER = logging.getLogger("glass")
@@ -35,19 +36,6 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_EXCEL_DIR = os.path.join(REPO_ROOT, "datasets", "excel")
 METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]
 
-# Dataset name -> (module, class). mpdd, wfdd, mad (MAD-man, MAD-sys) and custom folders share the MVTec AD
-# layout; mvtec3d, loco and btad are small adapters of it; each module lists its classes in CLASSNAMES.
-_DATASETS = {
-    "mvtec": ("datasets.mvtec", "MVTecDataset"),
-    "mpdd": ("datasets.mvtec", "MVTecDataset"),
-    "wfdd": ("datasets.mvtec", "MVTecDataset"),
-    "mad": ("datasets.mvtec", "MVTecDataset"),
-    "custom": ("datasets.mvtec", "MVTecDataset"),
-    "visa": ("datasets.visa", "VisADataset"),
-    "mvtec3d": ("datasets.mvtec3d", "MVTec3DDataset"),
-    "loco": ("datasets.loco", "LOCODataset"),
-    "btad": ("datasets.btad", "BTADDataset"),
-}
 
 
 def default_num_workers() -> int:
@@ -207,9 +195,8 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
 @click.option("--augment", is_flag=True, help="Accepted for compatibility; unused.")
 def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **options):
     """The data: NAME (mvtec, visa, mpdd, wfdd, mad, mvtec3d, loco, btad, custom), DATA_PATH, AUG_PATH (DTD images) and loader options."""
-    if name not in _DATASETS:
-        raise click.BadParameter(f"unknown dataset '{name}': choose one of {', '.join(sorted(_DATASETS))}", param_hint="NAME")
-    module_name, class_name = _DATASETS[name]
+    if name not in LOADERS:
+        raise click.BadParameter(f"unknown dataset '{name}': choose one of {', '.join(sorted(LOADERS))}", param_hint="NAME")
     repeated = sorted({classname for classname in subdatasets if subdatasets.count(classname) > 1})
     if repeated:
         raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each class once",
@@ -223,17 +210,16 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     def get_dataloaders(seed: int, test: str, excel_dir: str, classes: Sequence[str] | None = None
                         ) -> List[Dict[str, torch.utils.data.DataLoader]]:
         """Loaders of every class of ``-d`` (or only of ``classes``: a worker process runs one class)."""
-        module = __import__(module_name, fromlist=[class_name])
-        dataset_class = getattr(module, class_name)
+        dataset_class = loader_class(name)
         splits = []  # (test set, train set or None) of each class
         for classname in (subdatasets if classes is None else classes):
             common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"],
                           check_layout=False)
-            test_set = dataset_class(data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TEST, **common)
+            test_set = dataset_class(data_path, aug_path, dataset_name=name, split=DatasetSplit.TEST, **common)
             train_set = None
             if test == "ckpt":
                 train_set = dataset_class(
-                    data_path, aug_path, dataset_name=name, split=module.DatasetSplit.TRAIN,
+                    data_path, aug_path, dataset_name=name, split=DatasetSplit.TRAIN,
                     rotate_degrees=options["rotate_degrees"], translate=options["translate"],
                     brightness_factor=options["brightness"], contrast_factor=options["contrast"],
                     saturation_factor=options["saturation"], gray_p=options["gray"],
@@ -318,10 +304,8 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
             name = recorded.get("name", dataset_name)
             if not root or not os.path.isdir(root):
                 raise GlassError(f"the test set to choose a threshold on is not at {root}: pass --data_path or --threshold")
-            module_name, class_name = _DATASETS[name]
-            module = __import__(module_name, fromlist=[class_name])
-            test_set = getattr(module, class_name)(
-                root, recorded.get("aug_path", root), dataset_name=name, split=module.DatasetSplit.TEST,
+            test_set = loader_class(name)(
+                root, recorded.get("aug_path", root), dataset_name=name, split=DatasetSplit.TEST,
                 classname=recorded.get("classname", subdataset), resize=recorded.get("resize", config["input_shape"][-1]),
                 imagesize=recorded.get("imagesize", config["input_shape"][-1]),
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from datasets.mvtec import DatasetSplit, MVTecDataset  # noqa: F401  (DatasetSplit for main.py)
+from datasets.mvtec import MVTecDataset
 
 BTAD_CLASSES = ("01", "02", "03")
 CLASSNAMES: Dict[str, Tuple[str, ...]] = {"btad": BTAD_CLASSES}

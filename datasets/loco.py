@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from datasets.mvtec import DatasetSplit, Mask, MVTecDataset, list_images, subfolders  # noqa: F401
+from datasets.mvtec import Mask, MVTecDataset, list_images, subfolders
 
 LOCO_CLASSES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
 CLASSNAMES: Dict[str, Tuple[str, ...]] = {"loco": LOCO_CLASSES}

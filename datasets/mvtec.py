@@ -23,7 +23,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from datasets.base import (  # noqa: F401  (DatasetSplit re-exported for main.py)
+from datasets.base import (  # noqa: F401  (DatasetSplit re-exported: the loaders' users import it from here)
     AnomalyDataset,
     DatasetSplit,
     Mask,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from datasets.mvtec import DatasetSplit, Mask, MVTecDataset  # noqa: F401  (DatasetSplit for main.py)
+from datasets.mvtec import DatasetSplit, Mask, MVTecDataset
 
 MVTEC3D_CLASSES = ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach", "potato", "rope", "tire")
 CLASSNAMES: Dict[str, Tuple[str, ...]] = {"mvtec3d": MVTEC3D_CLASSES}

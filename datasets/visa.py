@@ -16,7 +16,7 @@ import csv
 import os
 from typing import Any, Dict, List, Tuple
 
-from datasets.base import AnomalyDataset, DatasetSplit  # noqa: F401  (DatasetSplit for main.py)
+from datasets.base import AnomalyDataset, DatasetSplit
 from utils import GlassError
 
 

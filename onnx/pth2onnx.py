@@ -39,7 +39,7 @@ if REPO_ROOT not in sys.path:
 
 import common  # noqa: E402
 import glass  # noqa: E402
-import main as glass_main  # noqa: E402  (its dataset names)
+from datasets import LOADERS  # noqa: E402
 import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
 
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--results_path", help="results folder of main.py; the class folder is <results_path>/models/backbone_<i>/<dataset>_<class>")
     source.add_argument("-d", "--subdataset", help="class name, with --results_path (e.g. bottle)")
     source.add_argument("--dataset", default="mvtec",
-                        help=f"dataset NAME given to main.py at training ({', '.join(sorted(glass_main._DATASETS))}); part of the class folder name")
+                        help=f"dataset NAME given to main.py at training ({', '.join(sorted(LOADERS))}); part of the class folder name")
     source.add_argument("--backbone_index", type=int, default=0, help="which backbone_<i> folder, with --results_path")
     source.add_argument("--class_dir", help="class folder holding config.json and ckpt_best_<epoch>.pth (instead of --results_path/-d)")
     source.add_argument("--checkpoint", help="checkpoint to export (default: the class folder's ckpt_best_<epoch>.pth); alone, its folder is the class folder")

@@ -20,9 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision import transforms
 
 import glass
-import main
 from conftest import DTD, MAGNETIC, MVTEC3D, ROOT, TINY_NET, copy_class_subset, run_main, tiny_dataset_args
-from datasets.base import DatasetSplit
+from datasets import LOADERS, loader_class
+from datasets.base import AnomalyDataset, DatasetSplit
 from datasets.btad import BTADDataset
 from datasets.loco import LOCODataset
 from datasets.mvtec import MVTecDataset
@@ -403,12 +403,10 @@ SCRIPTS = {"mvtec": "run-mvtec.sh", "visa": "run-visa.sh", "mpdd": "run-mpdd.sh"
            "mad": "run-mad-man.sh", "mvtec3d": "run-mvtec3d.sh", "loco": "run-loco.sh", "btad": "run-btad.sh"}
 
 
-@pytest.mark.parametrize("name", sorted(main._DATASETS))
+@pytest.mark.parametrize("name", sorted(LOADERS))
 def test_every_dataset_name_reaches_a_loader_with_its_classes(name):
-    module_name, class_name = main._DATASETS[name]
-    module = __import__(module_name, fromlist=[class_name])
-    loader = getattr(module, class_name)
-    assert module.DatasetSplit is DatasetSplit
+    loader = loader_class(name)
+    assert issubclass(loader, AnomalyDataset)
     assert name in loader.CLASSNAMES
     if name in SCRIPTS:
         script = (ROOT / "shell" / SCRIPTS[name]).read_text()
@@ -421,7 +419,7 @@ def test_every_script_names_a_known_dataset():
     assert len(scripts) == 10
     for script in scripts:
         used = re.search(r"\) (\w+) \"\$DATAPATH\"", script.read_text())
-        assert used is not None and used.group(1) in main._DATASETS, script.name
+        assert used is not None and used.group(1) in LOADERS, script.name
 
 
 DATA_SCRIPTS = sorted(path.name for path in (ROOT / "shell").glob("run-*.sh") if path.name != "run-demo.sh")

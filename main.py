@@ -28,12 +28,11 @@ import backbones
 import glass
 import utils
 from datasets import LOADERS, loader_class
-from datasets.base import DatasetSplit, raise_layout_problems
+from datasets.base import SHIPPED_EXCEL_DIR, DatasetSplit, raise_layout_problems
 from utils import GlassError
 
 LOGGER = logging.getLogger("glass")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-SHIPPED_EXCEL_DIR = os.path.join(REPO_ROOT, "datasets", "excel")
 METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]
 
 
@@ -537,10 +536,7 @@ def plan_workers(gpu_ids: Sequence[int], class_names: Sequence[str]) -> List[int
         click.echo("a class is given twice with -d: running one class at a time", err=True)
         return []
     if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        absent = [g for g in ids if g >= count]
-        if absent:
-            raise GlassError(f"--gpu {absent[0]} is not present: this machine has {count} CUDA device(s) (ids 0..{count - 1})")
+        utils.check_gpu_ids(ids)
         return ids[:len(class_names)]
     wanted = os.environ.get(CPU_WORKERS_ENV, "").strip()
     if wanted:

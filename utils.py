@@ -47,6 +47,16 @@ def fix_seeds(seed: int, device: torch.device | None = None) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def check_gpu_ids(gpu_ids: Sequence[int]) -> None:
+    """GlassError naming the first ``--gpu`` id that this machine's CUDA devices do not have (no check without CUDA)."""
+    if not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    absent = [g for g in gpu_ids if g >= count]
+    if absent:
+        raise GlassError(f"--gpu {absent[0]} is not present: this machine has {count} CUDA device(s) (ids 0..{count - 1})")
+
+
 def select_device(gpu_ids: Sequence[int]) -> torch.device:
     """CUDA device ``gpu_ids[0]`` when asked for and present, else MPS, else CPU.
 
@@ -54,9 +64,7 @@ def select_device(gpu_ids: Sequence[int]) -> torch.device:
     """
     wanted = [g for g in gpu_ids if g >= 0]
     if wanted and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if wanted[0] >= count:
-            raise GlassError(f"--gpu {wanted[0]} is not present: this machine has {count} CUDA device(s) (ids 0..{count - 1})")
+        check_gpu_ids(wanted[:1])
         device = torch.device(f"cuda:{wanted[0]}")
         LOGGER.info("Device: %s (%s)", device, torch.cuda.get_device_name(device))
     elif wanted and torch.backends.mps.is_available():

@@ -418,6 +418,7 @@ class RescaleSegmentor:
             return scores.squeeze(1).cpu().numpy()
 
     def convert_to_segmentation(self, patch_scores: torch.Tensor | np.ndarray) -> List[np.ndarray]:
+        """(B, h, w) patch scores -> B anomaly maps at the target size: bilinear upsampling, then Gaussian smoothing."""
         return [ndimage.gaussian_filter(score, sigma=self.smoothing) for score in self.upsample(patch_scores)]
 
 
@@ -461,6 +462,7 @@ _FOLDER_PATTERN = re.compile(re.escape(CACHE_FOLDER_PREFIX) + r"(\d+)-")
 
 
 def gigabytes(nbytes: float) -> str:
+    """A byte count as ``"1.23 GB"`` (GiB) for messages."""
     return f"{nbytes / 2**30:.2f} GB"
 
 
@@ -590,6 +592,7 @@ class FeatureStore:
         return torch.from_numpy(np.asarray(self.rows[index.numpy()])).to(torch.float32)
 
     def close(self) -> None:
+        """Drop the rows; a disk store also releases its memory map."""
         if self.storage == "disk" and isinstance(self.rows, np.memmap):
             self.rows._mmap.close()  # release the file before its folder is removed
         self.rows = None
@@ -629,6 +632,7 @@ class FeatureCache:
 
     @staticmethod
     def bytes_per_image(layer_shapes: Sequence[Sequence[int]], embedding_shape: Sequence[int], dtype: str) -> Dict[str, int]:
+        """Bytes one image takes in the cache: its embeddings and its layer maps, in ``dtype``."""
         itemsize = np.dtype(dtype).itemsize
         return {
             "embeddings": int(np.prod(embedding_shape)) * itemsize,

@@ -634,6 +634,7 @@ class GLASS(torch.nn.Module):
         return path
 
     def close(self) -> None:
+        """Close the TensorBoard writer of the class folder (a later set_model_dir opens a new one)."""
         if self.logger is not None:
             self.logger.close()
             self.logger = None

@@ -489,6 +489,7 @@ class ResultsTable:
             return []
 
     def add(self, index: int, row_name: str, record_name: str, result: Sequence[float]) -> None:
+        """Record a tested model's metrics: print them, rewrite results.csv and the summaries, update the run record."""
         self.slots[index].append((row_name, list(result)))
         click.echo(metrics_line(row_name, result))
         rows = [entry for slot in self.slots for entry in slot]
@@ -551,6 +552,7 @@ def plan_workers(gpu_ids: Sequence[int], class_names: Sequence[str]) -> List[int
 
 
 def device_label(gpu: int) -> str:
+    """A worker's device as logs name it: ``cpu`` for -1, else ``cuda:<id>``."""
     return "cpu" if gpu < 0 else f"cuda:{gpu}"
 
 
@@ -752,10 +754,12 @@ class RunRecord:
         self.write()
 
     def add_result(self, name: str, result: List[float]) -> None:
+        """Store a class's metrics (null where not available) and rewrite the record."""
         self.data["results"][name] = dict(zip(METRIC_NAMES, [None if not np.isfinite(v) else float(v) for v in result]))
         self.write()
 
     def finish(self, status: str) -> None:
+        """Record how the run ended (finished, interrupted, failed: ...) and when; a failed write only warns."""
         self.data.update(status=status, finished=datetime.now().isoformat(timespec="seconds"))
         try:
             self.write()
@@ -763,6 +767,7 @@ class RunRecord:
             LOGGER.warning("Could not update %s (%s)", self.path, exc)
 
     def write(self) -> None:
+        """Rewrite run_<timestamp>.json and its copy run.json, each atomically."""
         for path in (self.path, self.latest):
             utils.atomic_write(path, lambda tmp: utils.write_json(tmp, self.data))
 

@@ -156,6 +156,7 @@ class LayoutProblems:
             group["items"].append(item)
 
     def merge(self, other: "LayoutProblems") -> None:
+        """Add every problem of ``other`` to these."""
         for what, group in other.groups.items():
             for item in group["items"]:
                 self.add(what, item, group["plural"], group["hint"])

@@ -283,6 +283,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ort.py."""
     parser = _Parser(
         prog="python onnx/ort.py",
         description="Score images with an exported GLASS model (onnxruntime only): a CSV of image scores and "

@@ -439,6 +439,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of pth2onnx.py."""
     parser = _Parser(
         prog="python onnx/pth2onnx.py",
         description="Export a trained GLASS class (backbone, feature pipeline, adaptor, discriminator, upsampled and "

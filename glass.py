@@ -366,6 +366,10 @@ def isolated_rng() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+# Data options that change how the test images look to a trained model (``other_differences`` names).
+TEST_VIEW_OPTIONS = ("dataset.resize", "dataset.imagesize")
+
+
 def config_differences(saved: dict, current: dict) -> List[str]:
     """The model-shaping options that differ between two ``config.json`` contents, as ``name: old -> new``."""
     def shaping(config: dict) -> Dict[str, Any]:
@@ -760,6 +764,11 @@ class GLASS(torch.nn.Module):
                 if changed:
                     LOGGER.warning("Resuming %s with other training options than it started with (%s): the result will "
                                    "differ from an uninterrupted run", os.path.basename(self.ckpt_dir), "; ".join(changed))
+            view = [d for d in other_differences(saved, config) if d.startswith(TEST_VIEW_OPTIONS)]
+            if status == "finished" and view:
+                LOGGER.warning("Testing %s on images prepared otherwise than at its training (%s): its metrics, which "
+                               "replace the class's row in results.csv, are not those of its training setup",
+                               os.path.basename(self.ckpt_dir), "; ".join(view))
         if training and (status == "new" or (status == "resume" and not os.path.isfile(path))):
             self.save_config(config)
         if status == "resume" and not training:

@@ -235,6 +235,15 @@ def test_test_only_without_a_checkpoint_names_the_class_after_testing_the_others
     assert len(list((results / "eval" / "mvtec_tire").glob("*.png"))) == 7  # tire was tested all the same
 
 
+def test_testing_a_finished_class_at_another_resize_warns_naming_it(caplog, results, data, dtd_root):
+    args = cli_args(results, data, dtd_root, main=["--test", "test"], dataset=["--resize", "72"])
+    assert run_main(args) == 0
+    assert "Testing mvtec_tire on images prepared otherwise than at its training (dataset.resize: 64 -> 72" in caplog.text
+    caplog.clear()
+    assert run_main(cli_args(results, data, dtd_root, main=["--test", "test"])) == 0
+    assert "prepared otherwise" not in caplog.text
+
+
 def test_truncated_best_checkpoint(capsys, results, data, dtd_root):
     best = results / CLASS_DIR / "ckpt_best_0.pth"
     best.write_bytes(best.read_bytes()[:1000])

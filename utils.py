@@ -315,6 +315,12 @@ def excel_path(excel_dir: str, dataset_name: str) -> str:
     return os.path.join(excel_dir, f"{dataset_name}_distribution.xlsx")
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line (its type when it has no text), for one-line messages."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def lookup_distribution(excel_dirs: Iterable[str], dataset_name: str, class_key: str) -> tuple[int, int] | None:
     """(Distribution, Foreground) of ``class_key`` (``<dataset>_<class>``) from the first xlsx that lists it."""
     import pandas as pd
@@ -325,9 +331,8 @@ def lookup_distribution(excel_dirs: Iterable[str], dataset_name: str, class_key:
             continue
         try:
             table = pd.read_excel(path)
-        except Exception as exc:  # a damaged table is not fatal: the class is judged instead
-            LOGGER.warning("Could not read %s (%s); ignoring it", path, exc)
-            continue
+        except Exception as exc:  # pandas/openpyxl raise many kinds for a file that is not an xlsx table
+            raise GlassError(f"cannot read {path} ({_first_line(exc)}): fix the table or delete it") from None
         missing = [column for column in DISTRIBUTION_COLUMNS if column not in table.columns]
         if missing:
             raise GlassError(f"{path} has no column {', '.join(missing)} (it needs {', '.join(DISTRIBUTION_COLUMNS)}): "
@@ -351,8 +356,10 @@ def record_distributions(excel_dir: str, dataset_name: str, judged: dict[str, in
     if os.path.isfile(path):
         try:
             table = pd.read_excel(path)[DISTRIBUTION_COLUMNS]
-        except Exception as exc:
-            LOGGER.warning("Could not read %s (%s); writing a new table", path, exc)
+        except Exception as exc:  # keep the unreadable file: nothing already written is lost
+            kept = path + ".old"
+            shutil.copyfile(path, kept)
+            LOGGER.warning("Could not read %s (%s): kept as %s, writing a new table", path, _first_line(exc), kept)
     table = table[~table["Class"].isin(list(judged))]
     new_rows = pd.DataFrame(
         {"Class": list(judged), "Distribution": list(judged.values()), "Foreground": list(judged.values())}

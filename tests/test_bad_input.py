@@ -286,6 +286,22 @@ def test_hand_edited_distribution_table(capsys, results, data, dtd_root, tmp_pat
     assert_fails(capsys, results, args, "mvtec_distribution.xlsx", says, "or delete it")
 
 
+def test_distribution_table_that_is_not_an_xlsx_file(capsys, results, data, dtd_root, tmp_path):
+    fresh = tmp_path / "fresh"
+    table = fresh / "datasets" / "excel" / "mvtec_distribution.xlsx"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b"garbage")
+    args = cli_args(fresh, data, dtd_root)
+    args[args.index("--distribution") + 1] = "0"
+    assert_fails(capsys, results, args, "cannot read", "mvtec_distribution.xlsx", "fix the table or delete it")
+    assert table.read_bytes() == b"garbage"
+    # --distribution 1 does not read it before judging; recording the judgement keeps it as .old.
+    args[args.index("--distribution") + 1] = "1"
+    assert run_main(args) == 0
+    assert (table.parent / "mvtec_distribution.xlsx.old").read_bytes() == b"garbage"
+    assert table.read_bytes()[:2] == b"PK"  # a new xlsx (zip) with the judged row
+
+
 def test_checkpoint_trained_on_other_layers(capsys, results, data, dtd_root):
     # Same shapes, other features: only the class folder's config.json can tell.
     net = ["-le", "blocks.3"]

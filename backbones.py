@@ -237,8 +237,7 @@ def _check_can_download(name: str, url: str, cache_hint: str) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {utils.exception_summary(err)}"
 
 
 def _torchvision_pretrained(name: str, arch: str) -> torch.nn.Module:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model import PatchMaker
+import utils
 from utils import GlassError
 
 LOGGER = logging.getLogger(__name__)
@@ -143,8 +144,8 @@ class NetworkFeatureAggregator(torch.nn.Module):
                 self.backbone(dummy)
             outputs = dict(self.outputs)
         except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for another image size
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise GlassError(f"the backbone cannot take {input_shape[-2]}x{input_shape[-1]} images ({first}): choose "
+            raise GlassError(f"the backbone cannot take {input_shape[-2]}x{input_shape[-1]} images "
+                             f"({utils.exception_summary(exc)}): choose "
                              "another --imagesize (ViT, DeiT and Swin take 224)") from None
         finally:
             for hook in self.hooks:

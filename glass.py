@@ -307,8 +307,7 @@ def read_checkpoint_file(path: str, device: torch.device | str = "cpu", fix: str
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise GlassError(f"cannot read checkpoint {path} ({reason}): it is damaged or not a checkpoint; {fix}") from None
+        raise GlassError(f"cannot read checkpoint {path} ({utils.exception_summary(exc)}): it is damaged or not a checkpoint; {fix}") from None
     if not isinstance(state, dict) or "discriminator" not in state:
         raise GlassError(f"{path} is not a GLASS checkpoint (it has no 'discriminator' entry): {fix}")
     return state
@@ -746,9 +745,16 @@ class GLASS(torch.nn.Module):
     def check_config(self, config: dict, training: bool) -> None:
         """Refuse a class folder trained with other model-shaping options; record ``config.json`` for new runs.
 
-        ``config`` is what ``main.run`` knows about this run (backbone, layers, input shape, options).
+        ``config`` is what ``main.run`` knows about this run (backbone, layers, input shape, options). A test-only
+        run (``training`` False) needs the best checkpoint only, so it goes on past a damaged ckpt.pth with a warning.
         """
-        state = self.read_training_checkpoint()
+        try:
+            state = self.read_training_checkpoint()
+        except GlassError as exc:
+            if training:
+                raise
+            LOGGER.warning("%s; testing the best checkpoint all the same", exc)
+            state = None
         status = self.training_status(state)
         path = os.path.join(self.ckpt_dir, CONFIG_NAME)
         if status != "new" and os.path.isfile(path):

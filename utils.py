@@ -315,10 +315,19 @@ def excel_path(excel_dir: str, dataset_name: str) -> str:
     return os.path.join(excel_dir, f"{dataset_name}_distribution.xlsx")
 
 
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line (its type when it has no text), for one-line messages."""
+def exception_summary(exc: BaseException, limit: int = 160) -> str:
+    """An exception's first sentence, cut at a word before ``limit`` characters (its type when it has no text),
+    for one-line messages: library errors often go on for paragraphs."""
     lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    text = lines[0].strip()
+    end = text.find(". ")
+    if end > 0:
+        text = text[:end + 1]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+    return text
 
 
 def lookup_distribution(excel_dirs: Iterable[str], dataset_name: str, class_key: str) -> tuple[int, int] | None:
@@ -332,7 +341,7 @@ def lookup_distribution(excel_dirs: Iterable[str], dataset_name: str, class_key:
         try:
             table = pd.read_excel(path)
         except Exception as exc:  # pandas/openpyxl raise many kinds for a file that is not an xlsx table
-            raise GlassError(f"cannot read {path} ({_first_line(exc)}): fix the table or delete it") from None
+            raise GlassError(f"cannot read {path} ({exception_summary(exc)}): fix the table or delete it") from None
         missing = [column for column in DISTRIBUTION_COLUMNS if column not in table.columns]
         if missing:
             raise GlassError(f"{path} has no column {', '.join(missing)} (it needs {', '.join(DISTRIBUTION_COLUMNS)}): "
@@ -359,7 +368,7 @@ def record_distributions(excel_dir: str, dataset_name: str, judged: dict[str, in
         except Exception as exc:  # keep the unreadable file: nothing already written is lost
             kept = path + ".old"
             shutil.copyfile(path, kept)
-            LOGGER.warning("Could not read %s (%s): kept as %s, writing a new table", path, _first_line(exc), kept)
+            LOGGER.warning("Could not read %s (%s): kept as %s, writing a new table", path, exception_summary(exc), kept)
     table = table[~table["Class"].isin(list(judged))]
     new_rows = pd.DataFrame(
         {"Class": list(judged), "Distribution": list(judged.values()), "Foreground": list(judged.values())}

@@ -377,9 +377,9 @@ def export(
             )
     except Exception as exc:  # the exporter's errors are long; keep the whole story in the debug log
         LOGGER.debug("torch.onnx.export failed", exc_info=True)
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise GlassError(
-            f"torch.onnx.export failed for backbone {getattr(model.backbone, 'name', '?')} ({type(exc).__name__}: {first}); "
+            f"torch.onnx.export failed for backbone {getattr(model.backbone, 'name', '?')} "
+            f"({type(exc).__name__}: {utils.exception_summary(exc)}); "
             "try another --opset, or report it with the backbone name"
         ) from None
     proto = program.model_proto

@@ -251,6 +251,23 @@ def test_truncated_best_checkpoint(capsys, results, data, dtd_root):
                  "cannot read checkpoint", "ckpt_best_0.pth", "damaged")
 
 
+def test_test_only_goes_on_past_a_truncated_training_checkpoint(caplog, results, data, dtd_root):
+    ckpt = results / CLASS_DIR / "ckpt.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert run_main(cli_args(results, data, dtd_root, main=["--test", "test"])) == 0  # needs ckpt_best_*.pth only
+    assert "cannot read checkpoint" in caplog.text and "testing the best checkpoint all the same" in caplog.text
+
+
+def test_exception_summary_is_the_first_sentence_cut_at_a_word():
+    from utils import exception_summary
+
+    assert exception_summary(RuntimeError("reading zip archive failed. This is an internal error. If you")) == \
+        "reading zip archive failed."
+    assert exception_summary(RuntimeError("word " * 100), limit=22) == "word word word word ..."
+    assert exception_summary(ValueError()) == "ValueError"
+    assert exception_summary(OSError("line one\nline two")) == "line one"
+
+
 def test_truncated_training_checkpoint(capsys, results, data, dtd_root):
     ckpt = results / CLASS_DIR / "ckpt.pth"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])

@@ -45,6 +45,8 @@ def default_num_workers() -> int:
 class FiniteRange(click.FloatRange):
     """A float range that refuses nan and inf, which every range check lets through."""
 
+    name = "float"  # "'abc' is not a valid float." rather than "... a valid float range."
+
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
@@ -196,6 +198,11 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     """The data: NAME (mvtec, visa, mpdd, wfdd, mad, mvtec3d, loco, btad, custom), DATA_PATH, AUG_PATH (DTD images) and loader options."""
     if name not in LOADERS:
         raise click.BadParameter(f"unknown dataset '{name}': choose one of {', '.join(sorted(LOADERS))}", param_hint="NAME")
+    subdatasets = tuple(classname.rstrip("/" + os.sep) for classname in subdatasets)  # "tire/" from tab completion
+    odd = [classname for classname in subdatasets if classname in ("", ".", "..") or "/" in classname or os.sep in classname]
+    if odd:
+        raise click.BadParameter(f"'{odd[0]}' is not a class folder name: give the folder's name under DATA_PATH "
+                                 "(e.g. -d bottle)", param_hint="-d/--subdatasets")
     repeated = sorted({classname for classname in subdatasets if subdatasets.count(classname) > 1})
     if repeated:
         raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each class once",

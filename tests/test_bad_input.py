@@ -203,6 +203,7 @@ def test_zero_or_negative_sizes(capsys, results, data, dtd_root, where, option, 
     ("dataset", "--brightness", "-0.2", "x>=0"),
     ("net", "--eval_epochs", "5", "no epoch would be evaluated"),  # --meta_epochs 1
     ("dataset", "-d", "tire", "tire given more than once"),
+    ("dataset", "-d", "../tire", "is not a class folder name"),
 ])
 def test_option_values_out_of_range_are_refused_before_anything_runs(capsys, results, data, dtd_root, where, option,
                                                                        value, says):
@@ -220,6 +221,11 @@ def test_help_shows_every_range_without_click_placeholders():
         assert "0<=x<=4" in text or command != ["dataset"]  # --distribution's range is shown
         assert "None" not in text, text  # an unbounded range once read "x<=None"
     assert "[default: 0.5; finite]" in CliRunner().invoke(main.main, ["dataset", "--help"]).output  # --mean
+
+
+def test_a_class_with_a_trailing_slash_is_the_same_class(capsys, results, data, dtd_root):
+    args = cli_args(results, data, dtd_root, dataset=["-d", "tire/"])  # as shell completion writes it
+    assert_fails(capsys, results, args, "tire given more than once", usage=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -779,6 +779,36 @@ class RunRecord:
             utils.atomic_write(path, lambda tmp: utils.write_json(tmp, self.data))
 
 
+OPTION_PLACES = {
+    "main.py": "give it before `net`",
+    "net": "give it after `net`, before `dataset`",
+    "dataset": "give it after `dataset`, before NAME DATA_PATH AUG_PATH",
+    "predict": "give it after `predict`, before the images",
+}
+
+
+def misplaced_option_hint(exc: click.UsageError, args: Sequence[str]) -> str:
+    """`` (--x is a `dataset` option: give it ...)`` when a usage error comes from an option given in another
+    place of the chain than the command it belongs to; "" otherwise."""
+    name = None
+    if isinstance(exc, click.NoSuchOption):
+        name = exc.option_name
+    elif isinstance(exc, click.MissingParameter) and exc.param is not None:
+        name = next((opt for opt in exc.param.opts if opt in args), None)  # given, but after the arguments
+    else:
+        found = re.search(r"No such command '(-[^']+)'", exc.format_message())
+        name = found.group(1) if found else None
+    if not name:
+        return ""
+    commands = {"main.py": main, **main.commands}
+    owners = [label for label, command in commands.items()
+              if any(name in param.opts or name in param.secondary_opts for param in command.params)]
+    if not owners:
+        return ""
+    where = "an option of main.py itself" if owners[0] == "main.py" else f"a `{owners[0]}` option"
+    return f" ({name} is {where}: {OPTION_PLACES[owners[0]]})"
+
+
 def cli(argv: List[str] | None = None) -> int:
     """Entry point: user mistakes end with one line on stderr and exit code 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -802,7 +832,7 @@ def cli(argv: List[str] | None = None) -> int:
         if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())) and exc.ctx is not None:
             click.echo(exc.ctx.get_help(), err=True)  # no arguments at all: the help, as click shows it
             return 2
-        click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+        click.echo(f"Error: {' '.join(exc.format_message().split())}{misplaced_option_hint(exc, args)}", err=True)
         if exc.ctx is not None:
             click.echo(f"Try '{exc.ctx.command_path} --help' for help.", err=True)
         return 2

@@ -223,6 +223,19 @@ def test_help_shows_every_range_without_click_placeholders():
     assert "[default: 0.5; finite]" in CliRunner().invoke(main.main, ["dataset", "--help"]).output  # --mean
 
 
+@pytest.mark.parametrize("moved, says", [
+    (["--resize", "64"], "--resize is a `dataset` option: give it after `dataset`, before NAME DATA_PATH AUG_PATH"),
+    (["--results_path", "elsewhere"], "--results_path is an option of main.py itself: give it before `net`"),
+    (["-d", "tire"], "-d is a `dataset` option"),
+])
+def test_an_option_after_the_data_paths_says_where_it_belongs(capsys, results, data, dtd_root, moved, says):
+    args = cli_args(results, data, dtd_root)
+    if moved[0] == "-d":
+        at = args.index("-d")
+        del args[at:at + 2]
+    assert_fails(capsys, results, [*args, *moved], says, usage=True)
+
+
 def test_a_class_with_a_trailing_slash_is_the_same_class(capsys, results, data, dtd_root):
     args = cli_args(results, data, dtd_root, dataset=["-d", "tire/"])  # as shell completion writes it
     assert_fails(capsys, results, args, "tire given more than once", usage=True)

@@ -396,6 +396,10 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
         if judged:
             path = utils.record_distributions(excel_dir, list_of_dataloaders[0]["testing"].dataset_config["name"], judged)
             LOGGER.info("Distribution judgements written to %s", path)
+            if dataset_options["distribution"] == 1:
+                click.echo(f"--distribution 1 judges only: {', '.join(f'{name} {flag}' for name, flag in judged.items())} "
+                           f"(0 manifold, 1 hypersphere) recorded in {path}, nothing trained; rerun with "
+                           "--distribution 0 to train with them")
         table.finish()
         if stopped:
             raise GlassError(stopped[0] if len(stopped) == 1 else f"{len(stopped)} classes stopped: " + " | ".join(stopped))

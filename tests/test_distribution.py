@@ -82,9 +82,10 @@ def test_judgement_sees_the_images_as_distribution_1_does_and_draws_no_random_nu
     assert (tmp_path / "results" / "judge" / "avg" / "1" / "mvtec_wide.png").is_file()
 
 
-def _run(args) -> None:
+def _run(args) -> str:
     result = CliRunner().invoke(main.main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    return result.output
 
 
 def _checkpoint(results) -> dict:
@@ -105,13 +106,14 @@ def test_judge_only_then_the_table_decides_and_a_missing_class_is_judged_and_tra
 
     # --distribution 1: judge, record (Class, Distribution, Foreground) and train nothing.
     judged = tmp_path / "judged"
-    _run(["--results_path", str(judged), "--gpu", "-1", *net, *dataset("1")])
+    said = _run(["--results_path", str(judged), "--gpu", "-1", *net, *dataset("1")])
     table = _table(judged)
     assert list(table.columns) == ["Class", "Distribution", "Foreground"]
     assert list(table["Class"]) == ["mvtec_tire"]
     flag = int(table["Distribution"][0])
     assert int(table["Foreground"][0]) == flag
     assert not list((judged / "models" / "backbone_0" / "mvtec_tire").glob("*.pth"))
+    assert f"--distribution 1 judges only: mvtec_tire {flag} " in said and "nothing trained" in said
 
     # --distribution 0 with no table listing tire (the shipped one has MVTec AD's classes only): judged as
     # --distribution 1 judges it, recorded, and trained exactly as with that hypothesis forced.

@@ -207,6 +207,10 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     if repeated:
         raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each class once",
                                  param_hint="-d/--subdatasets")
+    if options["resize"] < options["imagesize"]:
+        LOGGER.warning("--resize %d is smaller than --imagesize %d: the centre crop pads the images with a zero border "
+                       "(as the reference does); give --resize >= --imagesize to crop inside the image",
+                       options["resize"], options["imagesize"])
     if options["imagesize"] % options["downsampling"]:
         raise click.BadParameter(
             f"--imagesize {options['imagesize']} is not a multiple of --downsampling {options['downsampling']}",
@@ -300,7 +304,12 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     def run_predict(results_path: str, device: torch.device, trained_name: Optional[str] = None) -> None:
         dataset_name, class_dir = class_folder(results_path, trained_name)
         if not os.path.isdir(class_dir):
-            raise GlassError(f"no trained class folder {class_dir}: check --results_path, -d and --dataset, or train the class first")
+            models = os.path.dirname(class_dir)
+            trained = sorted(entry for entry in os.listdir(models)
+                             if os.path.isfile(os.path.join(models, entry, glass.CONFIG_NAME))) if os.path.isdir(models) else []
+            there = f" (trained there: {', '.join(trained)}, as <dataset>_<class>)" if trained else ""
+            raise GlassError(f"no trained class folder {class_dir}{there}: check --results_path, -d and --dataset, or "
+                             "train the class first")
         paths = glass.collect_images(inputs)
         model, config = glass.load_trained(class_dir, device=device)
 

@@ -236,6 +236,11 @@ def test_an_option_after_the_data_paths_says_where_it_belongs(capsys, results, d
     assert_fails(capsys, results, [*args, *moved], says, usage=True)
 
 
+def test_resize_below_imagesize_warns_about_the_zero_border(caplog, results, data, dtd_root):
+    assert run_main(cli_args(results, data, dtd_root, main=["--test", "test"], dataset=["--resize", "48"])) == 0
+    assert "--resize 48 is smaller than --imagesize 64: the centre crop pads the images with a zero border" in caplog.text
+
+
 def test_a_class_with_a_trailing_slash_is_the_same_class(capsys, results, data, dtd_root):
     args = cli_args(results, data, dtd_root, dataset=["-d", "tire/"])  # as shell completion writes it
     assert_fails(capsys, results, args, "tire given more than once", usage=True)

@@ -146,6 +146,8 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
     assert run_main(["--results_path", results, "predict", "-d", "bottle", image]) == 2
     assert "no trained class folder" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--dataset", "custom", image]) == 2
+    assert "(trained there: mvtec_tire, as <dataset>_<class>)" in one_error_line(capsys)
     assert run_main(["--results_path", results, "predict", "-d", "tire", str(tmp_path / "*.png")]) == 2
     assert "matched no file" in one_error_line(capsys)
     (tmp_path / "empty").mkdir()

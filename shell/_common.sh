@@ -1,7 +1,9 @@
 # Shared by the run-*.sh scripts, sourced before their defaults: paths the caller gives (DATAPATH, AUGPATH,
 # RESULTS, DEMO_DIR, PYTHON) are made absolute against the caller's folder, then the script runs from the
 # repository root with the project's Python, so its defaults (results, demo_data) are the repository's.
-# Each script then sets DATAPATH/AUGPATH defaults that environment variables override.
+# Each script then sets DATAPATH/AUGPATH defaults that environment variables override. The data scripts also
+# take EPOCHS (--meta_epochs) and NET_EXTRA / DATASET_EXTRA: more `net` / `dataset` options, given after the
+# script's own, so that a single-valued option there wins (e.g. NET_EXTRA="--limit 16").
 
 # An absolute form of a path relative to the current folder (the path need not exist yet).
 absolute_path() {

@@ -30,7 +30,7 @@ require_data_folders
     --pretrain_embed_dimension 1536 \
     --target_embed_dimension 1536 \
     --patchsize 3 \
-    --meta_epochs 640 \
+    --meta_epochs "${EPOCHS:-640}" \
     --eval_epochs 1 \
     --dsc_layers 2 \
     --dsc_hidden 1024 \
@@ -41,6 +41,7 @@ require_data_folders
     --p 0.5 \
     --step 20 \
     --limit 392 \
+    ${NET_EXTRA:-} \
   dataset \
     --distribution 2 \
     --mean 0.5 \
@@ -50,4 +51,5 @@ require_data_folders
     --batch_size 8 \
     --resize 288 \
     --imagesize 288 \
+    ${DATASET_EXTRA:-} \
     $(class_flags $CLASSES) mvtec "$DATAPATH" "$AUGPATH"

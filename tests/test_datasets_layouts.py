@@ -481,6 +481,14 @@ def test_script_paths_are_relative_to_the_callers_folder(tmp_path):
     assert args[-3:] == ["mvtec", str(tmp_path / "ok"), str(tmp_path / "dtd")]  # the reference custom script's name
     args = run("run-custom.sh", DATAPATH=str(tmp_path / "ok"), AUGPATH=str(DTD), CLASSES="part_a")
     assert args[args.index("--results_path") + 1] == "results"  # the default: <repository>/results
+    assert args[args.index("--meta_epochs") + 1] == "640" and args.index("--limit") < args.index("dataset")
+
+    # A shorter run: EPOCHS, and options after the script's own (the last value of an option wins).
+    args = run("run-mvtec.sh", DATAPATH="ok", AUGPATH="dtd", EPOCHS="2", NET_EXTRA="--limit 16 --step 5",
+               DATASET_EXTRA="--resize 128 --imagesize 128", CLASSES="bottle")
+    net, dataset = args[:args.index("dataset")], args[args.index("dataset"):]
+    assert net[net.index("--meta_epochs") + 1] == "2" and net[-4:] == ["--limit", "16", "--step", "5"]
+    assert dataset[-9:-3] == ["--resize", "128", "--imagesize", "128", "-d", "bottle"] and dataset[-3:] == ["mvtec", str(tmp_path / "ok"), str(tmp_path / "dtd")]
 
     args = run("run-demo.sh", DEMO_DIR="demo", RESULTS="out")
     assert args[:2] == [f"cwd={ROOT}", "-m"] and args[3] == str(tmp_path / "demo")

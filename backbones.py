@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -414,6 +415,10 @@ def _load_local(name: str, backbone: BackboneSpec, path: Path) -> torch.nn.Modul
     )
 
 if __name__ == "__main__":
-    for backbone_name in available():
-        entry = _BACKBONES[backbone_name]
-        print(f"{backbone_name:22s} {entry.library:12s} {entry.arch}")
+    try:
+        for backbone_name in available():
+            entry = _BACKBONES[backbone_name]
+            print(f"{backbone_name:22s} {entry.library:12s} {entry.arch}", flush=True)
+    except BrokenPipeError:  # `python backbones.py | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -15,7 +15,7 @@ for class in "${CLASSES[@]}"; do
   case "$class" in
     tire) root="$DATA/mvtec3d" ;;
     magnetic_tile) root="$DATA/magnetic_tile" ;;
-    *) echo "unknown class $class (tire or magnetic_tile)" >&2; exit 2 ;;
+    *) echo "Error: unknown class $class: give tire or magnetic_tile (or none for both)" >&2; exit 2 ;;
   esac
   start=$(date +%s)
   "$PYTHON" main.py --gpu 0 --seed "${SEED:-0}" --test ckpt --results_path "$RESULTS/$class" \

@@ -715,7 +715,7 @@ def cli(name: str, dest: Path, force: bool, base_url: str | None, keep_archive: 
         already = is_fetched(name, dest) and not force
         path = fetch(name, dest, base_url=base_url, force=force, keep_archive=keep_archive)
     except GlassError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
     title = DATASETS[name].title
     if already:
@@ -729,7 +729,15 @@ def cli(name: str, dest: Path, force: bool, base_url: str | None, keep_archive: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line (``python -m datasets.fetch NAME DEST [options]``) and return its exit status."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="python -m datasets.fetch")
+        cli.main(args=list(argv) if argv is not None else None, prog_name="python -m datasets.fetch",
+                 standalone_mode=False)
+    except click.UsageError as exc:  # one line for the mistake, one for where to look (as main.py)
+        click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+        click.echo("Try 'python -m datasets.fetch --help' for help.", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0

@@ -396,7 +396,7 @@ def test_cli_offline_exits_2_with_one_line(tmp_path) -> None:
     assert result.exit_code == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not reach ")
+    assert len(lines) == 1 and lines[0].startswith("Error: could not reach ")
     assert "btad.zip" in lines[0]
 
 
@@ -416,6 +416,11 @@ def test_cli_fetches_then_says_already_there(tmp_path, mirror, monkeypatch) -> N
     assert "already there" in again.stdout
 
 
-def test_main_returns_exit_status(tmp_path) -> None:
+def test_main_returns_exit_status(tmp_path, capsys) -> None:
     assert fetch.main(["mvtec", str(tmp_path), "--base-url", closed_port_url()]) == 2
     assert fetch.main(["--help"]) == 0
+    capsys.readouterr()
+    assert fetch.main(["mvtek", str(tmp_path)]) == 2  # a usage mistake: the error line, then where to look
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Error: ") and "'mvtek' is not one of" in lines[0]
+    assert lines[1] == "Try 'python -m datasets.fetch --help' for help."

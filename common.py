@@ -25,8 +25,8 @@ import scipy.ndimage as ndimage
 import torch
 import torch.nn.functional as F
 
-from model import PatchMaker
 import utils
+from model import PatchMaker
 from utils import GlassError
 
 LOGGER = logging.getLogger(__name__)

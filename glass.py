@@ -313,6 +313,21 @@ def read_checkpoint_file(path: str, device: torch.device | str = "cpu", fix: str
     return state
 
 
+def trained_part_sizes(state: dict) -> Dict[str, int]:
+    """The sizes a checkpoint's weights imply: ``target_embed_dimension``, ``dsc_layers``, ``dsc_hidden`` and
+    ``pre_proj`` (from the module names ``body.block<k>``, ``tail`` and ``layers.<i>fc``)."""
+    discriminator = state["discriminator"]
+    blocks = {key.split(".")[1] for key in discriminator if key.startswith("body.")}
+    if blocks:
+        target_dim = int(discriminator["body.block1.0.weight"].shape[1])
+        hidden = int(discriminator["body.block1.0.weight"].shape[0])
+    else:
+        target_dim = hidden = int(discriminator["tail.0.weight"].shape[1])
+    projection = state.get("pre_projection") or {}
+    return {"target_embed_dimension": target_dim, "dsc_layers": len(blocks) + 1, "dsc_hidden": hidden,
+            "pre_proj": len([key for key in projection if key.endswith("fc.weight")])}
+
+
 def rng_state() -> Dict[str, Any]:
     """The state of every global random generator (python, NumPy, torch, CUDA) as plain values and tensors.
 
@@ -1678,7 +1693,6 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
     blends it with the resized, cropped input. Returns the CSV rows.
     """
     from torchvision import transforms
-
 
     dataset = config.get("dataset", {})
     resize = dataset.get("resize_used", config["input_shape"][-1])

@@ -36,7 +36,6 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]
 
 
-
 def default_num_workers() -> int:
     """The reference's 16 workers, but never more than this machine's cores."""
     return min(16, os.cpu_count() or 1)

@@ -248,25 +248,9 @@ def config_from_checkpoint(
     dataset: str = "",
 ) -> dict:
     """A config.json-like description of a bare checkpoint; the trained parts' sizes are read from it."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise GlassError(f"cannot read checkpoint {checkpoint} ({type(exc).__name__}): give a ckpt_best_<epoch>.pth written by GLASS") from None
-    if not isinstance(state, dict) or "discriminator" not in state:
-        raise GlassError(f"{checkpoint} is not a GLASS checkpoint: it has no 'discriminator' entry")
-    discriminator = state["discriminator"]
-    blocks = sorted({key.split(".")[1] for key in discriminator if key.startswith("body.")})
-    if blocks:
-        target_dim = int(discriminator["body.block1.0.weight"].shape[1])
-        hidden = int(discriminator["body.block1.0.weight"].shape[0])
-    else:
-        target_dim = hidden = int(discriminator["tail.0.weight"].shape[1])
-    projection = state.get("pre_projection") or {}
-    pre_proj = len([key for key in projection if key.endswith("fc.weight")])
-    net = {
-        "pretrain_embed_dimension": int(pretrain_embed_dimension), "target_embed_dimension": target_dim,
-        "patchsize": int(patchsize), "dsc_layers": len(blocks) + 1, "dsc_hidden": hidden, "pre_proj": pre_proj,
-    }
+    state = glass.read_checkpoint_file(checkpoint, "cpu", fix="give a ckpt_best_<epoch>.pth written by GLASS")
+    net = {"pretrain_embed_dimension": int(pretrain_embed_dimension), "patchsize": int(patchsize),
+           **glass.trained_part_sizes(state)}
     return {
         "backbone": backbone,
         "layers_to_extract_from": list(layers),

@@ -955,14 +955,7 @@ class GLASS(torch.nn.Module):
             self.check_mask_grid(training_data)
         start_epoch, best_record, best_path = 0, None, None
         if status == "resume":
-            ckpt_path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
-            self._settle_best_checkpoint(state)
-            last_epoch, best_record, best_path = self.restore_training_checkpoint(state, ckpt_path)
-            start_epoch = last_epoch + 1
-            LOGGER.info("%s: resuming from %s (%d of %d epochs done)", name, ckpt_path, last_epoch + 1, self.meta_epochs)
-            if self.logger is not None:  # hide what the interrupted run logged after its last checkpoint
-                self.logger.close()
-                self.logger = SummaryWriter(log_dir=self.tb_dir, purge_step=self.global_step)
+            start_epoch, best_record, best_path = self._resume(state, name)
         else:
             if state is not None:
                 LOGGER.warning("%s: %s holds no training state (written by the reference?): training from the start",
@@ -987,35 +980,57 @@ class GLASS(torch.nn.Module):
                 raise _training_stopped(name, str(exc), epoch, best_path) from None
             weights = self.checkpoint_state()
 
-            new_best = None
+            result, new_best = None, None
             if (epoch + 1) % self.eval_epochs == 0:
-                images, scores, segmentations, labels_gt, masks_gt = self.predict(val_data, keep_images=False)
-                if not np.isfinite(scores).all():
-                    raise _training_stopped(name, "the test images' anomaly scores became non-finite", epoch, best_path)
-                result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
-                for tag, value in zip(("i-auroc", "i-ap", "p-auroc", "p-ap", "p-pro"), result):
-                    self.logger.add_scalar(tag, value, epoch)
-                utils.log_eval_samples(self, epoch, images, segmentations, labels_gt, masks_gt)
-
+                result = self._evaluate_epoch(val_data, epoch, name, best_path)
                 if best_record is None or self._selection_score(result) > self._selection_score(best_record):
                     best_record = [*result, epoch]
                     new_best = os.path.join(self.ckpt_dir, f"ckpt_best_{epoch}.pth")
                 summary = self._summary(result, epoch, best_record)
                 pbar.set_description_str(f"{epoch_str} {summary}")
-
-            # history.csv (utils.py, "Reports") before ckpt.pth, so that a resumed epoch rewrites its row.
-            utils.record_epoch(self, epoch, result if (epoch + 1) % self.eval_epochs == 0 else None)
-            # ckpt.pth first (it names the new best), then the new best, then the old best goes.
-            ckpt = self.training_checkpoint(epoch, weights, best_record, new_best or best_path)
-            utils.atomic_torch_save(ckpt, os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT))
-            _kill_hook(epoch, "saved")
-            if new_best is not None:
-                utils.atomic_torch_save(weights, new_best)
-                if best_path is not None and best_path != new_best and os.path.exists(best_path):
-                    os.remove(best_path)
-                best_path = new_best
+            best_path = self._save_epoch(epoch, weights, result, best_record, best_path, new_best)
         self.logger.flush()
         return best_record
+
+    def _resume(self, state: dict, name: str) -> Tuple[int, Optional[list], Optional[str]]:
+        """Restore an interrupted training from ``state`` (its ckpt.pth): (first epoch to run, best record, best path)."""
+        ckpt_path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
+        self._settle_best_checkpoint(state)
+        last_epoch, best_record, best_path = self.restore_training_checkpoint(state, ckpt_path)
+        LOGGER.info("%s: resuming from %s (%d of %d epochs done)", name, ckpt_path, last_epoch + 1, self.meta_epochs)
+        if self.logger is not None:  # hide what the interrupted run logged after its last checkpoint
+            self.logger.close()
+            self.logger = SummaryWriter(log_dir=self.tb_dir, purge_step=self.global_step)
+        return last_epoch + 1, best_record, best_path
+
+    def _evaluate_epoch(self, val_data, epoch: int, name: str, best_path: Optional[str]) -> List[float]:
+        """The per-epoch evaluation on ``val_data`` (AP and PRO left at 0, as the reference), logged to TensorBoard."""
+        images, scores, segmentations, labels_gt, masks_gt = self.predict(val_data, keep_images=False)
+        if not np.isfinite(scores).all():
+            raise _training_stopped(name, "the test images' anomaly scores became non-finite", epoch, best_path)
+        result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
+        for tag, value in zip(("i-auroc", "i-ap", "p-auroc", "p-ap", "p-pro"), result):
+            self.logger.add_scalar(tag, value, epoch)
+        utils.log_eval_samples(self, epoch, images, segmentations, labels_gt, masks_gt)
+        return result
+
+    def _save_epoch(self, epoch: int, weights: dict, result: Optional[List[float]], best_record: Optional[list],
+                    best_path: Optional[str], new_best: Optional[str]) -> Optional[str]:
+        """Write an epoch's history row, ckpt.pth and, when it is the new best, its checkpoint; returns the best path.
+
+        history.csv (utils.py, "Reports") comes before ckpt.pth, so that a resumed epoch rewrites its row; then
+        ckpt.pth (it names the new best), then the new best, and the old best goes last.
+        """
+        utils.record_epoch(self, epoch, result)
+        ckpt = self.training_checkpoint(epoch, weights, best_record, new_best or best_path)
+        utils.atomic_torch_save(ckpt, os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT))
+        _kill_hook(epoch, "saved")
+        if new_best is None:
+            return best_path
+        utils.atomic_torch_save(weights, new_best)
+        if best_path is not None and best_path != new_best and os.path.exists(best_path):
+            os.remove(best_path)
+        return new_best
 
     @staticmethod
     def _summary(result: Sequence[float], epoch: int, best_record: Sequence[float]) -> str:

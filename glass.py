@@ -780,12 +780,11 @@ class GLASS(torch.nn.Module):
                     f"{self.ckpt_dir} holds a model trained with other options ({'; '.join(differences)}): "
                     "rerun with the options it was trained with, or use another --results_path"
                 )
-            if training and status == "resume":
-                changed = other_differences(saved, config)
-                if changed:
-                    LOGGER.warning("Resuming %s with other training options than it started with (%s): the result will "
-                                   "differ from an uninterrupted run", os.path.basename(self.ckpt_dir), "; ".join(changed))
-            view = [d for d in other_differences(saved, config) if d.startswith(TEST_VIEW_OPTIONS)]
+            changed = other_differences(saved, config)
+            if training and status == "resume" and changed:
+                LOGGER.warning("Resuming %s with other training options than it started with (%s): the result will "
+                               "differ from an uninterrupted run", os.path.basename(self.ckpt_dir), "; ".join(changed))
+            view = [d for d in changed if d.startswith(TEST_VIEW_OPTIONS)]
             if status == "finished" and view:
                 LOGGER.warning("Testing %s on images prepared otherwise than at its training (%s): its metrics, which "
                                "replace the class's row in results.csv, are not those of its training setup",

@@ -60,6 +60,12 @@ def _judge(dataset, tmp_path) -> int:
     return model._judge_distribution(loader, "mvtec_wide")
 
 
+def test_an_all_dark_mean_image_is_judged_manifold(tmp_path):
+    # No spectrum point above the threshold: the reference takes the maximum of an empty array (README deviation 9).
+    assert utils.distribution_judge(np.zeros((64, 64, 3), np.uint8), "dark", output_dir=str(tmp_path)) == 0
+    assert (tmp_path / "0" / "dark.png").is_file()
+
+
 def test_judgement_sees_the_images_as_distribution_1_does_and_draws_no_random_numbers(tmp_path, dtd_root):
     root = _synthetic_class(tmp_path / "data")
     common = dict(classname="wide", resize=64, imagesize=64, fg=0, split=DatasetSplit.TRAIN)

@@ -216,11 +216,12 @@ def test_help_shows_every_range_without_click_placeholders():
 
     import main
 
-    for command in ([], ["net"], ["dataset"]):
-        text = CliRunner().invoke(main.main, [*command, "--help"]).output
-        assert "0<=x<=4" in text or command != ["dataset"]  # --distribution's range is shown
+    texts = {command: CliRunner().invoke(main.main, [*command.split(), "--help"]).output
+             for command in ("", "net", "dataset", "predict")}
+    for text in texts.values():
         assert "None" not in text, text  # an unbounded range once read "x<=None"
-    assert "[default: 0.5; finite]" in CliRunner().invoke(main.main, ["dataset", "--help"]).output  # --mean
+    assert "0<=x<=4" in texts["dataset"]  # --distribution: bounded ranges are still shown
+    assert "[default: 0.5; finite]" in texts["dataset"]  # --mean: unbounded, but no nan or inf
 
 
 @pytest.mark.parametrize("moved, says", [

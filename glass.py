@@ -420,7 +420,7 @@ class NonFiniteLossError(ClassStoppedError):
 
 
 class MissingCheckpointError(ClassStoppedError):
-    """``--test test`` for a class folder without a best checkpoint (the reference logs it and goes on)."""
+    """A class folder without its best checkpoint (``--test test`` of an untrained class, a deleted best file)."""
 
 
 def _training_stopped(name: str, what: str, epoch: int, best_path: Optional[str]) -> NonFiniteLossError:
@@ -446,11 +446,12 @@ def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool) ->
 
 
 def _kill_hook(epoch: int, step: int | str) -> None:
-    """The test-only ``GLASS_TEST_KILL_AT=EPOCH:STEP`` hook: SIGKILL this process at that point."""
+    """The test-only ``GLASS_TEST_KILL_AT=EPOCH:STEP`` hook: SIGKILL this process at that point (another signal
+    with ``GLASS_TEST_KILL_SIGNAL=SIGTERM``, say)."""
     wanted = os.environ.get(KILL_HOOK_ENV)
     if wanted and wanted == f"{epoch}:{step}":
         LOGGER.warning("%s=%s: killing this process (test hook)", KILL_HOOK_ENV, wanted)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("GLASS_TEST_KILL_SIGNAL", "SIGKILL")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -808,7 +809,7 @@ class GLASS(torch.nn.Module):
         if recorded is not None and not os.path.isfile(os.path.join(self.ckpt_dir, recorded)):
             path = os.path.join(self.ckpt_dir, recorded)
             if state.get("best_record") is None or int(state["best_record"][-1]) != int(state["epoch"]):
-                raise GlassError(
+                raise MissingCheckpointError(
                     f"the best checkpoint {path} recorded in ckpt.pth is missing: restore it, or delete "
                     f"{self.ckpt_dir} to train this class again"
                 )

@@ -560,7 +560,7 @@ def plan_workers(gpu_ids: Sequence[int], class_names: Sequence[str]) -> List[int
         return ids[:len(class_names)]
     wanted = os.environ.get(CPU_WORKERS_ENV, "").strip()
     if wanted:
-        if not wanted.isdigit() or int(wanted) < 1:
+        if not (wanted.isascii() and wanted.isdigit()) or int(wanted) < 1:
             raise GlassError(f"{CPU_WORKERS_ENV}={wanted} is not a number of worker processes: set it to 1 or more, or unset it")
         count = min(int(wanted), len(class_names))
         click.echo(f"no CUDA device: {count} worker processes on the CPU ({CPU_WORKERS_ENV}={wanted})", err=True)
@@ -662,7 +662,7 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
                    "--worker_gpu", str(device), "--worker_output", output, *argv]
         with open(log, "w") as handle:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                       env=env, cwd=os.getcwd())
+                                       env=env, cwd=os.getcwd(), preexec_fn=utils.die_with_parent)
         LOGGER.info("%s: started on %s (pid %d, output in %s)", names[index], device_label(device), process.pid, log)
         record.data["workers"][names[index]] = {
             "device": device_label(device), "pid": process.pid, "log": log,
@@ -829,11 +829,15 @@ def cli(argv: List[str] | None = None) -> int:
     if utils.keep_freed_memory():
         LOGGER.debug("glibc malloc keeps freed memory for reuse (GLASS_MALLOC=system to leave its defaults)")
     try:
-        main.main(args=args, prog_name="main.py", standalone_mode=False, obj={"argv": args})
+        with utils.termination_as_interrupt():
+            main.main(args=args, prog_name="main.py", standalone_mode=False, obj={"argv": args})
     except GlassError as exc:
         click.echo(f"Error: {utils.error_message(exc)}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # Ctrl-C, or SIGTERM/SIGHUP (utils.termination_as_interrupt)
+        if isinstance(exc.__cause__, utils.Terminated):
+            click.echo(f"Terminated ({exc.__cause__}).", err=True)
+            return 128 + getattr(signal, str(exc.__cause__)).value
         click.echo("Aborted.", err=True)
         return 130
     except OSError as exc:  # the environment, not the code: a full disk, a file where a folder must be, ...

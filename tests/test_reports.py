@@ -419,3 +419,30 @@ def test_results_csv_keeps_the_rows_of_classes_tested_by_earlier_runs(tmp_path, 
     assert run_main(["--results_path", results, "--test", "test", *net,
                      *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
     assert table() == both
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (no such process, or a zombie waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:") and "Z" in line for line in status)
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_process_ends_when_its_parent_is_killed():
+    # A parallel run's workers start with utils.die_with_parent: a SIGKILLed parent leaves no orphan training.
+    script = ("import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import utils; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+              "preexec_fn=utils.die_with_parent); print(child.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(Path(main.__file__).parent)], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    assert not _gone(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while not _gone(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _gone(child)

@@ -129,6 +129,16 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_run(tmp_path, killed_in
     assert_same_outcome(results, uninterrupted)
 
 
+def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path, uninterrupted, small_tire, dtd_root):
+    results = tmp_path / "results"
+    done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:0", GLASS_TEST_KILL_SIGNAL="SIGTERM")
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == "Terminated (SIGTERM)." and "Traceback" not in done.stderr
+    assert json.loads((results / "run.json").read_text())["status"] == "interrupted"
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert_same_outcome(results, uninterrupted)
+
+
 def test_resume_with_the_feature_cache_off_ends_as_the_cached_run(tmp_path, killed_in_epoch_1, uninterrupted, small_tire,
                                                                    dtd_root, caplog):
     # The killed and the uninterrupted runs cached their features (--cache auto); the cache changes no number,

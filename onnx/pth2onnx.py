@@ -223,9 +223,12 @@ def check_opset(opset: int) -> None:
 
 
 def check_output(path: str) -> None:
-    """Refuse an output path that names a folder."""
+    """Refuse an output path that names a folder, or an existing file that is not an ``.onnx`` one (a checkpoint,
+    config.json, ... would be lost)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise GlassError(f"-o {path} names a directory: give a file path such as {os.path.join(path, DEFAULT_NAME)}")
+    if os.path.exists(path) and not path.lower().endswith(".onnx"):
+        raise GlassError(f"-o {path} would overwrite a file that is not an .onnx model: give another path ending in .onnx")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,8 +263,8 @@ def config_from_checkpoint(
     }
 
 
-def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str]:
-    """The model, its config and the checkpoint path named by the command line."""
+def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, str]:
+    """The model, its config, the checkpoint path and the class folder named by the command line."""
     model_options = {
         "backbone": args.backbone, "layers": args.layers_to_extract_from or None, "imagesize": args.imagesize,
         "resize": args.resize, "pretrain_embed_dimension": args.pretrain_embed_dimension, "patchsize": args.patchsize,
@@ -275,8 +278,10 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str]:
         class_dir = class_dir_of(args.results_path, args.subdataset, args.dataset, args.backbone_index)
     if class_dir is None and args.checkpoint is None:
         raise GlassError("nothing to export: give --results_path R -d CLASS, --class_dir DIR or --checkpoint FILE (see --help)")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise GlassError(f"checkpoint {args.checkpoint} does not exist: give the path of a ckpt_best_<epoch>.pth")
+    if args.checkpoint is not None:
+        if not os.path.isfile(args.checkpoint):
+            raise GlassError(f"checkpoint {args.checkpoint} does not exist: give the path of a ckpt_best_<epoch>.pth")
+        glass.read_checkpoint_file(args.checkpoint, "cpu", fix="give a ckpt_best_<epoch>.pth written by GLASS")
     if class_dir is None:
         class_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     elif not os.path.isdir(class_dir):
@@ -287,7 +292,7 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str]:
         if given:
             raise GlassError(f"{', '.join(given)} describe a bare checkpoint, but {class_dir} has a config.json that describes the model: leave them out")
         model, config = glass.load_trained(class_dir, device="cpu", checkpoint=args.checkpoint)
-        return model, config, model.checkpoint_path
+        return model, config, model.checkpoint_path, class_dir
     if args.checkpoint is None:
         raise GlassError(f"no {glass.CONFIG_NAME} in {class_dir}: point at a class folder written by main.py, or give --checkpoint with the model options")
     options = {key: (PAPER_DEFAULTS[key] if value is None else value) for key, value in model_options.items()}
@@ -297,7 +302,7 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str]:
     )
     model = glass.build_model(config, device="cpu")
     model.load_checkpoint(args.checkpoint)
-    return model, config, args.checkpoint
+    return model, config, args.checkpoint, class_dir
 
 
 def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = None) -> Dict[str, str]:
@@ -375,13 +380,15 @@ def export(
         entry.key, entry.value = key, value
     proto.doc_string = "GLASS anomaly detector: image (B,3,H,W) ImageNet-normalised -> image_score (B,), anomaly_map (B,H,W)"
     onnx.checker.check_model(proto)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        utils.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
-    except OSError as exc:
-        raise GlassError(f"cannot write {path} ({exc.strerror}): choose another --output") from None
-    return check_export(wrapper, path) if check else {}
+    diff: Dict[str, float] = {}
+
+    def write_and_check(tmp: str) -> None:  # checked before it replaces an earlier export
+        onnx.save(proto, tmp)
+        if check:
+            diff.update(check_export(wrapper, tmp))
+
+    utils.atomic_write(path, write_and_check)
+    return diff
 
 
 def check_export(wrapper: GlassOnnx, path: str, batch: int = 2, seed: int = 0) -> Dict[str, float]:
@@ -422,6 +429,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of pth2onnx.py."""
     parser = _Parser(
@@ -442,10 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     bare = parser.add_argument_group("model options, only for a checkpoint whose folder has no config.json (defaults: the paper's MVTec settings)")
     bare.add_argument("-b", "--backbone", help=f"backbone name (default {PAPER_DEFAULTS['backbone']})")
     bare.add_argument("-le", "--layers_to_extract_from", action="append", help="feature layer, repeat for several (default: layer2, layer3)")
-    bare.add_argument("--imagesize", type=int, help=f"side of the square model input (default {PAPER_DEFAULTS['imagesize']})")
-    bare.add_argument("--resize", type=int, help=f"shorter side after resizing, before the centre crop (default {PAPER_DEFAULTS['resize']})")
-    bare.add_argument("--pretrain_embed_dimension", type=int, help=f"per-layer embedding size (default {PAPER_DEFAULTS['pretrain_embed_dimension']})")
-    bare.add_argument("--patchsize", type=int, help=f"patch neighbourhood (default {PAPER_DEFAULTS['patchsize']})")
+    bare.add_argument("--imagesize", type=positive_int, help=f"side of the square model input (default {PAPER_DEFAULTS['imagesize']})")
+    bare.add_argument("--resize", type=positive_int, help=f"shorter side after resizing, before the centre crop (default {PAPER_DEFAULTS['resize']})")
+    bare.add_argument("--pretrain_embed_dimension", type=positive_int, help=f"per-layer embedding size (default {PAPER_DEFAULTS['pretrain_embed_dimension']})")
+    bare.add_argument("--patchsize", type=positive_int, help=f"patch neighbourhood (default {PAPER_DEFAULTS['patchsize']})")
     bare.add_argument("--class_name", help="class name to record in the metadata")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")
@@ -464,8 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_opset(args.opset)
         if args.output:
             check_output(args.output)
-        model, config, checkpoint = load_for_export(args)
-        class_dir = os.path.dirname(os.path.abspath(checkpoint))
+        model, config, checkpoint, class_dir = load_for_export(args)
         output = args.output or os.path.join(class_dir, DEFAULT_NAME)
         threshold = stored_threshold(class_dir, checkpoint)
         diff = export(model, config, output, checkpoint=checkpoint, threshold=threshold, opset=args.opset, check=not args.no_check)

@@ -249,6 +249,25 @@ def test_output_naming_a_directory_is_refused(class_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_over_a_file_that_is_not_onnx_is_refused(class_dir, tmp_path, capsys):
+    checkpoint = next(class_dir.glob("ckpt_best_*.pth"))
+    before = checkpoint.read_bytes()
+    assert pth2onnx.main(["--class_dir", str(class_dir), "-o", str(checkpoint), "--no_check"]) == 2
+    assert "would overwrite a file that is not an .onnx model" in one_error_line(capsys)
+    assert checkpoint.read_bytes() == before
+
+
+def test_bare_checkpoint_options_and_files_are_checked_first(class_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:  # argparse: exit code 2 and its usage line
+        pth2onnx.main(["--checkpoint", str(next(class_dir.glob("ckpt_best_*.pth"))), "--resize", "-5"])
+    assert done.value.code == 2 and "-5 is below 1" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    assert pth2onnx.main(["--class_dir", str(class_dir), "--checkpoint", str(notes), "--no_check"]) == 2
+    line = one_error_line(capsys)
+    assert "cannot read checkpoint" in line and "give a ckpt_best_<epoch>.pth written by GLASS" in line
+
+
 def test_help_names_every_dataset_of_main(capsys):
     with pytest.raises(SystemExit) as done:
         pth2onnx.main(["--help"])

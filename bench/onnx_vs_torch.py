@@ -85,12 +85,13 @@ def benchmark(model: glass.GLASS, config: dict, batches: Sequence[int], repeats:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    positive_int = load_pth2onnx().positive_int
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--class_dir", help="trained class folder (config.json + ckpt_best_*.pth); default: an untrained EfficientNet-Lite0 model")
-    parser.add_argument("--imagesize", type=int, default=288, help="input side of the on-the-fly model (ignored with --class_dir)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size (median reported)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both PyTorch and onnxruntime")
+    parser.add_argument("--imagesize", type=positive_int, default=288, help="input side of the on-the-fly model (ignored with --class_dir)")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes to time")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per batch size (median reported)")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for both PyTorch and onnxruntime")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

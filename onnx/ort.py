@@ -257,10 +257,12 @@ def predict(
             cv2.imwrite(row["heatmap"], heat)
             cv2.imwrite(row["overlay"], overlay_image(crop, heat))
         rows.append(row)
-    with open(os.path.join(output, "predictions.csv"), "w", newline="") as handle:
+    path = os.path.join(output, "predictions.csv")
+    with open(path + ".tmp", "w", newline="") as handle:  # renamed when complete: no half-written table
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(path + ".tmp", path)
     return rows
 
 
@@ -314,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     flagged = sum(row["anomalous"] == "1" for row in rows)
-    decision = f", {flagged} anomalous at threshold {rows[0]['threshold']}" if rows and rows[0]["threshold"] else ""
+    decision = f", {flagged} anomalous at threshold {rows[0]['threshold']}" if rows and rows[0]["threshold"] else \
+        " (no threshold in the model: pass --threshold for the anomalous column)"
     print(f"Scored {len(rows)} image(s){decision}: {os.path.join(args.output, 'predictions.csv')}")
     return 0
 

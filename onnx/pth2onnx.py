@@ -490,6 +490,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     print(f"Wrote {output}" + (f" (onnxruntime vs PyTorch: score {diff['max_abs_score']:.1e}, map {diff['max_abs_map']:.1e})" if diff else ""))
+    if threshold is None:
+        print(f"No threshold embedded: {class_dir} has no threshold.json for {os.path.basename(checkpoint)} "
+              "(`python main.py ... predict` chooses one; or give ort.py --threshold)")
     return 0
 
 

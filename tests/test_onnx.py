@@ -149,13 +149,17 @@ def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported
     assert bad.returncode == 2 and bad.stderr.strip().startswith("Error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_images, tmp_path, capsys):
+def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_images, tiny_tire, tmp_path, capsys):
     """A checkpoint without config.json: the model options on the command line, trained sizes read from it."""
     bare = tmp_path / "ckpt_best_219.pth"
     shutil.copy(model.checkpoint_path, bare)
     options = ["-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--imagesize", "64", "--resize", "64",
                "--pretrain_embed_dimension", "128", "--class_name", "tire"]
     assert pth2onnx.main(["--checkpoint", str(bare), *options, "--no_check"]) == 0
+    assert "No threshold embedded" in capsys.readouterr().out  # no threshold.json beside the bare checkpoint
+    image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
+    assert ort_script.main([str(tmp_path / "glass.onnx"), image, "-o", str(tmp_path / "out"), "--no_images"]) == 0
+    assert "no threshold in the model: pass --threshold" in capsys.readouterr().out
     session = onnxruntime.InferenceSession(str(tmp_path / "glass.onnx"), providers=["CPUExecutionProvider"])
     images, _ = test_images
     scores, _ = session.run(None, {"image": images[:4].numpy()})

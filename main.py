@@ -400,7 +400,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
             judged, stopped = _run_parallel(list_of_dataloaders, results_path, workers, table, record)
         else:
             judged, stopped = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
-                                           table.add)
+                                           table.add, record.add_stopped)
         if judged:
             path = utils.record_distributions(excel_dir, list_of_dataloaders[0]["testing"].dataset_config["name"], judged)
             LOGGER.info("Distribution judgements written to %s", path)
@@ -420,7 +420,8 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
 
 
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
-                 add_result: Callable[[int, str, str, List[float]], None]) -> tuple[Dict[str, int], List[str]]:
+                 add_result: Callable[[int, str, str, List[float]], None],
+                 add_stopped: Callable[[str], None]) -> tuple[Dict[str, int], List[str]]:
     """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
     tested model; returns the judged distributions and the messages of the classes that stopped (a diverging
     training, no best checkpoint to test): the others still run."""
@@ -456,6 +457,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
             except glass.ClassStoppedError as exc:
                 LOGGER.error("%s", exc)
                 stopped.append(str(exc))
+                add_stopped(str(exc))
                 continue
             finally:
                 model.close()
@@ -684,7 +686,9 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
             table.add(index, row_name, record_name, result)  # also rewrites the run record
         record.write()
         judged.update(outcome.get("judged", {}))
-        stopped.extend(outcome.get("stopped", []))
+        for message in outcome.get("stopped", []):
+            stopped.append(message)
+            record.add_stopped(message)
         if code == 0 and outcome.get("finished"):
             return None
         message = last_error_line(log)
@@ -727,8 +731,13 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
         click.echo(metrics_line(row_name, result))
         save()
 
-    judged, stopped = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result)
-    outcome.update(judged=judged, stopped=stopped, finished=True)
+    def add_stopped(message: str) -> None:
+        outcome["stopped"].append(message)
+        save()
+
+    judged, _ = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result,
+                             add_stopped)
+    outcome.update(judged=judged, finished=True)
     save()
 
 
@@ -769,12 +778,18 @@ class RunRecord:
             "finished": None,
             "status": "running",
             "results": {},
+            "stopped": [],
         }
         self.write()
 
     def add_result(self, name: str, result: List[float]) -> None:
         """Store a class's metrics (null where not available) and rewrite the record."""
         self.data["results"][name] = dict(zip(METRIC_NAMES, [None if not np.isfinite(v) else float(v) for v in result]))
+        self.write()
+
+    def add_stopped(self, message: str) -> None:
+        """Record a class that stopped (its one-line message) as it happens, so that a later failure keeps it."""
+        self.data["stopped"].append(message)
         self.write()
 
     def finish(self, status: str) -> None:

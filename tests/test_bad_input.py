@@ -5,6 +5,7 @@ config and checkpoints) and checks that those files are still there, byte for by
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -258,6 +259,9 @@ def test_test_only_without_a_checkpoint_names_the_class_after_testing_the_others
     shutil.rmtree(results / "eval")
     assert_fails(capsys, results, args, "no ckpt_best_*.pth", "mvtec_tire2", "train first")
     assert len(list((results / "eval" / "mvtec_tire").glob("*.png"))) == 7  # tire was tested all the same
+    record = json.loads((results / "run.json").read_text())  # the stopped class is recorded as it stops
+    assert [message.split(":")[0] for message in record["stopped"]] == ["mvtec_tire2"]
+    assert record["status"].startswith("failed: mvtec_tire2: no ckpt_best_*.pth")
 
 
 def test_testing_a_finished_class_at_another_resize_warns_naming_it(caplog, results, data, dtd_root):

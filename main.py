@@ -397,10 +397,10 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     table = ResultsTable(results_path, len(list_of_dataloaders), record)
     try:
         if workers:
-            judged, stopped = _run_parallel(list_of_dataloaders, results_path, workers, table, record)
+            judged = _run_parallel(list_of_dataloaders, results_path, workers, table, record)
         else:
-            judged, stopped = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
-                                           table.add, record.add_stopped)
+            judged = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
+                                  table.add, record.add_stopped)
         if judged:
             path = utils.record_distributions(excel_dir, list_of_dataloaders[0]["testing"].dataset_config["name"], judged)
             LOGGER.info("Distribution judgements written to %s", path)
@@ -409,6 +409,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
                            f"(0 manifold, 1 hypersphere) recorded in {path}, nothing trained; rerun with "
                            "--distribution 0 to train with them")
         table.finish()
+        stopped = record.data["stopped"]
         if stopped:
             raise GlassError(stopped[0] if len(stopped) == 1 else f"{len(stopped)} classes stopped: " + " | ".join(stopped))
     except BaseException as exc:
@@ -421,12 +422,11 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
 
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
                  add_result: Callable[[int, str, str, List[float]], None],
-                 add_stopped: Callable[[str], None]) -> tuple[Dict[str, int], List[str]]:
+                 add_stopped: Callable[[str], None]) -> Dict[str, int]:
     """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
-    tested model; returns the judged distributions and the messages of the classes that stopped (a diverging
-    training, no best checkpoint to test): the others still run."""
+    tested model and ``add_stopped(message)`` for every class that stops (a diverging training, no best
+    checkpoint to test), while the others still run; returns the judged distributions."""
     judged: Dict[str, int] = {}
-    stopped: List[str] = []
     for index, dataloaders in enumerate(list_of_dataloaders):
         utils.fix_seeds(seed, device)
         dataset_name = dataloaders["training"].name
@@ -456,13 +456,12 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                 result = list(model.tester(dataloaders["testing"], dataset_name))
             except glass.ClassStoppedError as exc:
                 LOGGER.error("%s", exc)
-                stopped.append(str(exc))
                 add_stopped(str(exc))
                 continue
             finally:
                 model.close()
             add_result(index, dataset_name, dataset_name if len(models) == 1 else f"{dataset_name}/backbone_{i}", result)
-    return judged, stopped
+    return judged
 
 
 def metrics_line(name: str, result: Sequence[float]) -> str:
@@ -634,15 +633,15 @@ def last_error_line(log_path: str) -> Optional[str]:
 
 
 def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int], table: ResultsTable,
-                  record: "RunRecord") -> tuple[Dict[str, int], List[str]]:
-    """Every class in a worker process on ``devices``; their rows go into ``table`` as they finish."""
+                  record: "RunRecord") -> Dict[str, int]:
+    """Every class in a worker process on ``devices``; their rows go into ``table`` and their stopped classes into
+    ``record`` as they finish. Returns the judged distributions."""
     names = [loaders["testing"].name for loaders in list_of_dataloaders]
     classnames = [loaders["testing"].dataset_config["classname"] for loaders in list_of_dataloaders]
     folder = os.path.join(results_path, WORKERS_FOLDER)
     os.makedirs(folder, exist_ok=True)
     argv = command_argv()
     judged: Dict[str, int] = {}
-    stopped: List[str] = []
     env = dict(os.environ)
     if all(device < 0 for device in devices):
         # CPU workers keep the default thread counts (fewer threads change the last digits of some metrics);
@@ -687,7 +686,6 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
         record.write()
         judged.update(outcome.get("judged", {}))
         for message in outcome.get("stopped", []):
-            stopped.append(message)
             record.add_stopped(message)
         if code == 0 and outcome.get("finished"):
             return None
@@ -697,7 +695,7 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
         return GlassError(worker_failure(names[index], device_label(device), code, log))
 
     run_scheduled(range(len(names)), devices, start, finished)
-    return judged, stopped
+    return judged
 
 
 def worker_failure(name: str, device: str, code: int, log: str) -> str:
@@ -735,8 +733,8 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
         outcome["stopped"].append(message)
         save()
 
-    judged, _ = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result,
-                             add_stopped)
+    judged = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result,
+                          add_stopped)
     outcome.update(judged=judged, finished=True)
     save()
 

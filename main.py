@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -503,9 +502,7 @@ class ResultsTable:
                     earlier.append((row[0], values))
             return earlier
         except (OSError, ValueError, IndexError) as exc:
-            kept = path + ".old"
-            shutil.copyfile(path, kept)
-            LOGGER.warning("Could not read the earlier %s (%s): kept as %s, starting a new table", path, exc, kept)
+            utils.keep_unreadable(path, exc, "starting a new table")
             return []
 
     def add(self, index: int, row_name: str, record_name: str, result: Sequence[float]) -> None:

@@ -351,6 +351,15 @@ def excel_path(excel_dir: str, dataset_name: str) -> str:
     return os.path.join(excel_dir, f"{dataset_name}_distribution.xlsx")
 
 
+def keep_unreadable(path: str, exc: BaseException, then: str) -> str:
+    """Copy a file that could not be read to ``<path>.old`` before it is replaced (nothing already written is lost),
+    warn saying what happens ``then``; returns the copy's path."""
+    kept = path + ".old"
+    shutil.copyfile(path, kept)
+    LOGGER.warning("Could not read %s (%s): kept as %s, %s", path, exception_summary(exc), kept, then)
+    return kept
+
+
 def exception_summary(exc: BaseException, limit: int = 160) -> str:
     """An exception's first sentence, cut at a word before ``limit`` characters (its type when it has no text),
     for one-line messages: library errors often go on for paragraphs."""
@@ -401,10 +410,8 @@ def record_distributions(excel_dir: str, dataset_name: str, judged: dict[str, in
     if os.path.isfile(path):
         try:
             table = pd.read_excel(path)[DISTRIBUTION_COLUMNS]
-        except Exception as exc:  # keep the unreadable file: nothing already written is lost
-            kept = path + ".old"
-            shutil.copyfile(path, kept)
-            LOGGER.warning("Could not read %s (%s): kept as %s, writing a new table", path, exception_summary(exc), kept)
+        except Exception as exc:  # pandas/openpyxl raise many kinds for a file that is not an xlsx table
+            keep_unreadable(path, exc, "writing a new table")
     table = table[~table["Class"].isin(list(judged))]
     new_rows = pd.DataFrame(
         {"Class": list(judged), "Distribution": list(judged.values()), "Foreground": list(judged.values())}

@@ -419,6 +419,12 @@ def test_results_csv_keeps_the_rows_of_classes_tested_by_earlier_runs(tmp_path, 
     assert run_main(["--results_path", results, "--test", "test", *net,
                      *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
     assert table() == both
+    # A results.csv that cannot be read is kept as results.csv.old, and a new table is started.
+    (results / "results.csv").write_text("not,the,columns\n")
+    assert run_main(["--results_path", results, "--test", "test", *net,
+                     *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
+    assert (results / "results.csv.old").read_text() == "not,the,columns\n"
+    assert list(table()) == ["mvtec_tire", "Mean"]
 
 
 def _gone(pid: int) -> bool:

@@ -574,14 +574,15 @@ def device_label(gpu: int) -> str:
 
 
 def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[[Any, Any], Any],
-                  finished: Callable[[Any, Any, int], Optional[BaseException]], poll_seconds: float = 0.2) -> None:
+                  finished: Callable[[Any, Any, int], Optional[BaseException]], poll_seconds: float = 0.2,
+                  terminated: Optional[Callable[[Any, Any, int], None]] = None) -> None:
     """Run the tasks in order as processes, at most one per entry of ``devices`` at a time.
 
     ``start(task, device)`` returns a started process (``poll``, ``terminate``, ``wait``, ``kill``);
     ``finished(task, device, exit code)`` takes its results and returns an exception when the run must stop.
     Then no further task starts, the running ones finish (their results are kept) and that exception is
     raised. If this process is interrupted, the running processes are terminated (a class resumes from its
-    ``ckpt.pth`` on the next run).
+    ``ckpt.pth`` on the next run) and ``terminated(task, device, exit code)`` is told of each.
     """
     pending, free = list(tasks), list(devices)
     running: Dict[Any, tuple] = {}
@@ -607,22 +608,26 @@ def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[
     except BaseException:
         for process in running:
             process.terminate()
-        for process in running:
+        for process, (task, device) in running.items():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            if terminated is not None:
+                terminated(task, device, process.returncode)
         raise
     if failure is not None:
         raise failure
 
 
-def last_error_line(log_path: str) -> Optional[str]:
-    """The message of the last ``Error: ...`` line of a worker's output (how :func:`cli` reports a mistake)."""
+def last_error_line(log_path: str, offset: int = 0) -> Optional[str]:
+    """The message of the last ``Error: ...`` line of a worker's output from byte ``offset`` on (how :func:`cli`
+    reports a mistake)."""
     try:
-        with open(log_path, errors="replace") as handle:
-            lines = re.split(r"[\r\n]+", handle.read())
+        with open(log_path, "rb") as handle:
+            handle.seek(offset)
+            lines = re.split(r"[\r\n]+", handle.read().decode(errors="replace"))
     except OSError:
         return None
     errors = [line[len("Error: "):].strip() for line in lines if line.startswith("Error: ")]
@@ -652,13 +657,21 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
     def paths(index: int) -> tuple:
         return os.path.join(folder, f"{names[index]}.json"), os.path.join(folder, f"{names[index]}.log")
 
+    log_starts: Dict[int, int] = {}  # where this run's part of each worker's log begins (earlier runs' parts kept)
+
     def start(index: int, device: int) -> subprocess.Popen:
         output, log = paths(index)
         if os.path.exists(output):
             os.remove(output)
         command = [sys.executable, os.path.join(REPO_ROOT, "main.py"), "--worker_class", classnames[index],
                    "--worker_gpu", str(device), "--worker_output", output, *argv]
-        with open(log, "w") as handle:
+        with open(log, "a") as handle:
+            if handle.tell() > 0:
+                handle.write("\n")
+            handle.write(f"==== {datetime.now().isoformat(timespec='seconds')}: {names[index]} on "
+                         f"{device_label(device)} ====\n")
+            handle.flush()
+            log_starts[index] = handle.tell()
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                        env=env, cwd=os.getcwd(), preexec_fn=utils.die_with_parent)
         LOGGER.info("%s: started on %s (pid %d, output in %s)", names[index], device_label(device), process.pid, log)
@@ -669,6 +682,10 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
         record.write()
         return process
 
+    def ended(index: int, device: int, code: int) -> None:  # the record is written by the caller (or run's end)
+        record.data["workers"][names[index]].update(finished=datetime.now().isoformat(timespec="milliseconds"),
+                                                    exit_code=code)
+
     def finished(index: int, device: int, code: int) -> Optional[BaseException]:
         output, log = paths(index)
         outcome: Dict[str, Any] = {}
@@ -676,8 +693,7 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
             with open(output) as handle:
                 outcome = json.load(handle)
             os.remove(output)
-        record.data["workers"][names[index]].update(finished=datetime.now().isoformat(timespec="milliseconds"),
-                                                    exit_code=code)
+        ended(index, device, code)
         for row_name, record_name, result in outcome.get("results", []):
             table.add(index, row_name, record_name, result)  # also rewrites the run record
         record.write()
@@ -686,12 +702,12 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
             record.add_stopped(message)
         if code == 0 and outcome.get("finished"):
             return None
-        message = last_error_line(log)
+        message = last_error_line(log, log_starts[index])
         if message is not None:
             return GlassError(message)
         return GlassError(worker_failure(names[index], device_label(device), code, log))
 
-    run_scheduled(range(len(names)), devices, start, finished)
+    run_scheduled(range(len(names)), devices, start, finished, terminated=ended)
     return judged
 
 

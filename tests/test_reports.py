@@ -287,15 +287,46 @@ def test_a_killed_parallel_run_resumes_every_class_where_it_stopped(two_classes,
     assert code == 0, err[-2000:]
     record = json.loads((resumed / "run.json").read_text())
     assert sorted(record["workers"]) == ["mvtec_tire", "mvtec_tire2"]
-    for info in record["workers"].values():
+    for name, info in record["workers"].items():
+        assert info["exit_code"] == 0
         log = Path(info["log"]).read_text()
-        assert "resuming from" in log and "(1 of 2 epochs done)" in log
+        # The killed run's part of the log is kept, and this run's part follows it.
+        killed, header, resumed_part = log.rpartition(f": {name} on cpu ====\n")
+        assert killed.count(f": {name} on cpu ====") == 1 and "resuming from" not in killed
+        assert "resuming from" in resumed_part and "(1 of 2 epochs done)" in resumed_part
     assert read_csv(resumed / "results.csv") == read_csv(whole / "results.csv")
     for name in ("mvtec_tire", "mvtec_tire2"):
         best = sorted(p.name for p in (whole / CLASS_DIR / name).glob("ckpt_best_*.pth"))
         assert sorted(p.name for p in (resumed / CLASS_DIR / name).glob("ckpt_best_*.pth")) == best and len(best) == 1
         for checkpoint in ("ckpt.pth", *best):
             assert_same_checkpoint(resumed / CLASS_DIR / name / checkpoint, whole / CLASS_DIR / name / checkpoint)
+
+
+def test_a_terminated_parallel_run_records_how_its_workers_ended(two_classes, dtd_root, tmp_path):
+    import os
+    import signal
+
+    results = tmp_path / "results"
+    env = {**os.environ, main.CPU_WORKERS_ENV: "2", "CUDA_VISIBLE_DEVICES": ""}
+    parent = subprocess.Popen([sys.executable, main.__file__, *map(str, two_class_args(results, two_classes, dtd_root))],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    workers: dict = {}
+    while len(workers) < 2 and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            workers = json.loads((results / "run.json").read_text()).get("workers", {})
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    assert len(workers) == 2, "the workers did not start"
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 128 + signal.SIGTERM, err[-2000:]
+    record = json.loads((results / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    for name, info in record["workers"].items():
+        assert info["exit_code"] not in (None, 0) and info["finished"] is not None, (name, info)
+        assert _gone(info["pid"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,7 +375,7 @@ def test_scheduler_stops_starting_after_a_failure_and_waits_for_the_running_task
 
 
 def test_scheduler_terminates_running_tasks_when_interrupted():
-    processes = []
+    processes, told = [], []
 
     def start(task, device):
         seconds = 0.0 if task == 0 else 60
@@ -356,8 +387,10 @@ def test_scheduler_terminates_running_tasks_when_interrupted():
 
     began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        main.run_scheduled([0, 1], ["a", "b"], start, finished, poll_seconds=0.05)
+        main.run_scheduled([0, 1], ["a", "b"], start, finished, poll_seconds=0.05,
+                           terminated=lambda task, device, code: told.append((task, device, code)))
     assert time.monotonic() - began < 30 and processes[1].returncode is not None and processes[1].returncode != 0
+    assert told == [(1, "b", processes[1].returncode)]  # the finished task 0 is not "terminated"
 
 
 def test_device_plan(monkeypatch, capsys):
@@ -390,6 +423,10 @@ def test_last_error_line_reads_what_cli_prints(tmp_path):
     assert main.last_error_line(str(log)) == "the real problem: fix it"
     log.write_text("Traceback (most recent call last):\nValueError: boom\n")
     assert main.last_error_line(str(log)) is None
+    earlier = "Error: an earlier run's problem\n==== 2026-01-01T00:00:00: mvtec_tire on cpu ====\n"
+    log.write_text(earlier + "ValueError: boom\n")
+    assert main.last_error_line(str(log)) == "an earlier run's problem"
+    assert main.last_error_line(str(log), offset=len(earlier)) is None  # only this run's part of the log counts
 
 
 def test_results_csv_keeps_the_rows_of_classes_tested_by_earlier_runs(tmp_path, tiny_tire, dtd_root):

@@ -652,6 +652,19 @@ class GLASS(torch.nn.Module):
         utils.atomic_write(path, lambda tmp: utils.write_json(tmp, config))
         return path
 
+    def record_missing_config(self, config: dict) -> None:
+        """After a test of a class folder without ``config.json`` (one the reference wrote): record the options of
+        this run, whose model its best checkpoint fitted, so that ``predict`` and ``pth2onnx`` can rebuild it."""
+        path = os.path.join(self.ckpt_dir, CONFIG_NAME)
+        if os.path.isfile(path):
+            return
+        try:
+            self.save_config(config)
+        except GlassError as exc:  # the test itself succeeded: its results still count
+            LOGGER.warning("%s; predict and pth2onnx need it (pth2onnx can take the options on its command line)", exc)
+            return
+        LOGGER.info("Wrote %s from this run's options (the class folder had none), for predict and pth2onnx", path)
+
     def close(self) -> None:
         """Close the TensorBoard writer of the class folder (a later set_model_dir opens a new one)."""
         if self.logger is not None:
@@ -1577,7 +1590,11 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
     """
     config_path = os.path.join(class_dir, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        raise GlassError(f"no {CONFIG_NAME} in {class_dir}: point at a class folder written by main.py (results/models/backbone_0/<dataset>_<class>)")
+        best = "a best checkpoint but " if glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth")) else ""
+        raise GlassError(f"{class_dir} has {best}no {CONFIG_NAME}: point at a class folder written by main.py "
+                         "(results/models/backbone_0/<dataset>_<class>), or record one for a folder the reference "
+                         "wrote by testing it once (main.py --test test with the net and dataset options it was "
+                         "trained with)")
     config = utils.read_json(config_path)
     model = build_model(config, device)
     model.ckpt_dir = class_dir

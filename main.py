@@ -7,6 +7,7 @@ and/or tests every class, writes the results table and then runs ``predict``.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -304,7 +305,8 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
         if not os.path.isdir(class_dir):
             models = os.path.dirname(class_dir)
             trained = sorted(entry for entry in os.listdir(models)
-                             if os.path.isfile(os.path.join(models, entry, glass.CONFIG_NAME))) if os.path.isdir(models) else []
+                             if glob.glob(os.path.join(glob.escape(os.path.join(models, entry)), "ckpt_best_*.pth"))
+                             ) if os.path.isdir(models) else []
             there = f" (trained there: {', '.join(trained)}, as <dataset>_<class>)" if trained else ""
             raise GlassError(f"no trained class folder {class_dir}{there}: check --results_path, -d and --dataset, or "
                              "train the class first")
@@ -439,10 +441,10 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                 utils.fix_seeds(model.backbone.seed, device)
             model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), dataset_name, results_path=results_path)
             model.excel_dirs = [excel_dir, SHIPPED_EXCEL_DIR]
+            config = {**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed}
             try:
                 # Refuses a folder trained with other model options; records config.json for a new run.
-                model.check_config({**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed},
-                                   training=test == "ckpt")
+                model.check_config(config, training=test == "ckpt")
                 if test == "ckpt":
                     outcome = model.trainer(dataloaders["training"], dataloaders["testing"], dataset_name)
                     if model.judged_distribution is not None:
@@ -453,6 +455,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                         click.echo(f"{dataset_name}: already trained, testing its best checkpoint "
                                    f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], dataset_name))
+                model.record_missing_config(config)
             except glass.ClassStoppedError as exc:
                 LOGGER.error("%s", exc)
                 add_stopped(str(exc))

@@ -222,13 +222,25 @@ def check_opset(opset: int) -> None:
         raise GlassError(f"--opset {opset} cannot be written by the installed torch/onnx exporter: choose {low} to {high} (default {OPSET})")
 
 
+def is_onnx_model(path: str) -> bool:
+    """Whether ``path`` holds an ONNX model (a graph with at least one node), read without its external data."""
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # protobuf's DecodeError and the like: not a model
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
 def check_output(path: str) -> None:
-    """Refuse an output path that names a folder, or an existing file that is not an ``.onnx`` one (a checkpoint,
+    """Refuse an output path that names a folder, or an existing file that is not an ONNX model (a checkpoint,
     config.json, ... would be lost)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise GlassError(f"-o {path} names a directory: give a file path such as {os.path.join(path, DEFAULT_NAME)}")
-    if os.path.exists(path) and not path.lower().endswith(".onnx"):
-        raise GlassError(f"-o {path} would overwrite a file that is not an .onnx model: give another path ending in .onnx")
+    if os.path.exists(path) and not (path.lower().endswith(".onnx") and is_onnx_model(path)):
+        raise GlassError(f"-o {path} would overwrite a file that is not an ONNX model: remove it, or give another path "
+                         "ending in .onnx")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +273,15 @@ def config_from_checkpoint(
         "net": net,
         "dataset": {"name": dataset, "classname": class_name, "resize_used": int(resize), "imagesize_used": int(imagesize)},
     }
+
+
+def option_flags(key: str, value) -> str:
+    """A bare-checkpoint option as it is written on the command line (``-b NAME``, ``-le L -le L``, ``--key V``)."""
+    if key == "backbone":
+        return f"-b {value}"
+    if key == "layers":
+        return " ".join(f"-le {layer}" for layer in value)
+    return f"--{key} {value}"
 
 
 def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, str]:
@@ -296,6 +317,11 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
     if args.checkpoint is None:
         raise GlassError(f"no {glass.CONFIG_NAME} in {class_dir}: point at a class folder written by main.py, or give --checkpoint with the model options")
     options = {key: (PAPER_DEFAULTS[key] if value is None else value) for key, value in model_options.items()}
+    defaulted = [key for key, value in model_options.items() if value is None]
+    if defaulted:
+        LOGGER.warning("%s does not record these options, so the paper's are used: %s. Give the values it was trained "
+                       "with: other ones load as well but give other scores", args.checkpoint,
+                       " ".join(option_flags(key, PAPER_DEFAULTS[key]) for key in defaulted))
     config = config_from_checkpoint(
         args.checkpoint, options["backbone"], options["layers"], options["imagesize"], options["resize"],
         options["pretrain_embed_dimension"], options["patchsize"], class_name=args.class_name or "", dataset=args.dataset,

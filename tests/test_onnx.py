@@ -149,7 +149,8 @@ def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported
     assert bad.returncode == 2 and bad.stderr.strip().startswith("Error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_images, tiny_tire, tmp_path, capsys):
+def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_images, tiny_tire, tmp_path, capsys,
+                                                        caplog):
     """A checkpoint without config.json: the model options on the command line, trained sizes read from it."""
     bare = tmp_path / "ckpt_best_219.pth"
     shutil.copy(model.checkpoint_path, bare)
@@ -157,6 +158,9 @@ def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_i
                "--pretrain_embed_dimension", "128", "--class_name", "tire"]
     assert pth2onnx.main(["--checkpoint", str(bare), *options, "--no_check"]) == 0
     assert "No threshold embedded" in capsys.readouterr().out  # no threshold.json beside the bare checkpoint
+    # The option left out (the paper's --patchsize 3 is the one this model was trained with) is named.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "the paper's are used: --patchsize 3. Give the values" in warnings[0]
     image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
     assert ort_script.main([str(tmp_path / "glass.onnx"), image, "-o", str(tmp_path / "out"), "--no_images"]) == 0
     assert "no threshold in the model: pass --threshold" in capsys.readouterr().out
@@ -257,8 +261,16 @@ def test_output_over_a_file_that_is_not_onnx_is_refused(class_dir, tmp_path, cap
     checkpoint = next(class_dir.glob("ckpt_best_*.pth"))
     before = checkpoint.read_bytes()
     assert pth2onnx.main(["--class_dir", str(class_dir), "-o", str(checkpoint), "--no_check"]) == 2
-    assert "would overwrite a file that is not an .onnx model" in one_error_line(capsys)
+    assert "would overwrite a file that is not an ONNX model" in one_error_line(capsys)
     assert checkpoint.read_bytes() == before
+    notes = tmp_path / "notes.onnx"  # the right name, but not a model
+    notes.write_text("my notes\n")
+    assert pth2onnx.main(["--class_dir", str(class_dir), "-o", str(notes), "--no_check"]) == 2
+    assert "would overwrite a file that is not an ONNX model" in one_error_line(capsys)
+    assert notes.read_text() == "my notes\n"
+    # An earlier export is replaced.
+    assert pth2onnx.main(["--class_dir", str(class_dir), "-o", str(tmp_path / "glass.onnx"), "--no_check"]) == 0
+    assert pth2onnx.main(["--class_dir", str(class_dir), "-o", str(tmp_path / "glass.onnx"), "--no_check"]) == 0
 
 
 def test_bare_checkpoint_options_and_files_are_checked_first(class_dir, tmp_path, capsys):

@@ -146,8 +146,14 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
     assert run_main(["--results_path", results, "predict", "-d", "bottle", image]) == 2
     assert "no trained class folder" in one_error_line(capsys)
-    assert run_main(["--results_path", results, "predict", "-d", "tire", "--dataset", "custom", image]) == 2
-    assert "(trained there: mvtec_tire, as <dataset>_<class>)" in one_error_line(capsys)
+    ghost = results / "models" / "backbone_0" / "mvtec_ghost"  # a run that stopped before its first epoch
+    ghost.mkdir()
+    (ghost / "config.json").write_text("{}")
+    try:
+        assert run_main(["--results_path", results, "predict", "-d", "tire", "--dataset", "custom", image]) == 2
+        assert "(trained there: mvtec_tire, as <dataset>_<class>)" in one_error_line(capsys)
+    finally:
+        shutil.rmtree(ghost)
     assert run_main(["--results_path", results, "predict", "-d", "tire", str(tmp_path / "*.png")]) == 2
     assert "matched no file" in one_error_line(capsys)
     (tmp_path / "empty").mkdir()
@@ -159,8 +165,11 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     assert "not a finite number" in one_error_line(capsys)
 
 
-def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, tiny_tire, tmp_path):
-    """ckpt_best_<epoch>.pth as the reference writes it: {"discriminator", "pre_projection"} with its module names."""
+def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, tiny_tire, dtd_root, tmp_path, capsys):
+    """ckpt_best_<epoch>.pth as the reference writes it: {"discriminator", "pre_projection"} with its module names,
+    in a class folder without config.json, which a test-only run with the training options records."""
+    from conftest import TINY_NET, tiny_dataset_args
+
     class_dir = results / "models" / "backbone_0" / "mvtec_tire"
     ours, _ = glass.load_trained(str(class_dir))
     dsc, proj = ours.discriminator, ours.pre_projection
@@ -180,8 +189,13 @@ def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, t
     reference = {part: OrderedDict((k, v.detach().clone()) for k, v in state.items()) for part, state in reference.items()}
     fresh = tmp_path / "reference_results" / "models" / "backbone_0" / "mvtec_tire"
     fresh.mkdir(parents=True)
-    shutil.copy(class_dir / "config.json", fresh / "config.json")
     torch.save(reference, fresh / "ckpt_best_219.pth")
+    image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
+    assert run_main(["--results_path", tmp_path / "reference_results", "predict", "-d", "tire", image]) == 2
+    assert "has a best checkpoint but no config.json" in one_error_line(capsys)
+    assert run_main(["--results_path", tmp_path / "reference_results", "--test", "test", *TINY_NET,
+                     *tiny_dataset_args(tiny_tire, dtd_root)]) == 0
+    assert json.loads((fresh / "config.json").read_text()) == json.loads((class_dir / "config.json").read_text())
 
     loaded, _ = glass.load_trained(str(fresh))
     assert loaded.checkpoint_path.endswith("ckpt_best_219.pth")

@@ -129,6 +129,28 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_run(tmp_path, killed_in
     assert_same_outcome(results, uninterrupted)
 
 
+def test_killed_in_the_middle_of_an_epoch_with_loader_workers_resumes_as_uninterrupted(tmp_path, small_tire, dtd_root,
+                                                                                       caplog):
+    # Batches of 4 of the 8 training images: two steps per epoch; killed after epoch 1's first step, with the
+    # synthesis in two DataLoader worker processes (their seeds come from the main process's generator).
+    def run_arguments(results: Path) -> list:
+        return ["--results_path", str(results), *NET,
+                *tiny_dataset_args(small_tire, dtd_root, extra=("--batch_size", "4", "--num_workers", "2"))]
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_main(run_arguments(uninterrupted)) == 0
+    steps = [int(row["step"]) for row in csv.DictReader(open(uninterrupted / CLASS_DIR / "history.csv"))]
+    assert steps == [2, 4, 6]  # two training steps per epoch (global step after each epoch)
+    results = tmp_path / "results"
+    done = run_subprocess(run_arguments(results), kill_at="1:1")
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert torch.load(results / CLASS_DIR / "ckpt.pth", weights_only=True)["global_step"] == 2
+    caplog.set_level("INFO")
+    assert run_main(run_arguments(results)) == 0
+    assert "(1 of 3 epochs done)" in caplog.text
+    assert_same_outcome(results, uninterrupted)
+
+
 def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path, uninterrupted, small_tire, dtd_root):
     results = tmp_path / "results"
     done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:0", GLASS_TEST_KILL_SIGNAL="SIGTERM")

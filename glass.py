@@ -313,6 +313,23 @@ def read_checkpoint_file(path: str, device: torch.device | str = "cpu", fix: str
     return state
 
 
+def training_state_problem(state: dict) -> Optional[str]:
+    """What is wrong with the resume entries of a ckpt.pth (see GLASS.training_checkpoint); None when nothing is.
+    A ckpt.pth without them (the reference's) has no problem here."""
+    if "epoch" not in state:
+        return None
+    for key in ("epoch", "global_step", "svd", "format"):
+        if key in state and (type(state[key]) is not int or state[key] < 0):
+            return f"{key} is {state[key]!r}, not a whole number"
+    if not isinstance(state.get("best_checkpoint") or "", str):
+        return "best_checkpoint is not a file name"
+    record = state.get("best_record")
+    if record is not None and not (isinstance(record, (list, tuple)) and len(record) == 6
+                                   and all(isinstance(v, (int, float)) for v in record)):
+        return "best_record is not six numbers"
+    return None
+
+
 def trained_part_sizes(state: dict) -> Dict[str, int]:
     """The sizes a checkpoint's weights imply: ``target_embed_dimension``, ``dsc_layers``, ``dsc_hidden`` and
     ``pre_proj`` (from the module names ``body.block<k>``, ``tail`` and ``layers.<i>fc``)."""
@@ -758,8 +775,13 @@ class GLASS(torch.nn.Module):
         path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
         if not os.path.isfile(path):
             return None
+        fix = f"delete it to train {os.path.basename(self.ckpt_dir)} from the start"
         # On the CPU: load_state_dict moves weights and optimiser states to their parameters' device.
-        return read_checkpoint_file(path, "cpu", fix=f"delete it to train {os.path.basename(self.ckpt_dir)} from the start")
+        state = read_checkpoint_file(path, "cpu", fix=fix)
+        problem = training_state_problem(state)
+        if problem is not None:
+            raise GlassError(f"{path} is damaged ({problem}): {fix}")
+        return state
 
     def training_status(self, state: Optional[dict]) -> str:
         """``new``, ``resume`` (ckpt.pth stopped before the last epoch) or ``finished``.
@@ -787,7 +809,7 @@ class GLASS(torch.nn.Module):
         status = self.training_status(state)
         path = os.path.join(self.ckpt_dir, CONFIG_NAME)
         if status != "new" and os.path.isfile(path):
-            saved = utils.read_json(path)
+            saved = read_config_file(path)
             differences = config_differences(saved, config)
             if differences:
                 raise GlassError(
@@ -1566,6 +1588,42 @@ class LazyImages(collections.abc.Sequence):
             return np.asarray(self.dataset[index]["image"])
 
 
+CONFIG_FIX = "restore it, or delete it: a run with the options the class was trained with records it anew"
+
+
+def config_problem(config: dict) -> Optional[str]:
+    """What makes a config.json unusable for rebuilding its model (a hand edit, say); None when it is usable."""
+    def whole(value, low: int) -> bool:
+        return type(value) is int and value >= low
+
+    if not isinstance(config.get("backbone"), str):
+        return "no backbone name"
+    layers = config.get("layers_to_extract_from")
+    if not (isinstance(layers, list) and layers and all(isinstance(layer, str) for layer in layers)):
+        return "no list of layer names"
+    shape = config.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(whole(v, 1) for v in shape)):
+        return "input_shape is not three positive whole numbers"
+    net = config.get("net")
+    if not isinstance(net, dict):
+        return "no net options"
+    bad = [key for key in MODEL_OPTIONS if not whole(net.get(key), 0 if key == "pre_proj" else 1)]
+    if bad:
+        return f"net option(s) {', '.join(bad)} missing or not positive whole numbers"
+    if not isinstance(config.get("dataset", {}), dict):
+        return "dataset is not an object"
+    return None
+
+
+def read_config_file(path: str) -> dict:
+    """A class folder's config.json, checked; a damaged one is a GlassError saying how to recover."""
+    config = utils.read_json(path, fix=CONFIG_FIX)
+    problem = config_problem(config)
+    if problem is not None:
+        raise GlassError(f"{path} is damaged ({problem}): {CONFIG_FIX}")
+    return config
+
+
 def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:
     """An untrained GLASS as ``config`` (the layout of config.json) describes it: backbone, layers, sizes."""
     device = torch.device(device)
@@ -1595,7 +1653,7 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
                          "(results/models/backbone_0/<dataset>_<class>), or record one for a folder the reference "
                          "wrote by testing it once (main.py --test test with the net and dataset options it was "
                          "trained with)")
-    config = utils.read_json(config_path)
+    config = read_config_file(config_path)
     model = build_model(config, device)
     model.ckpt_dir = class_dir
     path = checkpoint or model.best_checkpoint()

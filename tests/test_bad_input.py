@@ -317,6 +317,31 @@ def test_config_json_that_is_not_an_object(capsys, results, data, dtd_root):
                  "config.json holds a JSON list, not an object")
 
 
+@pytest.mark.parametrize("damage, says", [
+    (lambda config: config.pop("net"), "no net options"),
+    (lambda config: config.update(input_shape=[3, "x", 64]), "input_shape is not three positive whole numbers"),
+    (lambda config: config["net"].update(dsc_hidden=12.5), "net option(s) dsc_hidden missing or not positive"),
+])
+def test_hand_damaged_config_json(capsys, results, data, dtd_root, damage, says):
+    path = results / CLASS_DIR / "config.json"
+    config = json.loads(path.read_text())
+    damage(config)
+    path.write_text(json.dumps(config))
+    image = str(next((data / "tire" / "test" / "good").glob("*.png")))
+    for args in (cli_args(results, data, dtd_root, main=["--test", "test"]),
+                 ["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", image]):
+        assert_fails(capsys, results, args, "config.json is damaged", says, "restore it, or delete it")
+
+
+def test_hand_damaged_training_checkpoint(capsys, results, data, dtd_root):
+    path = results / CLASS_DIR / "ckpt.pth"
+    state = torch.load(path, weights_only=True)
+    state["epoch"] = "x"
+    torch.save(state, path)
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["--meta_epochs", "2"]),
+                 "ckpt.pth is damaged (epoch is 'x', not a whole number)", "delete it to train mvtec_tire from the start")
+
+
 @pytest.mark.parametrize("table, says", [
     ({"Class": ["mvtec_tire"], "Distribution": [1], "Foreground": [None]}, "the row mvtec_tire has Distribution, Foreground = 1, nan"),
     ({"Name": ["mvtec_tire"], "Distribution": [1], "Foreground": [1]}, "has no column Class"),

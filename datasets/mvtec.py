@@ -99,6 +99,11 @@ class MVTecDataset(AnomalyDataset):
         path = os.path.join(self.source, self.classname)
         if not os.path.isdir(path):
             found = [d for d in subfolders(self.source) if d not in ("fg_mask", "split_csv")]
+            if {"train", "test"} <= set(found):
+                raise GlassError(
+                    f"class '{self.classname}' not found in {self.source}, which looks like a class folder itself "
+                    f"(train/, test/): give its parent folder as DATA_PATH and -d {os.path.basename(self.source)}"
+                )
             known = self.CLASSNAMES.get(self.dataset_name, ())
             raise GlassError(
                 f"class '{self.classname}' not found in {self.source}: available classes are "
@@ -113,7 +118,14 @@ class MVTecDataset(AnomalyDataset):
 
     def find_masks(self, folder: str, image_paths: Sequence[str]) -> List[Mask]:
         """The masks of the test images of defect type ``folder`` (None where there is none)."""
-        return self.masks_by_name(image_paths, os.path.join(self.class_dir(), "ground_truth", folder))
+        mask_folder = os.path.join(self.class_dir(), "ground_truth", folder)
+        if os.path.isdir(mask_folder) and subfolders(mask_folder) and not list_images(mask_folder):
+            self.layout_problems.add("mask folder of folders", self.relative(mask_folder),
+                                     plural="mask folders of folders",
+                                     hint="a folder of masks per image is the MVTec LOCO AD layout: use the dataset "
+                                          "name loco")
+            return [None] * len(image_paths)
+        return self.masks_by_name(image_paths, mask_folder)
 
     def masks_by_name(self, image_paths: Sequence[str], mask_folder: str, naming: str = MASK_NAMING) -> List[Mask]:
         """Masks paired by file name; a mask folder none of whose files matches an image is a problem."""
@@ -145,11 +157,16 @@ class MVTecDataset(AnomalyDataset):
             problems.add("missing training folder", self.relative(os.path.join(split_dir, self.NORMAL_FOLDERS[0])),
                          hint="put the defect-free training images there")
 
-        items = []
+        items, misnamed = [], False
         for folder in folders:
             anomaly = self.NORMAL if folder in self.NORMAL_FOLDERS else folder
             image_paths = list_images(self.image_folder(split_dir, folder))
-            if train and anomaly == self.NORMAL and not image_paths:
+            if not image_paths and os.path.isdir(os.path.join(self.image_folder(split_dir, folder), "rgb")):
+                misnamed = True
+                problems.add("folder with its images in rgb/", self.relative(self.image_folder(split_dir, folder)),
+                             plural="folders with their images in rgb/",
+                             hint="that is the MVTec 3D-AD layout: use the dataset name mvtec3d")
+            elif train and anomaly == self.NORMAL and not image_paths:
                 problems.add("training folder without images", self.relative(self.image_folder(split_dir, folder)),
                              hint="no training images: put the defect-free images there")
             if not train and anomaly != self.NORMAL and image_paths:
@@ -157,7 +174,7 @@ class MVTecDataset(AnomalyDataset):
             else:
                 masks = [None] * len(image_paths)
             items.extend([self.classname, anomaly, p, m] for p, m in zip(image_paths, masks))
-        if not train and not items:
+        if not train and not items and not misnamed:
             problems.add("test folder without images", self.relative(split_dir),
                          hint=f"expected {self.split.value}/<good|defect type>/*.png")
         return items

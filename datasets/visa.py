@@ -38,7 +38,7 @@ def read_split(source: str) -> List[Dict[str, str]]:
             "visa DEST puts it there)"
         )
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # as UTF-8, with or without Excel's BOM
             reader = csv.DictReader(handle)
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
             columns = [c.strip() for c in reader.fieldnames or []]

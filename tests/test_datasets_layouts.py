@@ -380,6 +380,26 @@ def test_missing_folders_and_foreground_masks(tmp_path):
         MVTecDataset(tmp_path, DTD, classname="part", fg=1)
 
 
+def test_data_of_another_layout_or_a_class_folder_gets_the_right_hint(tmp_path):
+    mvtec3d, loco = build_mvtec3d(tmp_path / "mvtec3d"), build_loco(tmp_path / "loco")
+    with pytest.raises(GlassError) as error:  # MVTec 3D-AD data named mvtec
+        MVTecDataset(mvtec3d, DTD, classname="tire")
+    assert "1 folder with its images in rgb/ (tire/train/good; that is the MVTec 3D-AD layout: use the dataset " \
+           "name mvtec3d)" in str(error.value) and "without images" not in str(error.value)
+    with pytest.raises(GlassError) as error:
+        MVTecDataset(mvtec3d, DTD, classname="tire", split=DatasetSplit.TEST)
+    assert "folders with their images in rgb/" in str(error.value) and "without images" not in str(error.value)
+    with pytest.raises(GlassError) as error:  # MVTec LOCO AD data named mvtec: its masks would be lost
+        MVTecDataset(loco, DTD, classname="juice_bottle", split=DatasetSplit.TEST)
+    assert "2 mask folders of folders (juice_bottle/ground_truth/logical_anomalies, " \
+           "juice_bottle/ground_truth/structural_anomalies; a folder of masks per image is the MVTec LOCO AD layout: " \
+           "use the dataset name loco)" in str(error.value)
+    with pytest.raises(GlassError) as error:  # a class folder given as DATA_PATH
+        MVTecDataset(mvtec3d / "tire", DTD, classname="tire")
+    assert str(error.value).endswith("looks like a class folder itself (train/, test/): give its parent folder as "
+                                     "DATA_PATH and -d tire")
+
+
 def test_visa_split_file_naming_missing_files(tmp_path):
     root = build_visa(tmp_path / "visa")
     (root / "candle" / "Data" / "Images" / "Normal" / "0017.JPG").unlink()
@@ -391,6 +411,9 @@ def test_visa_split_file_naming_missing_files(tmp_path):
     assert "1 missing mask (candle/Data/Masks/Anomaly/002.png)" in message
     with pytest.raises(GlassError, match="'pcb4' not found .*available classes are candle, pcb1"):
         VisADataset(root, DTD, classname="pcb4")
+    split = root / "split_csv" / "1cls.csv"
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # saved by Excel: a byte-order mark first
+    assert len(VisADataset(root, DTD, classname="candle")) == 16
     (root / "split_csv" / "1cls.csv").unlink()
     with pytest.raises(GlassError, match="split_csv/1cls.csv is missing"):
         VisADataset(root, DTD, classname="candle")

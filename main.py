@@ -7,6 +7,7 @@ and/or tests every class, writes the results table and then runs ``predict``.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -423,10 +424,11 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
 
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
                  add_result: Callable[[int, str, str, List[float]], None],
-                 add_stopped: Callable[[str], None]) -> Dict[str, int]:
+                 add_stopped: Callable[[str], None], say: Callable[[str], None] = click.echo) -> Dict[str, int]:
     """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
     tested model and ``add_stopped(message)`` for every class that stops (a diverging training, no best
-    checkpoint to test), while the others still run; returns the judged distributions."""
+    checkpoint to test), while the others still run; ``say`` prints notes for the user. Returns the judged
+    distributions."""
     judged: Dict[str, int] = {}
     for index, dataloaders in enumerate(list_of_dataloaders):
         utils.fix_seeds(seed, device)
@@ -452,8 +454,8 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                     if isinstance(outcome, int):  # --distribution 1: judged only
                         continue
                     if outcome is None:
-                        click.echo(f"{dataset_name}: already trained, testing its best checkpoint "
-                                   f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
+                        say(f"{dataset_name}: already trained, testing its best checkpoint "
+                            f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], dataset_name))
                 model.record_missing_config(config)
             except glass.ClassStoppedError as exc:
@@ -697,6 +699,10 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
                 outcome = json.load(handle)
             os.remove(output)
         ended(index, device, code)
+        for message in outcome.get("warnings", []):
+            LOGGER.warning("%s (worker): %s", names[index], message)
+        for message in outcome.get("notes", []):
+            click.echo(message)
         for row_name, record_name, result in outcome.get("results", []):
             table.add(index, row_name, record_name, result)  # also rewrites the run record
         record.write()
@@ -734,10 +740,16 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
     excel_dir = os.path.join(results_path, "datasets", "excel")
     list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir, classes=[classname])
     device = utils.select_device([gpu])
-    outcome: Dict[str, Any] = {"results": [], "judged": {}, "stopped": [], "finished": False}
+    # "notes" and "warnings": what the parent prints when this worker ends (its console shows no worker output).
+    outcome: Dict[str, Any] = {"results": [], "judged": {}, "stopped": [], "notes": [], "warnings": [],
+                               "finished": False}
 
     def save() -> None:
         utils.atomic_write(output, lambda tmp: utils.write_json(tmp, outcome))
+
+    def say(message: str) -> None:
+        click.echo(message)
+        outcome["notes"].append(message)
 
     def add_result(index: int, row_name: str, record_name: str, result: List[float]) -> None:
         outcome["results"].append([row_name, record_name, [value if isinstance(value, int) else float(value)
@@ -749,10 +761,31 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
         outcome["stopped"].append(message)
         save()
 
-    judged = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result,
-                          add_stopped)
+    warnings = WarningCollector(outcome["warnings"])  # the loaders' warnings were the parent's own
+    logging.getLogger().addHandler(warnings)
+    try:
+        judged = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result,
+                              add_stopped, say)
+    except BaseException:
+        with contextlib.suppress(GlassError):  # what it has to say still reaches the parent; the error goes on
+            save()
+        raise
+    finally:
+        logging.getLogger().removeHandler(warnings)
     outcome.update(judged=judged, finished=True)
     save()
+
+
+class WarningCollector(logging.Handler):
+    """Keeps the messages of WARNING records (not errors: a worker's errors reach its parent otherwise)."""
+
+    def __init__(self, into: List[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING:
+            self.into.append(record.getMessage())
 
 
 class RunRecord:

@@ -257,6 +257,24 @@ def test_an_error_in_a_worker_is_one_line_and_keeps_the_other_class(sequential_a
     assert record["workers"]["mvtec_tire"]["exit_code"] == 0
 
 
+def test_a_parallel_rerun_prints_what_its_workers_say(sequential_and_parallel, two_classes, dtd_root, tmp_path, caplog):
+    """Notes and warnings of the workers reach the console (as the plain run prints them), not only their logs."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(sequential_and_parallel["parallel"]["results"] / "models", results / "models")
+    caplog.set_level("WARNING")
+    args = ["--results_path", results, "--gpu", "0", "--gpu", "1", *TWO_NET,
+            *tiny_dataset_args(two_classes, dtd_root, classes=("tire", "tire2"), extra=("--resize", "72"))]
+    code, out, err = captured_run(args, "2")
+    assert code == 0, err[-2000:]
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    for name in ("mvtec_tire", "mvtec_tire2"):
+        assert f"{name}: already trained, testing its best checkpoint" in out
+        assert any(message.startswith(f"{name} (worker): Testing {name} on images prepared otherwise than at its "
+                                      "training (dataset.resize") for message in warnings), warnings
+
+
 def test_a_killed_parallel_run_resumes_every_class_where_it_stopped(two_classes, dtd_root, tmp_path, monkeypatch):
     """Both workers are killed in their second epoch; the same command again resumes each class from its
     own ckpt.pth and ends as an uninterrupted parallel run."""

@@ -284,6 +284,18 @@ def test_custom_data_without_masks_reports_pixel_metrics_as_not_available(custom
     assert np.isnan(tb.Scalars("p-auroc")[0].value) and np.isfinite(tb.Scalars("i-auroc")[0].value)
 
 
+def test_masks_thinner_than_a_resized_pixel_leave_pixel_metrics_out_and_say_why(custom_part, tmp_path, caplog):
+    for path in (custom_part / "part" / "ground_truth").rglob("*.png"):  # one-pixel lines, as thin cracks
+        mask = np.zeros_like(np.asarray(PIL.Image.open(path).convert("L")))
+        mask[:, mask.shape[1] // 2] = 255
+        PIL.Image.fromarray(mask).save(path)
+    results = tmp_path / "results"
+    with caplog.at_level("WARNING"):
+        assert run_tiny(results, custom_part, "custom", "part") == 0
+    assert [read_results(results)[0][key] for key in PIXEL_KEYS] == ["", "", ""]
+    assert "custom_part: no pixel of the resized masks is fully defective (largest value 0." in caplog.text
+
+
 def test_partial_masks_score_pixels_of_the_known_images(custom_part, tmp_path, caplog):
     gt = custom_part / "part" / "ground_truth"
     for name in ("cut/000_mask.png", "hole/001_mask.png", "combined/000_mask.png"):

@@ -886,8 +886,9 @@ def misplaced_option_hint(exc: click.UsageError, args: Sequence[str]) -> str:
 def cli(argv: List[str] | None = None) -> int:
     """Entry point: user mistakes end with one line on stderr and exit code 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    LOGGER.info("Command line arguments: %s", " ".join(sys.argv if argv is None else ["main.py", *argv]))
     args = sys.argv[1:] if argv is None else list(argv)
+    if "--help" not in args:
+        LOGGER.info("Command line arguments: %s", " ".join([sys.argv[0] if argv is None else "main.py", *args]))
     if utils.keep_freed_memory():
         LOGGER.debug("glibc malloc keeps freed memory for reuse (GLASS_MALLOC=system to leave its defaults)")
     try:

@@ -225,6 +225,16 @@ def test_help_shows_every_range_without_click_placeholders():
     assert "[default: 0.5; finite]" in texts["dataset"]  # --mean: unbounded, but no nan or inf
 
 
+def test_help_is_printed_without_a_log_line(capsys, caplog):
+    import main
+
+    caplog.set_level("INFO")
+    assert main.cli(["net", "--help"]) == 0
+    assert "Usage: main.py net [OPTIONS]" in capsys.readouterr().out and caplog.text == ""
+    assert main.cli(["--gpu", "-1", "net"]) == 2  # any other command line is logged first, as the reference does
+    assert "Command line arguments: main.py --gpu -1 net" in caplog.text
+
+
 @pytest.mark.parametrize("moved, says", [
     (["--resize", "64"], "--resize is a `dataset` option: give it after `dataset`, before NAME DATA_PATH AUG_PATH"),
     (["--results_path", "elsewhere"], "--results_path is an option of main.py itself: give it before `net`"),

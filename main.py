@@ -29,7 +29,7 @@ import backbones
 import glass
 import utils
 from datasets import LOADERS, loader_class
-from datasets.base import SHIPPED_EXCEL_DIR, DatasetSplit, raise_layout_problems
+from datasets.base import SHIPPED_EXCEL_DIR, DatasetSplit, UnreadableImageError, raise_layout_problems
 from utils import GlassError
 
 LOGGER = logging.getLogger("glass")
@@ -458,9 +458,11 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                             f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], dataset_name))
                 model.record_missing_config(config)
-            except glass.ClassStoppedError as exc:
-                LOGGER.error("%s", exc)
-                add_stopped(str(exc))
+            except (glass.ClassStoppedError, UnreadableImageError) as exc:  # the other classes still run
+                message = utils.error_message(exc)
+                message = message if message.startswith(f"{dataset_name}: ") else f"{dataset_name}: {message}"
+                LOGGER.error("%s", message)
+                add_stopped(message)
                 continue
             finally:
                 model.close()

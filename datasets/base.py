@@ -90,14 +90,18 @@ def image_size(path: str) -> Optional[Tuple[int, int]]:
         return None
 
 
+class UnreadableImageError(GlassError):
+    """An image or mask that cannot be decoded (its header passed the layout check: a truncated file, say)."""
+
+
 def load_image(path: str, mode: Optional[str] = "RGB") -> PIL.Image.Image:
-    """Open and decode an image (converted to ``mode`` unless None); GlassError if it cannot be read."""
+    """Open and decode an image (converted to ``mode`` unless None); UnreadableImageError if it cannot be read."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
             return image.convert(mode) if mode is not None else image.copy()
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
-        raise GlassError(f"cannot read image {path} ({exc}): replace or remove the file") from None
+        raise UnreadableImageError(f"cannot read image {path} ({exc}): replace or remove the file") from None
 
 
 def mask_pixels(path: str) -> np.ndarray:

@@ -145,6 +145,24 @@ def test_truncated_image_read_in_a_dataloader_worker(capsys, results, data, dtd_
                  "cannot read image", truncated.name, "truncated")
 
 
+def test_a_truncated_training_image_stops_its_class_only(capsys, tmp_path, data, dtd_root):
+    # Found only when decoded (the layout check reads headers): that class stops, the next one still trains.
+    shutil.copytree(data / "tire", data / "tire2")
+    truncated = sorted((data / "tire" / "train" / "good").iterdir())[0]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    results = tmp_path / "fresh"
+    args = ["--results_path", results, *NET, *tiny_dataset_args(data, dtd_root, classes=("tire", "tire2"),
+                                                                extra=("--num_workers", "1"))]
+    assert run_main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("Error: mvtec_tire: cannot read image") and truncated.name in errors[0]
+    with open(results / "results.csv") as handle:
+        assert [line.split(",")[0] for line in handle.read().splitlines()[1:]] == ["mvtec_tire2", "Mean"]
+    assert json.loads((results / "run.json").read_text())["stopped"] == [errors[0][len("Error: "):]]
+
+
 # --------------------------------------------------------------------------------------------------
 # Model options
 

@@ -1448,11 +1448,11 @@ class GLASS(torch.nn.Module):
         self.load_checkpoint(path)
         images, scores, segmentations, labels_gt, masks_gt = self.predict(test_data)
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="eval")
-        masks = np.nan_to_num(np.asarray(masks_gt, dtype=float), nan=0.0)
-        if not np.isfinite(result[2]) and masks.size and masks.max() > 0:
+        largest = float(np.nanmax(masks_gt, initial=0.0)) if not np.isfinite(result[2]) and len(masks_gt) else 0.0
+        if largest > 0:  # masks, but none with a pixel that counts as defective
             LOGGER.warning("%s: no pixel of the resized masks is fully defective (largest value %.2f: defects thinner "
                            "than a pixel at this --resize/--imagesize), so there are no pixel metrics (n/a)", name,
-                           float(masks.max()))
+                           largest)
         self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
         epoch = int(BEST_CHECKPOINT_PATTERN.search(path).group(1))
         utils.write_class_report(self, name, os.path.basename(path), epoch, scores, segmentations, labels_gt, masks_gt,

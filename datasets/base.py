@@ -81,13 +81,23 @@ def subfolders(folder: str) -> List[str]:
                   if not name.startswith(".") and os.path.isdir(os.path.join(folder, name)))
 
 
-def image_size(path: str) -> Optional[Tuple[int, int]]:
-    """(width, height) from the file's header, or None when it is not a readable image."""
+# Pillow modes of more than 8 bits per pixel and channel: converting them to RGB clips every value above 255.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def image_header(path: str) -> Optional[Tuple[Tuple[int, int], str]]:
+    """((width, height), Pillow mode) from the file's header, or None when it is not a readable image."""
     try:
         with PIL.Image.open(path) as image:
-            return image.size
+            return image.size, image.mode
     except Exception:  # any failure to parse the header means "unreadable"
         return None
+
+
+def image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(width, height) from the file's header, or None when it is not a readable image."""
+    header = image_header(path)
+    return None if header is None else header[0]
 
 
 class UnreadableImageError(GlassError):
@@ -357,8 +367,12 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def _check_files(self) -> None:
         """Every image and mask of the rows (and foreground mask) exists, is readable, masks fit their image."""
         problems = self.layout_problems
+        wide: List[str] = []
         for _, _, image_path, mask in self.data_to_iterate:
-            size = image_size(image_path)
+            header = image_header(image_path)
+            size = None if header is None else header[0]
+            if header is not None and header[1] in WIDE_MODES:
+                wide.append(self.relative(image_path))
             if size is None:
                 missing = not os.path.isfile(image_path)
                 problems.add("missing image" if missing else "unreadable image", self.relative(image_path),
@@ -379,6 +393,13 @@ class AnomalyDataset(torch.utils.data.Dataset):
                     problems.add("missing or unreadable foreground mask", self.relative(fg_path),
                                  plural="missing or unreadable foreground masks",
                                  hint="create them (same file names as the training images) or use --fg 0")
+        if wide:
+            LOGGER.warning(
+                "%s_%s: %d %s image(s) of more than 8 bits per pixel (%s%s): they are read as the reference reads "
+                "them, converted to 8-bit RGB with every value above 255 clipped (mostly white); convert them to "
+                "8 bits first", self.dataset_name, self.classname, len(wide), self.split.value,
+                ", ".join(wide[:EXAMPLES_PER_PROBLEM]), ", ..." if len(wide) > EXAMPLES_PER_PROBLEM else "",
+            )
 
     def _check_test_labels(self) -> None:
         """Image AUROC needs normal and defect test images."""

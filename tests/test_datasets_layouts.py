@@ -22,7 +22,7 @@ from torchvision import transforms
 import glass
 from conftest import DTD, MAGNETIC, MVTEC3D, ROOT, TINY_NET, copy_class_subset, run_main, tiny_dataset_args
 from datasets import LOADERS, loader_class
-from datasets.base import AnomalyDataset, DatasetSplit
+from datasets.base import AnomalyDataset, DatasetSplit, load_image
 from datasets.btad import BTADDataset
 from datasets.loco import LOCODataset
 from datasets.mvtec import MVTecDataset
@@ -410,6 +410,20 @@ def test_data_of_another_layout_or_a_class_folder_gets_the_right_hint(tmp_path):
         MVTecDataset(mvtec3d / "tire", DTD, classname="tire")
     assert str(error.value).endswith("looks like a class folder itself (train/, test/): give its parent folder as "
                                      "DATA_PATH and -d tire")
+
+
+def test_images_of_more_than_8_bits_are_read_as_the_reference_reads_them_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "data"
+    copy_class_subset(TIRE, root / "part", n_train=3, n_good=1, n_per_defect=1)
+    wide = sorted((root / "part" / "train" / "good").iterdir())[0]
+    gray = np.asarray(PIL.Image.open(wide).convert("L")).astype(np.uint16) * 257  # the same picture in 16 bits
+    PIL.Image.fromarray(gray).save(wide)
+    assert PIL.Image.open(wide).mode == "I;16"
+    with caplog.at_level("WARNING"):
+        MVTecDataset(root, DTD, classname="part", resize=SIZE, imagesize=SIZE)
+    assert f"mvtec_part: 1 train image(s) of more than 8 bits per pixel (part/train/good/{wide.name})" in caplog.text
+    # As the reference's PIL conversion: values above 255 clip, so every pixel but the black ones turns white.
+    assert (np.asarray(load_image(str(wide))) == 255).mean() > 0.9
 
 
 def test_visa_split_file_naming_missing_files(tmp_path):

@@ -42,6 +42,8 @@ LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("discriminator", "pre_projection")
 CONFIG_NAME = "config.json"
+# config.json key of a file that a test-only run wrote for a class folder without one (the reference's).
+RECORDED_BY_TEST = "recorded_by_test"
 # The `net` options that shape the model (the rest only affect training).
 MODEL_OPTIONS = (
     "pretrain_embed_dimension", "target_embed_dimension", "patchsize", "dsc_layers", "dsc_hidden", "pre_proj",
@@ -318,9 +320,13 @@ def training_state_problem(state: dict) -> Optional[str]:
     A ckpt.pth without them (the reference's) has no problem here."""
     if "epoch" not in state:
         return None
-    for key in ("epoch", "global_step", "svd", "format"):
+    for key in ("epoch", "global_step", "svd", "format", "meta_epochs"):
         if key in state and (type(state[key]) is not int or state[key] < 0):
             return f"{key} is {state[key]!r}, not a whole number"
+    if state.get("judged_distribution") not in (None, 0, 1):
+        return f"judged_distribution is {state['judged_distribution']!r}, not 0, 1 or None"
+    if not isinstance(state.get("rng", {}), dict):
+        return "rng is not the random generators' states"
     if not isinstance(state.get("best_checkpoint") or "", str):
         return "best_checkpoint is not a file name"
     record = state.get("best_record")
@@ -671,16 +677,22 @@ class GLASS(torch.nn.Module):
 
     def record_missing_config(self, config: dict) -> None:
         """After a test of a class folder without ``config.json`` (one the reference wrote): record the options of
-        this run, whose model its best checkpoint fitted, so that ``predict`` and ``pth2onnx`` can rebuild it."""
+        this run, whose model its best checkpoint fitted, so that ``predict`` and ``pth2onnx`` can rebuild it.
+
+        The checkpoint fits any backbone, layers, patch size or image size of its shapes, so the file is marked
+        ``recorded_by_test`` and the run warns: only the user knows whether these were the training options.
+        """
         path = os.path.join(self.ckpt_dir, CONFIG_NAME)
         if os.path.isfile(path):
             return
         try:
-            self.save_config(config)
+            self.save_config({**config, RECORDED_BY_TEST: True})
         except GlassError as exc:  # the test itself succeeded: its results still count
             LOGGER.warning("%s; predict and pth2onnx need it (pth2onnx can take the options on its command line)", exc)
             return
-        LOGGER.info("Wrote %s from this run's options (the class folder had none), for predict and pth2onnx", path)
+        LOGGER.warning("Wrote %s from this run's options, since the class folder had none: predict and pth2onnx "
+                       "rebuild the model from it, so if the checkpoint was trained with another backbone, other "
+                       "layers, patch size or image size, delete it and test again with those", path)
 
     def close(self) -> None:
         """Close the TensorBoard writer of the class folder (a later set_model_dir opens a new one)."""
@@ -811,6 +823,11 @@ class GLASS(torch.nn.Module):
         if status != "new" and os.path.isfile(path):
             saved = read_config_file(path)
             differences = config_differences(saved, config)
+            if differences and saved.get(RECORDED_BY_TEST):
+                raise GlassError(
+                    f"{path} was recorded by a test of this folder with other options ({'; '.join(differences)}): "
+                    f"rerun with those, or delete {path} if the checkpoint was trained with this run's"
+                )
             if differences:
                 raise GlassError(
                     f"{self.ckpt_dir} holds a model trained with other options ({'; '.join(differences)}): "
@@ -1615,8 +1632,16 @@ def config_problem(config: dict) -> Optional[str]:
     bad = [key for key in MODEL_OPTIONS if not whole(net.get(key), 0 if key == "pre_proj" else 1)]
     if bad:
         return f"net option(s) {', '.join(bad)} missing or not positive whole numbers"
-    if not isinstance(config.get("dataset", {}), dict):
+    dataset = config.get("dataset", {})
+    if not isinstance(dataset, dict):
         return "dataset is not an object"
+    for key in ("resize", "imagesize", "resize_used", "imagesize_used"):
+        value = dataset.get(key, 1)
+        if not (whole(value, 1) or (isinstance(value, list) and value and all(whole(v, 1) for v in value))):
+            return f"dataset.{key} is not a positive whole number"
+    for key in ("name", "classname", "data_path", "aug_path"):
+        if not isinstance(dataset.get(key, ""), str):
+            return f"dataset.{key} is not a text"
     return None
 
 

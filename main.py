@@ -604,9 +604,9 @@ def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[
                 code = process.poll()
                 if code is None:
                     continue
+                error = finished(task, device, code)  # still in `running`, so an interruption here records it
                 del running[process]
                 free.append(device)
-                error = finished(task, device, code)
                 if error is not None and failure is None:
                     failure = error
                     if running or pending:

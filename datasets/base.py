@@ -510,7 +510,10 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
         texture_path = self.anomaly_source_paths[np.random.choice(len(self.anomaly_source_paths))]
         transform_tex = self.rand_augmenter() if self.rand_aug else self.transform_img
-        texture = transform_tex(load_image(texture_path))
+        try:
+            texture = transform_tex(load_image(texture_path))
+        except UnreadableImageError as exc:  # a shared texture: every class would meet it, so the run stops
+            raise GlassError(f"{exc} (a texture of AUG_PATH)") from None
 
         mask_fg = self._foreground(image_path)
         try:

@@ -102,7 +102,7 @@ class MVTecDataset(AnomalyDataset):
             if {"train", "test"} <= set(found):
                 raise GlassError(
                     f"class '{self.classname}' not found in {self.source}, which looks like a class folder itself "
-                    f"(train/, test/): give its parent folder as DATA_PATH and -d {os.path.basename(self.source)}"
+                    f"(train/, test/): give its parent folder as DATA_PATH and -d {os.path.basename(os.path.abspath(self.source))}"
                 )
             known = self.CLASSNAMES.get(self.dataset_name, ())
             raise GlassError(

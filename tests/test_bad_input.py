@@ -349,6 +349,7 @@ def test_config_json_that_is_not_an_object(capsys, results, data, dtd_root):
     (lambda config: config.pop("net"), "no net options"),
     (lambda config: config.update(input_shape=[3, "x", 64]), "input_shape is not three positive whole numbers"),
     (lambda config: config["net"].update(dsc_hidden=12.5), "net option(s) dsc_hidden missing or not positive"),
+    (lambda config: config["dataset"].update(resize_used="x"), "dataset.resize_used is not a positive whole number"),
 ])
 def test_hand_damaged_config_json(capsys, results, data, dtd_root, damage, says):
     path = results / CLASS_DIR / "config.json"
@@ -361,13 +362,55 @@ def test_hand_damaged_config_json(capsys, results, data, dtd_root, damage, says)
         assert_fails(capsys, results, args, "config.json is damaged", says, "restore it, or delete it")
 
 
-def test_hand_damaged_training_checkpoint(capsys, results, data, dtd_root):
+@pytest.mark.parametrize("key, value, says", [
+    ("epoch", "x", "epoch is 'x', not a whole number"),
+    ("rng", "x", "rng is not the random generators' states"),
+    ("judged_distribution", "x", "judged_distribution is 'x', not 0, 1 or None"),
+])
+def test_hand_damaged_training_checkpoint(capsys, results, data, dtd_root, key, value, says):
     path = results / CLASS_DIR / "ckpt.pth"
     state = torch.load(path, weights_only=True)
-    state["epoch"] = "x"
+    state[key] = value
     torch.save(state, path)
     assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["--meta_epochs", "2"]),
-                 "ckpt.pth is damaged (epoch is 'x', not a whole number)", "delete it to train mvtec_tire from the start")
+                 f"ckpt.pth is damaged ({says})", "delete it to train mvtec_tire from the start")
+
+
+def test_config_recorded_by_testing_a_reference_folder_with_wrong_options(capsys, caplog, results, data, dtd_root):
+    # A folder as the reference leaves it: best checkpoint only. Its weights fit any --patchsize, so a test-only
+    # run with a wrong one records it; the run warns, and the right options later say what to do.
+    (results / CLASS_DIR / "config.json").unlink()
+    (results / CLASS_DIR / "ckpt.pth").unlink()
+    test_only = cli_args(results, data, dtd_root, main=["--test", "test"])
+    assert run_main(cli_args(results, data, dtd_root, main=["--test", "test"], net=["--patchsize", "5"])) == 0
+    assert "config.json from this run's options, since the class folder had none" in caplog.text
+    capsys.readouterr()
+    assert run_main(test_only) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "config.json was recorded by a test of this folder with other options (patchsize: 5 -> 3): rerun with " \
+           "those, or delete" in errors[0]
+    (results / CLASS_DIR / "config.json").unlink()
+    assert run_main(test_only) == 0
+    assert json.loads((results / CLASS_DIR / "config.json").read_text())["net"]["patchsize"] == 3
+
+
+def test_a_truncated_texture_stops_the_run(capsys, tmp_path, data, dtd_root):
+    textures = tmp_path / "textures" / "banded"
+    textures.mkdir(parents=True)
+    source = sorted((dtd_root / "banded").iterdir())[0]
+    (textures / source.name).write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    shutil.copytree(data / "tire", data / "tire2")
+    results = tmp_path / "fresh"
+    args = ["--results_path", results, *NET,
+            *tiny_dataset_args(data, textures.parent, classes=("tire", "tire2"), extra=("--num_workers", "1"))]
+    assert run_main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("Error: cannot read image") and errors[0].endswith("(a texture of AUG_PATH)")
+    assert not (results / CLASS_DIR.parent / "mvtec_tire2").exists()  # the run stopped at the first class
 
 
 @pytest.mark.parametrize("table, says", [

@@ -406,10 +406,11 @@ def test_data_of_another_layout_or_a_class_folder_gets_the_right_hint(tmp_path):
     assert "2 mask folders of folders (juice_bottle/ground_truth/logical_anomalies, " \
            "juice_bottle/ground_truth/structural_anomalies; a folder of masks per image is the MVTec LOCO AD layout: " \
            "use the dataset name loco)" in str(error.value)
-    with pytest.raises(GlassError) as error:  # a class folder given as DATA_PATH
-        MVTecDataset(mvtec3d / "tire", DTD, classname="tire")
-    assert str(error.value).endswith("looks like a class folder itself (train/, test/): give its parent folder as "
-                                     "DATA_PATH and -d tire")
+    for class_folder in (str(mvtec3d / "tire"), str(mvtec3d / "tire") + "/"):  # a class folder given as DATA_PATH
+        with pytest.raises(GlassError) as error:
+            MVTecDataset(class_folder, DTD, classname="tire")
+        assert str(error.value).endswith("looks like a class folder itself (train/, test/): give its parent folder "
+                                         "as DATA_PATH and -d tire")
 
 
 def test_images_of_more_than_8_bits_are_read_as_the_reference_reads_them_with_a_warning(tmp_path, caplog):

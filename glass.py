@@ -33,7 +33,7 @@ import backbones
 import common
 import metrics
 import utils
-from datasets.base import IMAGE_EXTENSIONS, is_image, load_image
+from datasets.base import IMAGE_EXTENSIONS, WIDE_MODES, image_header, is_image, load_image
 from loss import FocalLoss
 from model import Discriminator, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available
 from utils import GlassError
@@ -1825,8 +1825,10 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
         raise GlassError(f"cannot create the output folder {output_dir} ({exc.strerror}): choose another --output") from None
     stems = output_stems(paths)
     rows: List[Dict[str, str]] = []
+    wide: List[str] = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
+        wide.extend(path for path in chunk if (image_header(path) or (None, ""))[1] in WIDE_MODES)
         crops = [geometry(load_image(path)) for path in chunk]
         scores, maps = model._predict(torch.stack([to_input(crop) for crop in crops]))
         for path, stem, crop, score, anomaly_map in zip(chunk, stems[start:], crops, scores, maps):
@@ -1851,4 +1853,8 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
             writer.writerows(rows)
 
     utils.atomic_write(os.path.join(output_dir, "predictions.csv"), write)
+    if wide:
+        LOGGER.warning("%d image(s) of more than 8 bits per pixel (%s%s) were read as training reads them: converted "
+                       "to 8-bit RGB with every value above 255 clipped (mostly white); convert them to 8 bits first",
+                       len(wide), ", ".join(wide[:3]), ", ..." if len(wide) > 3 else "")
     return rows

@@ -134,6 +134,17 @@ def test_a_damaged_threshold_file_is_one_line_saying_how_to_fix_it(results, tiny
             threshold_file.write_text(saved)
 
 
+def test_predict_warns_about_images_of_more_than_8_bits(results, tiny_tire, tmp_path, caplog):
+    source = sorted((tiny_tire / "tire" / "test" / "good").glob("*.png"))[0]
+    wide = tmp_path / "in" / "wide.png"
+    wide.parent.mkdir()
+    cv2.imwrite(str(wide), cv2.imread(str(source), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)  # 16-bit gray
+    with caplog.at_level("WARNING"):
+        assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5",
+                         "--output", tmp_path / "out", wide, source]) == 0
+    assert f"1 image(s) of more than 8 bits per pixel ({wide}) were read as training reads them" in caplog.text
+
+
 def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tmp_path):
     for name in ("b.png", "a.JPG", "._a.png", "notes.txt", "sub/c.bmp", ".ipynb_checkpoints/a-checkpoint.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

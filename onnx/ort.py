@@ -176,10 +176,18 @@ def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
+# Pillow modes of more than 8 bits per pixel and channel (as datasets.base.WIDE_MODES; this script stands alone).
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
     """(3, H, W) float32 model input and the (H, W, 3) uint8 RGB crop it was made from."""
     try:
         with Image.open(path) as handle:
+            if handle.mode in WIDE_MODES:
+                logging.getLogger(__name__).warning(
+                    "%s has more than 8 bits per pixel (%s): converted to 8-bit RGB as training reads images, with "
+                    "every value above 255 clipped (mostly white); convert it to 8 bits first", path, handle.mode)
             image = handle.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"cannot read image {path} ({exc}): replace or remove the file") from None

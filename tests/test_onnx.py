@@ -110,6 +110,20 @@ def test_onnxruntime_equals_pytorch_on_real_images(exported, model, test_images)
         assert maps.std() > 0  # a real map, not a constant
 
 
+def test_ort_script_reads_images_of_more_than_8_bits_as_training_with_a_warning(exported, test_images, tmp_path,
+                                                                                caplog):
+    import datasets.base
+
+    assert ort_script.WIDE_MODES == datasets.base.WIDE_MODES  # the standalone script keeps its own copy
+    _, paths = test_images
+    wide = tmp_path / "wide.png"
+    cv2.imwrite(str(wide), cv2.imread(paths[0], cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)
+    meta = ort_script.read_metadata(onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"]))
+    with caplog.at_level("WARNING"):
+        _, crop = ort_script.preprocess(str(wide), meta)
+    assert f"{wide} has more than 8 bits per pixel (I;16)" in caplog.text and (crop == 255).mean() > 0.9
+
+
 def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported, model, test_images, tiny_tire, tmp_path):
     # Deployable alone: it imports nothing from this repository ...
     tree = ast.parse((ROOT / "onnx" / "ort.py").read_text())

@@ -1,0 +1,159 @@
+"""One training step of GLASS against the same step written out here from the spec, plain autograd only.
+
+The trainer's step (`GLASS._train_step`) runs GAS through the frozen true half and a hand-written
+backward pass; the step below is written from `../shared/glass_spec.md` ("Model", "Training": one training
+step) with torch modules built here: projection Linear, discriminator Linear -> BatchNorm1d ->
+LeakyReLU(0.2) -> Linear (no bias) -> Sigmoid, Adam(lr, weight decay 1e-5) and AdamW(2 lr), Gaussian
+noise, gradient ascent with truncation every 5 steps, LAS, hard-sample mining, focal loss. Both start from
+the same weights, embeddings, centre and seed; the logged statistics and every gradient, weight and
+BatchNorm buffer after the step must be the same bits.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import backbones
+import glass
+
+DIM, HIDDEN, BATCH, GRID = 32, 16, 2, 8
+LR, NOISE, RADIUS, P, MARGIN = 1e-3, 0.015, 0.75, 0.5, 0.5
+
+
+def focal_loss(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The spec's focal loss: one-hot target clamped to [1e-5, 1 - 1e-5], pt = target . input + 1e-5."""
+    one_hot = torch.nn.functional.one_hot(labels.reshape(-1).long(), 2).to(probabilities.dtype)
+    pt = (one_hot.clamp(1e-5, 1 - 1e-5) * probabilities).sum(1) + 1e-5
+    return (-(1 - pt) ** 2 * pt.log()).mean()
+
+
+def band(points, anchors, low, high, length=None):
+    """Points moved along their offsets from ``anchors`` so that the offset length lies in [low, high]."""
+    offset = points - anchors
+    length = offset.norm(dim=1) if length is None else length
+    return anchors + (length.clamp(low, high) / (length + 1e-10)).view(-1, 1) * offset
+
+
+def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict:
+    """One training step as the spec describes it, on fresh modules holding ``model``'s weights."""
+    projection = torch.nn.Linear(DIM, DIM)
+    projection.load_state_dict({"weight": model.pre_projection.layers[0].weight, "bias": model.pre_projection.layers[0].bias})
+    discriminator = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.BatchNorm1d(HIDDEN),
+                                        torch.nn.LeakyReLU(0.2), torch.nn.Linear(HIDDEN, 1, bias=False),
+                                        torch.nn.Sigmoid())
+    names = {"0": "body.block1.0", "1": "body.block1.1", "3": "tail.0"}
+    own = model.discriminator.state_dict()
+    discriminator.load_state_dict({key: own[f"{names[key.split('.')[0]]}.{key.split('.', 1)[1]}"].clone()
+                                   for key in discriminator.state_dict()})
+    proj_opt = torch.optim.Adam(projection.parameters(), LR, weight_decay=1e-5)
+    dsc_opt = torch.optim.AdamW(discriminator.parameters(), lr=LR * 2)
+    projection.train()
+    discriminator.train()
+
+    true, fake = projection(true_emb), projection(fake_emb)
+    labels = mask_s.reshape(-1, 1)
+    centre = model.c.repeat(BATCH, 1, 1).reshape(-1, DIM)
+    outside, inside = labels[:, 0] == 0, labels[:, 0] == 1
+    # The radii are plain numbers to the rest of the step (the reference wraps them in a new tensor).
+    r_t = torch.quantile(torch.cat([fake[outside] - centre[outside], true - centre]).norm(dim=1), RADIUS).detach()
+
+    torch.manual_seed(seed)
+    gauss = true + torch.normal(0, NOISE, true.shape)
+    bce = torch.nn.BCELoss()
+    r_g = torch.zeros(())
+    for step in range(model.step + 1):
+        scores = discriminator(torch.cat([true, gauss]))
+        true_scores, gauss_scores = scores[: len(true)], scores[len(true):]
+        gauss_loss = bce(gauss_scores, torch.ones_like(gauss_scores))
+        bce_loss = bce(true_scores, torch.zeros_like(true_scores)) + gauss_loss
+        if step == model.step:
+            break
+        if model.mining == 0:
+            r_g = torch.quantile((gauss - centre).norm(dim=1), RADIUS)
+            break
+        gradient = torch.autograd.grad(gauss_loss, [gauss])[0]
+        with torch.no_grad():
+            gauss.add_(0.001 * gradient / (gradient.norm(dim=1, keepdim=True) + 1e-10))
+        if (step + 1) % 5 == 0:
+            distance = (gauss - centre).norm(dim=1)
+            r_g = torch.quantile(distance, RADIUS)
+            gauss = band(gauss, centre, r_t, 2 * r_t, distance) if model.svd == 1 else band(gauss, true, 0.5, 1.0)
+
+    distance_f = (fake[inside] - centre[inside]).norm(dim=1)
+    r_f = torch.quantile(distance_f, RADIUS)
+    if model.svd == 1:
+        fake = fake.clone()
+        fake[inside] = band(fake[inside], centre[inside], 2 * r_t, 4 * r_t, distance_f)
+    fake_scores = discriminator(fake)
+    error = (fake_scores - labels) ** 2
+    hard = error >= torch.quantile(error, P)
+    hard_scores, hard_labels = fake_scores[hard].unsqueeze(1), labels[hard].unsqueeze(1)
+    loss = bce_loss + focal_loss(torch.cat([1 - hard_scores, hard_scores], dim=1), hard_labels)
+    loss.backward()
+    proj_opt.step()
+    dsc_opt.step()
+
+    fake_scores = fake_scores.detach()
+    pix_true = torch.cat([fake_scores * (1 - labels), true_scores.detach()])
+    pix_fake = torch.cat([fake_scores * labels, gauss_scores.detach()])
+    return {
+        "stats": {
+            "loss": loss.item(),
+            "p_true": (((pix_true < MARGIN).sum() - (pix_true == 0).sum()) / ((labels == 0).sum() + len(true))).item(),
+            "p_fake": ((pix_fake >= MARGIN).sum() / ((labels == 1).sum() + len(true))).item(),
+            "r_t": r_t.item(), "r_g": r_g.item(), "r_f": r_f.item(),
+        },
+        "projection": projection.state_dict(),
+        "discriminator": discriminator.state_dict(),
+        # Adam's first update is close to lr * sign(gradient): the gradients themselves are compared too.
+        "projection_grads": {name: p.grad for name, p in projection.named_parameters()},
+        "discriminator_grads": {name: p.grad for name, p in discriminator.named_parameters()},
+        "names": names,
+    }
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return backbones.load("efficientnet_lite0")
+
+
+@pytest.mark.parametrize("svd, mining, steps", [(0, 1, 6), (1, 1, 6), (0, 0, 6), (1, 1, 0)])
+def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypatch, svd, mining, steps):
+    torch.manual_seed(3)
+    model = glass.GLASS(torch.device("cpu"))
+    model.load(backbone=backbone, layers_to_extract_from=["blocks.2", "blocks.4"], device=torch.device("cpu"),
+               input_shape=(3, 64, 64), pretrain_embed_dimension=DIM, target_embed_dimension=DIM, dsc_hidden=HIDDEN,
+               step=steps, lr=LR, noise=NOISE, radius=RADIUS, p=P, mining=mining, svd=svd, dsc_margin=MARGIN)
+    model.svd = svd
+    generator = torch.Generator().manual_seed(7)
+    true_emb = torch.randn(BATCH * GRID * GRID, DIM, generator=generator)
+    fake_emb = true_emb + 0.5 * torch.randn(true_emb.shape, generator=generator)
+    mask_s = (torch.rand(BATCH, GRID, GRID, generator=generator) > 0.6).float()
+    model.c = torch.randn(GRID * GRID, DIM, generator=generator) * 0.1 + true_emb[: GRID * GRID]
+    # The step's inputs: embeddings of the augmented and of the plain images (the backbone is not under test).
+    monkeypatch.setattr(model, "_embed", lambda images, evaluation=False: (fake_emb, None))
+    monkeypatch.setattr(model, "_true_features", lambda batch, images: true_emb)
+    batch = {"image": torch.zeros(BATCH, 3, 64, 64), "aug": torch.zeros(BATCH, 3, 64, 64), "mask_s": mask_s}
+
+    initial = model.pre_projection.layers[0].weight.detach().clone()
+    expected = spec_step(model, true_emb, fake_emb, mask_s, seed=11)
+    model.pre_projection.train()
+    model.discriminator.train()
+    torch.manual_seed(11)
+    stats = model._train_step(batch)
+
+    # The same bits: the trainer's frozen true half and hand-written backward reproduce the plain passes.
+    assert stats == expected["stats"]
+    linear = model.pre_projection.layers[0]
+    for name, parameter in (("weight", linear.weight), ("bias", linear.bias)):
+        assert torch.equal(parameter, expected["projection"][name]), name
+        assert torch.equal(parameter.grad, expected["projection_grads"][name]), name
+    own = model.discriminator.state_dict()
+    own_grads = {name: p.grad for name, p in model.discriminator.named_parameters()}
+    for key, value in expected["discriminator"].items():
+        ours = f"{expected['names'][key.split('.')[0]]}.{key.split('.', 1)[1]}"
+        assert torch.equal(own[ours], value), key  # weights and BatchNorm's running statistics
+        if key in expected["discriminator_grads"]:
+            assert torch.equal(own_grads[ours], expected["discriminator_grads"][key]), key
+    # The step moved the weights (so the comparison above compares trained weights, not the initial ones).
+    assert not torch.allclose(linear.weight, initial, rtol=1e-5, atol=1e-8)

@@ -468,12 +468,14 @@ def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):
 
 
 def test_diverging_training_stops_the_class_and_keeps_the_best_checkpoint(capsys, results, data, dtd_root, tmp_path):
-    # Adam's first steps move every weight by about lr: the scores become NaN before any loss does.
+    # Adam's first steps move every weight by about lr: the scores become NaN (in epoch 1 here) before any
+    # loss does; epoch 0's best checkpoint stays.
     fresh = tmp_path / "fresh"
     assert_fails(capsys, results, cli_args(fresh, data, dtd_root, net=["--meta_epochs", "3", "--lr", "1e30"]),
-                 "mvtec_tire: the discriminator's scores became non-finite at step", "training of this class stopped",
-                 "lower --lr")
+                 "mvtec_tire: the discriminator's scores became non-finite at step", "in epoch 1, so training of this "
+                 "class stopped (ckpt_best_0.pth is kept)", "lower --lr")
     assert not (fresh / "results.csv").exists()
+    assert [p.name for p in fresh.rglob("ckpt_best_*.pth")] == ["ckpt_best_0.pth"]
 
 
 @pytest.mark.parametrize("in_the_way", ["results.csv", "models"])

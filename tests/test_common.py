@@ -195,8 +195,24 @@ def test_segmentor_upsamples_and_blurs():
     peak[0, 1, 1] = 1.0
     blurred = segmentor.convert_to_segmentation(peak)[0]
     raw = segmentor.upsample(peak)[0]
-    assert blurred.max() < raw.max()  # sigma-4 smoothing spreads the peak
+    assert blurred.max() < raw.max()  # smoothing spreads the peak
     assert np.unravel_index(blurred.argmax(), blurred.shape) == pytest.approx((10, 10), abs=3)
+
+    # sigma 4: a Gaussian blur adds sigma^2 = 16 to the spatial variance of a map along each axis (a central
+    # peak on a larger map, so that the borders do not matter).
+    segmentor = common.RescaleSegmentor(torch.device("cpu"), target_size=(96, 96))
+    peak = torch.zeros(1, 8, 8)
+    peak[0, 3:5, 3:5] = 1.0
+    raw, blurred = segmentor.upsample(peak)[0], segmentor.convert_to_segmentation(peak)[0]
+
+    def variances(image: np.ndarray) -> np.ndarray:
+        weights = image / image.sum()
+        rows, cols = np.indices(image.shape)
+        return np.array([((rows - (weights * rows).sum()) ** 2 * weights).sum(),
+                         ((cols - (weights * cols).sum()) ** 2 * weights).sum()])
+
+    assert variances(blurred.astype(np.float64)) - variances(np.asarray(raw, dtype=np.float64)) == \
+        pytest.approx([16.0, 16.0], rel=0.01)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,9 +40,12 @@ def test_discriminator_continues_from_its_first_linear_layer(n_layers):
 
 
 def test_projection_names_and_default_single_linear():
+    assert list(Projection(12, 12).state_dict()) == ["layers.0fc.weight", "layers.0fc.bias"]
     proj = Projection(12, 12, n_layers=2)
     assert list(proj.state_dict()) == ["layers.0fc.weight", "layers.0fc.bias", "layers.1fc.weight", "layers.1fc.bias"]
     assert proj(torch.randn(3, 12)).shape == (3, 12)
+    x = torch.randn(3, 12)  # no activation between the layers: two affine maps in a row
+    assert torch.allclose(proj(x), proj.layers[1](proj.layers[0](x)))
 
 
 def test_xavier_normal_init_scale():
@@ -50,6 +53,9 @@ def test_xavier_normal_init_scale():
     proj = Projection(512, 512)
     # Xavier normal: std = sqrt(2 / (fan_in + fan_out)) = sqrt(2 / 1024)
     assert proj.layers[0].weight.std().item() == pytest.approx(math.sqrt(2 / 1024), rel=0.02)
+    disc = Discriminator(512, n_layers=2, hidden=256)  # every Linear layer of the discriminator too
+    assert disc.body.block1[0].weight.std().item() == pytest.approx(math.sqrt(2 / (512 + 256)), rel=0.02)
+    assert disc.tail[0].weight.std().item() == pytest.approx(math.sqrt(2 / (256 + 1)), rel=0.1)
 
 
 def test_focal_loss_known_value():

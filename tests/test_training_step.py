@@ -157,3 +157,12 @@ def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypat
             assert torch.equal(own_grads[ours], expected["discriminator_grads"][key]), key
     # The step moved the weights (so the comparison above compares trained weights, not the initial ones).
     assert not torch.allclose(linear.weight, initial, rtol=1e-5, atol=1e-8)
+
+
+def test_model_selection_adds_image_and_pixel_auroc():
+    # The spec's best epoch: highest image AUROC + pixel AUROC; a class without masks (pixel AUROC not
+    # available, NaN) is ranked by image AUROC alone. Records: [i_auroc, i_ap, p_auroc, p_ap, p_pro(, epoch)].
+    assert glass.GLASS._selection_score([0.75, 0.9, 0.5, 0.1, 0.2]) == 1.25
+    assert glass.GLASS._selection_score([0.75, 0.9, float("nan"), 0.0, 0.0]) == 0.75
+    # A higher image AUROC loses to a higher sum (image AP, pixel AP and PRO do not count).
+    assert glass.GLASS._selection_score([0.9, 1.0, 0.25, 1.0, 1.0]) < glass.GLASS._selection_score([0.5, 0.0, 0.75, 0.0, 0.0])

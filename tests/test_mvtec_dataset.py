@@ -96,6 +96,32 @@ def test_aug_is_the_las_blend_of_image_and_texture(train_set, seed):
     assert torch.equal(public["aug"], aug) and public["beta"] == beta
 
 
+def test_rand_aug_puts_three_distinct_texture_transforms_between_resize_and_crop(train_set):
+    from torchvision import transforms as T
+
+    # The spec's nine candidates, in their order: contrast, brightness, saturation + hue, hflip, vflip,
+    # grayscale, autocontrast, equalize, rotation +-45.
+    def describe(t):
+        if isinstance(t, T.ColorJitter):
+            return ("jitter", t.brightness, t.contrast, t.saturation, t.hue)
+        if isinstance(t, T.RandomAffine):
+            return ("affine", tuple(t.degrees))
+        return (type(t).__name__, getattr(t, "p", None))
+
+    spec = [("jitter", None, (0.8, 1.2), None, None), ("jitter", (0.8, 1.2), None, None, None),
+            ("jitter", None, None, (0.8, 1.2), (-0.2, 0.2)), ("RandomHorizontalFlip", 1),
+            ("RandomVerticalFlip", 1), ("RandomGrayscale", 1), ("RandomAutocontrast", 1), ("RandomEqualize", 1),
+            ("affine", (-45.0, 45.0))]
+    for seed in range(6):
+        np.random.seed(seed)
+        chosen = np.random.choice(9, 3, replace=False)  # three distinct ones, drawn from NumPy's generator
+        np.random.seed(seed)
+        steps = train_set.rand_augmenter().transforms
+        assert isinstance(steps[0], T.Resize) and isinstance(steps[4], T.CenterCrop)
+        assert [describe(t) for t in steps[1:4]] == [spec[i] for i in chosen]
+        assert [type(t) for t in steps[5:]] == [T.ToTensor, T.Normalize]
+
+
 def test_without_rand_aug_textures_get_the_image_transform(tire_root, dtd_root):
     data = MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, rand_aug=0)
     np.random.seed(0)

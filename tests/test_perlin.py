@@ -1,6 +1,7 @@
 """Perlin masks for LAS: the noise itself, thresholding, the union/intersection/first choice, pooling."""
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -57,6 +58,19 @@ def test_thresholded_map_is_binary_with_the_image_size():
     thr = generate_thr((3, 40, 56), 0, 6)
     assert thr.shape == (40, 56)
     assert set(np.unique(thr)) <= {0.0, 1.0}
+
+
+def test_thresholded_map_is_the_noise_rotated_by_a_uniform_angle_above_one_half():
+    # Replays the spec's draws (two scale exponents in [0, 6), the noise, an angle U(-90, 90)) by hand.
+    for seed in range(5):
+        np.random.seed(seed)
+        scales = (2 ** np.random.randint(0, 6), 2 ** np.random.randint(0, 6))
+        noise = perlin.rand_perlin_2d_np((40, 56), scales)
+        angle = np.random.uniform(-90.0, 90.0)
+        turn = cv2.getRotationMatrix2D((55 / 2.0, 39 / 2.0), angle, 1.0)  # about the centre, zeros outside
+        expected = cv2.warpAffine(noise, turn, (56, 40), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) > 0.5
+        np.random.seed(seed)
+        assert np.array_equal(generate_thr((3, 40, 56), 0, 6), expected.astype(np.float64)), seed
 
 
 def test_rotation_fills_with_zeros():

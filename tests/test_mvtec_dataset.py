@@ -122,6 +122,21 @@ def test_rand_aug_puts_three_distinct_texture_transforms_between_resize_and_crop
         assert [type(t) for t in steps[5:]] == [T.ToTensor, T.Normalize]
 
 
+@pytest.mark.parametrize("option, turn", [("h_flip_p", PIL.Image.Transpose.FLIP_LEFT_RIGHT),
+                                          ("v_flip_p", PIL.Image.Transpose.FLIP_TOP_BOTTOM)])
+def test_train_time_flips_flip_the_training_images(tire_root, dtd_root, train_set, option, turn):
+    # With probability 1 the flip always happens (between Resize and CenterCrop): the image transform of the
+    # flipping dataset equals the plain transform of the flipped picture (same random draws).
+    flipping = MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, **{option: 1.0})
+    picture = PIL.Image.open(train_set.data_to_iterate[0][2]).convert("RGB")
+    torch.manual_seed(0)
+    flipped = flipping.transform_img(picture)
+    torch.manual_seed(0)
+    assert torch.equal(flipped, train_set.transform_img(picture.transpose(turn)))
+    torch.manual_seed(0)
+    assert not torch.equal(flipped, train_set.transform_img(picture))
+
+
 def test_without_rand_aug_textures_get_the_image_transform(tire_root, dtd_root):
     data = MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, rand_aug=0)
     np.random.seed(0)

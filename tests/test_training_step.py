@@ -166,3 +166,18 @@ def test_model_selection_adds_image_and_pixel_auroc():
     assert glass.GLASS._selection_score([0.75, 0.9, float("nan"), 0.0, 0.0]) == 0.75
     # A higher image AUROC loses to a higher sum (image AP, pixel AP and PRO do not count).
     assert glass.GLASS._selection_score([0.9, 1.0, 0.25, 1.0, 1.0]) < glass.GLASS._selection_score([0.5, 0.0, 0.75, 0.0, 0.0])
+
+
+def test_net_options_reach_the_model():
+    import main
+
+    args = ["-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "24",
+            "--target_embed_dimension", "20", "--dsc_hidden", "12", "--noise", "0.02", "--radius", "0.6", "--p", "0.4",
+            "--step", "7", "--lr", "0.003", "--mining", "0", "--svd", "1", "--dsc_margin", "0.4", "--limit", "9"]
+    context = main.net.make_context("net", args)
+    _, get_glass = main.net.invoke(context)
+    [model] = get_glass((3, 64, 64), torch.device("cpu"))
+    assert (model.noise, model.radius, model.p, model.step, model.mining, model.svd, model.dsc_margin, model.limit) == \
+        (0.02, 0.6, 0.4, 7, 0, 1, 0.4, 9)
+    assert model.dsc_opt.param_groups[0]["lr"] == 0.006 and model.proj_opt.param_groups[0]["lr"] == 0.003
+    assert model.pre_projection.layers[0].in_features == 20 and model.discriminator.body.block1[0].out_features == 12

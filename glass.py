@@ -33,7 +33,7 @@ import backbones
 import common
 import metrics
 import utils
-from datasets.base import IMAGE_EXTENSIONS, WIDE_MODES, image_header, is_image, load_image
+from datasets.base import IMAGE_EXTENSIONS, WIDE_MODES, image_header, is_image, load_image, warn_wide_images
 from loss import FocalLoss
 from model import Discriminator, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available
 from utils import GlassError
@@ -1853,8 +1853,5 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
             writer.writerows(rows)
 
     utils.atomic_write(os.path.join(output_dir, "predictions.csv"), write)
-    if wide:
-        LOGGER.warning("%d image(s) of more than 8 bits per pixel (%s%s) were read as training reads them: converted "
-                       "to 8-bit RGB with every value above 255 clipped (mostly white); convert them to 8 bits first",
-                       len(wide), ", ".join(wide[:3]), ", ..." if len(wide) > 3 else "")
+    warn_wide_images(wide)
     return rows

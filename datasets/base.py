@@ -94,6 +94,16 @@ def image_header(path: str) -> Optional[Tuple[Tuple[int, int], str]]:
         return None
 
 
+def warn_wide_images(paths: Sequence[str], what: str = "image(s)") -> None:
+    """Warn, naming them, that these images have more than 8 bits per pixel (:data:`WIDE_MODES`)."""
+    if paths:
+        LOGGER.warning(
+            "%d %s of more than 8 bits per pixel (%s%s): read as the reference reads images, converted to 8-bit RGB "
+            "with every value above 255 clipped (mostly white); convert them to 8 bits first", len(paths), what,
+            ", ".join(paths[:EXAMPLES_PER_PROBLEM]), ", ..." if len(paths) > EXAMPLES_PER_PROBLEM else "",
+        )
+
+
 def image_size(path: str) -> Optional[Tuple[int, int]]:
     """(width, height) from the file's header, or None when it is not a readable image."""
     header = image_header(path)
@@ -393,13 +403,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                     problems.add("missing or unreadable foreground mask", self.relative(fg_path),
                                  plural="missing or unreadable foreground masks",
                                  hint="create them (same file names as the training images) or use --fg 0")
-        if wide:
-            LOGGER.warning(
-                "%s_%s: %d %s image(s) of more than 8 bits per pixel (%s%s): they are read as the reference reads "
-                "them, converted to 8-bit RGB with every value above 255 clipped (mostly white); convert them to "
-                "8 bits first", self.dataset_name, self.classname, len(wide), self.split.value,
-                ", ".join(wide[:EXAMPLES_PER_PROBLEM]), ", ..." if len(wide) > EXAMPLES_PER_PROBLEM else "",
-            )
+        warn_wide_images(wide, f"{self.dataset_name}_{self.classname} {self.split.value} image(s)")
 
     def _check_test_labels(self) -> None:
         """Image AUROC needs normal and defect test images."""

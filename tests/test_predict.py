@@ -142,7 +142,7 @@ def test_predict_warns_about_images_of_more_than_8_bits(results, tiny_tire, tmp_
     with caplog.at_level("WARNING"):
         assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5",
                          "--output", tmp_path / "out", wide, source]) == 0
-    assert f"1 image(s) of more than 8 bits per pixel ({wide}) were read as training reads them" in caplog.text
+    assert f"1 image(s) of more than 8 bits per pixel ({wide}): read as the reference reads images" in caplog.text
 
 
 def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tmp_path):

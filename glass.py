@@ -33,7 +33,7 @@ import backbones
 import common
 import metrics
 import utils
-from datasets.base import IMAGE_EXTENSIONS, WIDE_MODES, image_header, is_image, load_image, warn_wide_images
+from datasets.base import IMAGE_EXTENSIONS, is_image, is_wide_image, load_image, warn_wide_images
 from loss import FocalLoss
 from model import Discriminator, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available
 from utils import GlassError
@@ -1828,7 +1828,7 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
     wide: List[str] = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        wide.extend(path for path in chunk if (image_header(path) or (None, ""))[1] in WIDE_MODES)
+        wide.extend(path for path in chunk if is_wide_image(path))
         crops = [geometry(load_image(path)) for path in chunk]
         scores, maps = model._predict(torch.stack([to_input(crop) for crop in crops]))
         for path, stem, crop, score, anomaly_map in zip(chunk, stems[start:], crops, scores, maps):

@@ -114,7 +114,8 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
         "efficientnet_b3a", "mnasnet_100", "mnasnet_a1", "mnasnet_b1",
     )},
 }
-"""Feature layers at strides 8 and 16 (like the paper's layer2 + layer3 of WideResNet-50) for some names."""
+"""Feature layers at strides 8 and 16 (like the paper's layer2 + layer3 of WideResNet-50) for some names: the
+example that `net` gives when no -le is given."""
 
 
 def available() -> list[str]:

@@ -6,7 +6,8 @@ One training step (paper Sec. 3, spec "Training"):
   * GAS features   g   = u + N(0, noise), pushed by ``step`` normalised gradient-ascent steps on the
                         discriminator's loss and truncated every 5 steps to a band around u (manifold,
                         ``svd 0``) or around the class centre c (hypersphere, ``svd 1``)
-  * loss = BCE(D(u), 0) + BCE(D(g), 1) + focal(D(u+), mask_s) on the hardest ``p`` share of u+.
+  * loss = BCE(D(u), 0) + BCE(D(g), 1) + focal(D(u+), mask_s) on the u+ whose squared error is at or above
+    its ``p`` quantile (hard-sample mining: the hardest 1 - p share).
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import random
 import re
 import shutil
 import signal
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 import torch
 import tqdm
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import backbones
@@ -56,7 +58,8 @@ RESUME_FORMAT = 1
 SHAPING_KEYS = ("backbone", "layers_to_extract_from", "input_shape")
 # `net` options that never change a number (not compared when resuming), and the defaults of the speed
 # options for config.json files written before they existed.
-NUMERICALLY_NEUTRAL_OPTIONS = ("cache",)
+# --svd is one of them: the trainer always sets the hypothesis from --distribution (or the resumed ckpt.pth).
+NUMERICALLY_NEUTRAL_OPTIONS = ("cache", "svd")
 SPEED_OPTION_DEFAULTS = {"cache_dtype": "float32", "amp": "off", "compile": False, "channels_last": False,
                          "onednn": False}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,7 +79,8 @@ def quantile_radius(distances: torch.Tensor, q: float) -> torch.Tensor:
     return torch.quantile(distances.detach(), q=q).reshape(1)
 
 
-def truncate_to_band(points: torch.Tensor, anchors: torch.Tensor, low, high, norm: torch.Tensor | None = None):
+def truncate_to_band(points: torch.Tensor, anchors: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor,
+                     norm: torch.Tensor | None = None) -> torch.Tensor:
     """Move each point along its direction from its anchor so that the distance lies in [low, high]."""
     offset = points - anchors
     length = torch.norm(offset, dim=1) if norm is None else norm
@@ -574,7 +578,6 @@ class GLASS(torch.nn.Module):
         self.svd = svd
         self.step = step
         self.limit = limit
-        self.distribution = 0
         self.judged_distribution: Optional[int] = None
         self.focal_loss = FocalLoss()
         self.anomaly_segmentor = common.RescaleSegmentor(device=device, target_size=self.input_shape[-2:])
@@ -630,8 +633,8 @@ class GLASS(torch.nn.Module):
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     def _head_context(self) -> contextlib.AbstractContextManager:
-        """The forward passes of the projection and discriminator: autocast to ``--amp``'s type on CUDA, oneDNN's
-        Linear layers with ``--onednn`` on the CPU, nothing otherwise."""
+        """The discriminator's forward passes: autocast to ``--amp``'s type on CUDA, oneDNN's Linear layers with
+        ``--onednn`` on the CPU, nothing otherwise (the projection takes only the oneDNN route, :meth:`_project`)."""
         return OneDNNLinearMode() if self.onednn else self._autocast()
 
     def _discriminate(self, features: torch.Tensor) -> torch.Tensor:
@@ -660,10 +663,10 @@ class GLASS(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Folders and checkpoints
 
-    def set_model_dir(self, model_dir: str, dataset_name: str, results_path: str) -> None:
-        """Checkpoints go to ``<model_dir>/<dataset_name>/``, TensorBoard logs to its ``tb/``; judgement images,
-        heatmaps, plots and a disk cache under ``results_path``."""
-        self.ckpt_dir = os.path.join(model_dir, dataset_name)
+    def set_model_dir(self, model_dir: str, class_key: str, results_path: str) -> None:
+        """Checkpoints go to ``<model_dir>/<class_key>/`` (``class_key``: ``<dataset>_<class>``, as ``mvtec_bottle``),
+        TensorBoard logs to its ``tb/``; judgement images, heatmaps, plots and a disk cache under ``results_path``."""
+        self.ckpt_dir = os.path.join(model_dir, class_key)
         self.tb_dir = os.path.join(self.ckpt_dir, "tb")
         os.makedirs(self.tb_dir, exist_ok=True)
         self.results_path = results_path
@@ -956,8 +959,9 @@ class GLASS(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Training
 
-    def trainer(self, training_data, val_data, name: str):
-        """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs`` (see :meth:`_train`).
+    def trainer(self, training_data: DataLoader, val_data: DataLoader, name: str) -> Union[List[float], int, None]:
+        """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs`` (see :meth:`_train`):
+        the best record, the judged flag (``--distribution 1``), or None (trained before).
 
         The feature caches are freed (and a disk cache deleted) when training ends, however it ends.
         """
@@ -966,7 +970,7 @@ class GLASS(torch.nn.Module):
         finally:
             self.close_feature_caches()
 
-    def _train(self, training_data, val_data, name: str):
+    def _train(self, training_data: DataLoader, val_data: DataLoader, name: str) -> Union[List[float], int, None]:
         """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs``.
 
         Returns the best record ``[i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch]``; ``None`` when the class
@@ -1454,7 +1458,7 @@ class GLASS(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Testing and inference
 
-    def tester(self, test_data, name: str):
+    def tester(self, test_data: DataLoader, name: str) -> Tuple[float, float, float, float, float, int]:
         """Evaluate the best checkpoint on ``test_data``: ``(i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch)``."""
         path = self.best_checkpoint()
         if path is None:
@@ -1476,7 +1480,8 @@ class GLASS(torch.nn.Module):
                                  result)
         return (*result, epoch)
 
-    def predict(self, dataloader, keep_images: bool = True):
+    def predict(self, dataloader: DataLoader, keep_images: bool = True
+                ) -> Tuple[Sequence[np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Scores and maps for a whole loader: (images, scores, segmentations, labels_gt, masks_gt) as arrays.
 
         The features come from the test cache when it was built from ``dataloader`` (same batches, same
@@ -1780,8 +1785,8 @@ def stored_threshold(class_dir: str, checkpoint: str) -> Optional[Dict[str, Any]
     return record
 
 
-def choose_threshold(model: GLASS, class_dir: str, threshold: Optional[float] = None, calibrate: bool = False,
-                     make_test_loader=None) -> Dict[str, Any]:
+def choose_threshold(model: GLASS, class_dir: str, make_test_loader: Callable[[], DataLoader],
+                     threshold: Optional[float] = None, calibrate: bool = False) -> Dict[str, Any]:
     """The decision threshold and how it was chosen: ``--threshold``, ``threshold.json``, or calibrated now.
 
     Calibration (``threshold.json`` missing, made for another checkpoint, or ``calibrate``) runs

@@ -29,7 +29,7 @@ import backbones
 import glass
 import utils
 from datasets import LOADERS, loader_class
-from datasets.base import SHIPPED_EXCEL_DIR, DatasetSplit, UnreadableImageError, raise_layout_problems
+from datasets.base import DatasetSplit, UnreadableImageError, distribution_table_dirs, raise_layout_problems
 from utils import GlassError
 
 LOGGER = logging.getLogger("glass")
@@ -107,11 +107,11 @@ def main(**kwargs):
 @click.option("--p", type=FiniteRange(0, 1), default=0.5, show_default=True, help="Hard-sample mining quantile of the LAS loss.")
 @click.option("--lr", type=FiniteRange(min=0, min_open=True), default=0.0001, show_default=True,
               help="Learning rate (projection; twice this for the discriminator).")
-@click.option("--svd", type=click.IntRange(0, 1), default=0, show_default=True, help="0: manifold, 1: hypersphere (normally set by --distribution).")
+@click.option("--svd", type=click.IntRange(0, 1), default=0, show_default=True, help="Kept for the reference's scripts and ignored: dataset --distribution chooses manifold (0) or hypersphere (1).")
 @click.option("--step", type=click.IntRange(min=0), default=20, show_default=True, help="Gradient-ascent steps of GAS.")
 @click.option("--limit", type=click.IntRange(min=0), default=392, show_default=True, help="Training samples per epoch (stops after more than this).")
 @click.option("--cache", type=click.Choice(["auto", "ram", "disk", "off"]), default="auto", show_default=True,
-              help="Frozen-backbone feature cache of the training and test images (same results as off): ram, disk "
+              help="Frozen-backbone feature cache of the training and test images (same results as off on the CPU): ram, disk "
                    "(memmap of --cache_dtype values under --results_path, deleted after training), auto (ram if it needs at most half "
                    "the available memory, else disk, else off) or off. Not used with --train_backbone; train-time "
                    "augmentation leaves only the test images cached.")
@@ -136,12 +136,18 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
         raise click.BadParameter(
             f"{options['eval_epochs']} > --meta_epochs {options['meta_epochs']}: no epoch would be evaluated, so no best "
             "checkpoint would be saved to test", param_hint="--eval_epochs")
+    if options["svd"] != 0:
+        LOGGER.warning("--svd %d is ignored (as in the reference): the hypothesis comes from `dataset --distribution` "
+                       "(2: manifold, 3: hypersphere, 0: the distribution table)", options["svd"])
 
     def get_glass(input_shape, device) -> List[glass.GLASS]:
         if not backbone_names:
             raise GlassError("no backbone given: add -b NAME to `net` (e.g. -b wideresnet50 or -b efficientnet_lite0)")
         if not layers:
-            raise GlassError("no feature layers given: add -le LAYER to `net` (e.g. -le layer2 -le layer3)")
+            name = backbones.parse_backbone_name(backbone_names[0])[0]
+            example = backbones.DEFAULT_LAYERS.get(name, ["layer2", "layer3"])
+            raise GlassError("no feature layers given: add -le LAYER to `net` (for "
+                             f"{name}, e.g. {' '.join('-le ' + layer for layer in example)})")
         models = []
         for full_name in backbone_names:
             name, backbone_seed = backbones.parse_backbone_name(full_name)
@@ -217,7 +223,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
             param_hint="--imagesize",
         )
 
-    def get_dataloaders(seed: int, test: str, excel_dir: str, classes: Sequence[str] | None = None
+    def get_dataloaders(test: str, excel_dir: str, classes: Sequence[str] | None = None
                         ) -> List[Dict[str, torch.utils.data.DataLoader]]:
         """Loaders of every class of ``-d`` (or only of ``classes``: a worker process runs one class)."""
         dataset_class = loader_class(name)
@@ -236,7 +242,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                     h_flip_p=options["hflip"], v_flip_p=options["vflip"], scale=options["scale"],
                     distribution=options["distribution"], mean=options["mean"], std=options["std"],
                     fg=options["fg"], rand_aug=options["rand_aug"], downsampling=options["downsampling"],
-                    batch_size=batch_size, excel_dir=excel_dir, **common,
+                    excel_dir=excel_dir, **common,
                 )
             splits.append((test_set, train_set))
         # Layout problems of every split of every class are reported together, before any loader or training.
@@ -329,7 +335,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
             loader.name = f"{name}_{test_set.classname}"
             return loader
 
-        record = glass.choose_threshold(model, class_dir, threshold, calibrate, make_test_loader)
+        record = glass.choose_threshold(model, class_dir, make_test_loader, threshold, calibrate)
         out_dir = output or os.path.join(results_path, "predict", f"{dataset_name}_{subdataset}")
         rows = glass.predict_images(model, config, paths, out_dir, record["threshold"], batch_size)
         flagged = sum(row["anomalous"] == "1" for row in rows)
@@ -390,7 +396,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     if predict_images is not None:
         predict_images.check_before_training(results_path, dataset_options["name"], dataset_options["subdatasets"])
     excel_dir = os.path.join(results_path, "datasets", "excel")
-    list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir)  # checks every class before any training
+    list_of_dataloaders = methods["get_dataloaders"](test, excel_dir)  # checks every class before any training
     workers = plan_workers(gpu, [loaders["testing"].name for loaders in list_of_dataloaders])
     device = utils.select_device(gpu)
     group_options = dict(results_path=results_path, gpu=list(gpu), seed=seed, log_group=log_group,
@@ -431,42 +437,42 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
     distributions."""
     judged: Dict[str, int] = {}
     for index, dataloaders in enumerate(list_of_dataloaders):
-        utils.fix_seeds(seed, device)
-        dataset_name = dataloaders["training"].name
-        imagesize = dataloaders["training"].dataset.imagesize
-        models = methods["get_glass"](imagesize, device)
-        LOGGER.info("Selecting dataset [%s] (%d/%d) %s", dataset_name, index + 1, len(list_of_dataloaders),
+        utils.fix_seeds(seed)
+        class_key = dataloaders["training"].name  # <dataset>_<class>, e.g. mvtec_bottle
+        input_shape = dataloaders["training"].dataset.imagesize  # (3, S, S), as the reference names it
+        models = methods["get_glass"](input_shape, device)
+        LOGGER.info("Selecting dataset [%s] (%d/%d) %s", class_key, index + 1, len(list_of_dataloaders),
                     datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
         models_dir = os.path.join(results_path, "models")
         for i, model in enumerate(models):
             if model.backbone.seed is not None:
-                utils.fix_seeds(model.backbone.seed, device)
-            model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), dataset_name, results_path=results_path)
-            model.excel_dirs = [excel_dir, SHIPPED_EXCEL_DIR]
+                utils.fix_seeds(model.backbone.seed)
+            model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), class_key, results_path=results_path)
+            model.excel_dirs = distribution_table_dirs(excel_dir)
             config = {**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed}
             try:
                 # Refuses a folder trained with other model options; records config.json for a new run.
                 model.check_config(config, training=test == "ckpt")
                 if test == "ckpt":
-                    outcome = model.trainer(dataloaders["training"], dataloaders["testing"], dataset_name)
+                    outcome = model.trainer(dataloaders["training"], dataloaders["testing"], class_key)
                     if model.judged_distribution is not None:
-                        judged[dataset_name] = model.judged_distribution
+                        judged[class_key] = model.judged_distribution
                     if isinstance(outcome, int):  # --distribution 1: judged only
                         continue
                     if outcome is None:
-                        say(f"{dataset_name}: already trained, testing its best checkpoint "
+                        say(f"{class_key}: already trained, testing its best checkpoint "
                             f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
-                result = list(model.tester(dataloaders["testing"], dataset_name))
+                result = list(model.tester(dataloaders["testing"], class_key))
                 model.record_missing_config(config)
             except (glass.ClassStoppedError, UnreadableImageError) as exc:  # the other classes still run
                 message = utils.error_message(exc)
-                message = message if message.startswith(f"{dataset_name}: ") else f"{dataset_name}: {message}"
+                message = message if message.startswith(f"{class_key}: ") else f"{class_key}: {message}"
                 LOGGER.error("%s", message)
                 add_stopped(message)
                 continue
             finally:
                 model.close()
-            add_result(index, dataset_name, dataset_name if len(models) == 1 else f"{dataset_name}/backbone_{i}", result)
+            add_result(index, class_key, class_key if len(models) == 1 else f"{class_key}/backbone_{i}", result)
     return judged
 
 
@@ -552,13 +558,10 @@ def command_argv() -> List[str]:
 
 def plan_workers(gpu_ids: Sequence[int], class_names: Sequence[str]) -> List[int]:
     """The device of each worker process of a parallel run (-1: the CPU), or [] to run the classes one
-    after another in this process: one distinct non-negative ``--gpu`` id or one class, a class given
-    twice, or no CUDA device (unless :data:`CPU_WORKERS_ENV` asks for CPU workers)."""
+    after another in this process: one distinct non-negative ``--gpu`` id or one class, or no CUDA device
+    (unless :data:`CPU_WORKERS_ENV` asks for CPU workers). ``dataset`` refuses a class given twice."""
     ids = list(dict.fromkeys(g for g in gpu_ids if g >= 0))
     if len(ids) < 2 or len(class_names) < 2:
-        return []
-    if len(set(class_names)) < len(class_names):
-        click.echo("a class is given twice with -d: running one class at a time", err=True)
         return []
     if torch.cuda.is_available():
         utils.check_gpu_ids(ids)
@@ -740,7 +743,7 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
         raise GlassError("--worker_output is set by a parallel run for its worker processes only")
     results_path = ensure_writable(results_path)
     excel_dir = os.path.join(results_path, "datasets", "excel")
-    list_of_dataloaders = methods["get_dataloaders"](seed, test, excel_dir, classes=[classname])
+    list_of_dataloaders = methods["get_dataloaders"](test, excel_dir, classes=[classname])
     device = utils.select_device([gpu])
     # "notes" and "warnings": what the parent prints when this worker ends (its console shows no worker output).
     outcome: Dict[str, Any] = {"results": [], "judged": {}, "stopped": [], "notes": [], "warnings": [],

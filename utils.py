@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -39,7 +39,7 @@ class GlassError(Exception):
     """
 
 
-def fix_seeds(seed: int, device: torch.device | None = None) -> None:
+def fix_seeds(seed: int) -> None:
     """Seed python, NumPy and torch (and CUDA); make cuDNN deterministic."""
     random.seed(seed)
     np.random.seed(seed)
@@ -177,7 +177,7 @@ def make_writable_folder(path: str) -> None:
     os.remove(probe)
 
 
-def atomic_write(path: str, write: "callable") -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file intact.
 
     The temporary file ends with ``path``'s extension (writers such as pandas' ``to_excel`` choose the
@@ -272,13 +272,14 @@ def compute_and_store_final_results(
     results_path: str,
     results: Sequence[Sequence[float]],
     column_names: Sequence[str],
-    row_names: Sequence[str] | None = None,
-) -> dict:
+    row_names: Sequence[str],
+) -> Dict[str, float]:
     """Write ``<results_path>/results.csv``: one row per class and a ``Mean`` row (values as fractions).
 
-    Metrics that are not available (NaN) are written as empty cells and left out of the mean.
+    Metrics that are not available (NaN) are written as empty cells and left out of the mean. Returns the
+    means as ``{"mean_<column>": value}``.
     """
-    if row_names is not None and len(row_names) != len(results):
+    if len(row_names) != len(results):
         raise ValueError("one row name per result row is needed")
     means = {}
     for i, key in enumerate(column_names):
@@ -292,10 +293,10 @@ def compute_and_store_final_results(
     def write(tmp):
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow((["Row Names"] if row_names is not None else []) + list(column_names))
-            for i, row in enumerate(results):
-                writer.writerow(([row_names[i]] if row_names is not None else []) + [cell(v) for v in row])
-            writer.writerow((["Mean"] if row_names is not None else []) + [cell(v) for v in means.values()])
+            writer.writerow(["Row Names", *column_names])
+            for name, row in zip(row_names, results):
+                writer.writerow([name, *(cell(v) for v in row)])
+            writer.writerow(["Mean", *(cell(v) for v in means.values())])
 
     atomic_write(os.path.join(results_path, "results.csv"), write)
     return {f"mean_{key}": value for key, value in means.items()}
@@ -500,7 +501,8 @@ def git_commit(directory: str) -> str:
 HISTORY_NAME = "history.csv"
 HISTORY_COLUMNS = ("epoch", "step", "loss", "p_true", "p_fake", "r_t", "r_g", "r_f", "image_auroc", "pixel_auroc")
 PLOTS_FOLDER = "plots"
-PLOT_NAMES = ("training_curves.png", "roc.png", "pr.png", "score_histogram.png")
+TRAINING_CURVES_PNG, ROC_PNG, PR_PNG, HISTOGRAM_PNG = PLOT_NAMES = (
+    "training_curves.png", "roc.png", "pr.png", "score_histogram.png")
 TB_SAMPLES_TAG = "eval/samples"
 TB_LAS_TAG = "train/las"
 GRID_SAMPLES = 8  # images per TensorBoard grid
@@ -900,17 +902,17 @@ def write_class_report(model: Any, name: str, checkpoint: str, best_epoch: int, 
         os.makedirs(folder, exist_ok=True)
         history = read_history(os.path.join(model.ckpt_dir, HISTORY_NAME))
         if history:
-            written.append(plot_training_curves(history, best_epoch, name, os.path.join(folder, "training_curves.png")))
+            written.append(plot_training_curves(history, best_epoch, name, os.path.join(folder, TRAINING_CURVES_PNG)))
         else:
             LOGGER.info("%s: no %s in %s (trained elsewhere?), so no training curves", name, HISTORY_NAME, model.ckpt_dir)
         image = image_curves(scores, labels)
         pixel, why = pixel_curves(segmentations, masks)
         if pixel is None:
             LOGGER.info("%s: pixel-level ROC/PR curves not drawn (%s)", name, why)
-        written.append(plot_curves("roc", image, pixel, why, result, name, os.path.join(folder, "roc.png")))
-        written.append(plot_curves("pr", image, pixel, why, result, name, os.path.join(folder, "pr.png")))
+        written.append(plot_curves("roc", image, pixel, why, result, name, os.path.join(folder, ROC_PNG)))
+        written.append(plot_curves("pr", image, pixel, why, result, name, os.path.join(folder, PR_PNG)))
         threshold, source = report_threshold(model.ckpt_dir, checkpoint, scores, labels)
-        written.append(plot_score_histogram(scores, labels, threshold, source, name, os.path.join(folder, "score_histogram.png")))
+        written.append(plot_score_histogram(scores, labels, threshold, source, name, os.path.join(folder, HISTOGRAM_PNG)))
         LOGGER.info("%s: plots written to %s", name, folder)
     return written
 

@@ -261,12 +261,12 @@ def run_flow(args) -> Dict[str, object]:
     data_root = os.path.join(args.data, "mvtec3d")
     textures = os.path.join(args.data, "dtd", "images")
     num_workers = main.default_num_workers() if args.num_workers is None else args.num_workers
-    utils.fix_seeds(args.seed, device)
+    utils.fix_seeds(args.seed)
 
     common = dict(classname="tire", resize=size, imagesize=size)
     test_set = MVTecDataset(data_root, textures, dataset_name="mvtec", split=DatasetSplit.TEST, **common)
     train_set = MVTecDataset(data_root, textures, dataset_name="mvtec", split=DatasetSplit.TRAIN, distribution=2,
-                             mean=0.5, std=0.1, fg=0, rand_aug=1, downsampling=8, batch_size=args.batch_size, **common)
+                             mean=0.5, std=0.1, fg=0, rand_aug=1, downsampling=8, **common)
     test_loader = main.make_loader(test_set, args.batch_size, num_workers, shuffle=False)
     train_loader = main.make_loader(train_set, args.batch_size, num_workers, shuffle=True)
 

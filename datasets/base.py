@@ -85,6 +85,12 @@ def subfolders(folder: str) -> List[str]:
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+def distribution_table_dirs(excel_dir: Union[str, os.PathLike, Sequence[str], None]) -> List[str]:
+    """The folders searched for ``<dataset>_distribution.xlsx``, in order: the run's, then the shipped tables."""
+    dirs = [excel_dir] if isinstance(excel_dir, (str, os.PathLike)) else list(excel_dir or [])
+    return [str(d) for d in dirs] + [SHIPPED_EXCEL_DIR]
+
+
 def image_header(path: str) -> Optional[Tuple[Tuple[int, int], str]]:
     """((width, height), Pillow mode) from the file's header, or None when it is not a readable image."""
     try:
@@ -133,7 +139,7 @@ def load_image(path: str, mode: Optional[str] = "RGB") -> PIL.Image.Image:
 def mask_pixels(path: str) -> np.ndarray:
     """Boolean defect map of a mask file: every non-zero pixel (palette masks: non-zero index)."""
     image = load_image(path, mode=None)
-    if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F"):
+    if image.mode not in ("1", "L", "P", *WIDE_MODES):  # these as they are: a converted faint value could become 0
         image = image.convert("L")
     return np.asarray(image) > 0
 
@@ -174,9 +180,10 @@ def list_textures(anomaly_source_path: str) -> List[str]:
 class LayoutProblems:
     """The problems found in one class of a dataset, grouped by kind and reported together."""
 
-    def __init__(self, root: str, classname: str) -> None:
+    def __init__(self, root: str, classname: str, layout: str = "dataset") -> None:
         self.root = root
         self.classname = classname
+        self.layout = layout  # the layout's name, e.g. "MVTec AD"
         self.groups: Dict[str, Dict[str, Any]] = {}
 
     def add(self, what: str, item: str, plural: Optional[str] = None, hint: str = "") -> None:
@@ -202,17 +209,17 @@ class LayoutProblems:
             shown = ", ".join(items[:EXAMPLES_PER_PROBLEM]) + (", ..." if len(items) > EXAMPLES_PER_PROBLEM else "")
             hint = f"; {group['hint']}" if group["hint"] else ""
             parts.append(f"{len(items)} {what if len(items) == 1 else group['plural']} ({shown}{hint})")
-        return f"dataset layout problems in {self.root} (class {self.classname}): " + "; ".join(parts)
+        return f"{self.layout} layout problems in {self.root} (class {self.classname}): " + "; ".join(parts)
 
 
 def raise_layout_problems(datasets: Iterable[Optional["AnomalyDataset"]]) -> None:
     """One GlassError for every layout problem of the given datasets (merged per class); nothing if none."""
-    merged: Dict[Tuple[str, str], LayoutProblems] = {}
+    merged: Dict[Tuple[str, str, str], LayoutProblems] = {}
     for data in datasets:
         if data is None or not data.layout_problems:
             continue
         problems = data.layout_problems
-        key = (problems.root, problems.classname)
+        key = (problems.root, problems.classname, problems.layout)
         merged.setdefault(key, LayoutProblems(*key)).merge(problems)
     if merged:
         raise GlassError(" | ".join(p.describe() for p in merged.values()) + ": fix them and run again")
@@ -236,7 +243,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
     ENLARGED_CLASSES: Tuple[str, ...] = ()
     # The reference binarises VisA masks after resizing (> 0); MVTec masks keep their resized values.
     BINARIZE_RESIZED_MASK = False
-    # Human name of the layout, for messages.
+    # Name of the layout, for the layout check's messages.
     LAYOUT = "dataset"
 
     def __init__(
@@ -262,7 +269,6 @@ class AnomalyDataset(torch.utils.data.Dataset):
         fg: int = 0,
         rand_aug: int = 1,
         scale: float = 0,
-        batch_size: int = 8,
         downsampling: int = 8,
         excel_dir: Union[str, Sequence[str], None] = None,
         check_layout: bool = True,
@@ -282,7 +288,6 @@ class AnomalyDataset(torch.utils.data.Dataset):
             mean, std: blend weight ``beta ~ N(mean, std)`` clipped to [0.2, 0.8].
             fg: foreground masks: 0 none, 1 from ``<source>/fg_mask/<class>/``, 2 as the xlsx says.
             rand_aug: 1 applies three random transforms to each texture.
-            batch_size: kept for the trainer.
             downsampling: image size / feature grid size; ``mask_s`` has side imagesize // downsampling.
             excel_dir: folder(s) with ``<dataset_name>_distribution.xlsx`` for ``fg == 2``; the
                 shipped ``datasets/excel`` is consulted after them.
@@ -295,7 +300,6 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.dataset_name = dataset_name
         self.classname = classname
         self.split = split
-        self.batch_size = batch_size
         self.distribution = distribution
         self.mean = mean
         self.std = std
@@ -311,7 +315,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
         if not os.path.isdir(self.source):
             raise GlassError(f"data path {self.source} does not exist: pass the folder that holds the class folders")
-        self.layout_problems = LayoutProblems(self.source, classname)
+        self.layout_problems = LayoutProblems(self.source, classname, self.LAYOUT)
         self.unknown_masks = 0  # defect test images without a mask
         self.data_to_iterate: List[list] = self._collect_items()
         self.anomaly_source_paths: List[str] = []
@@ -455,8 +459,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         """Whether training items use foreground masks (``fg`` 0/1, or the xlsx entry for 2)."""
         if self.fg != 2:
             return int(self.fg == 1)
-        dirs = [excel_dir] if isinstance(excel_dir, (str, os.PathLike)) else list(excel_dir or [])
-        dirs = [str(d) for d in dirs] + [SHIPPED_EXCEL_DIR]
+        dirs = distribution_table_dirs(excel_dir)
         key = f"{self.dataset_name}_{self.classname}"
         try:
             found = utils.lookup_distribution(dirs, self.dataset_name, key)

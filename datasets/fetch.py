@@ -49,6 +49,8 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import click
 from tqdm import tqdm
 
+from datasets.base import is_image
+from datasets.visa import VISA_CLASSES
 from utils import GlassError, make_writable_folder
 
 LOGGER = logging.getLogger(__name__)
@@ -200,9 +202,6 @@ DATASETS: dict[str, DatasetSource] = {
     ),
 }
 
-VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-                "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
-IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,7 +581,7 @@ def _convert_btad(unpacked: Path, out: Path, source: DatasetSource, dest: Path, 
                 target_dir = out / class_dir.name / "ground_truth" / label_dir.name
                 target_dir.mkdir(parents=True, exist_ok=True)
                 for mask in sorted(label_dir.iterdir()):
-                    if mask.is_file() and mask.suffix.lower() in IMAGE_SUFFIXES:
+                    if mask.is_file() and is_image(mask.name):
                         _move_as_png(mask, target_dir / f"{mask.stem}_mask.png")
         for label_dir in sorted((out / class_dir.name / "test").glob("*")):
             if label_dir.name == "good":

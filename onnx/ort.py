@@ -28,6 +28,9 @@ import onnxruntime
 from PIL import Image
 
 
+# This script stands alone (no import from the project): these copy datasets.base.IMAGE_EXTENSIONS and
+# glass.PREDICTION_COLUMNS, and collect_images/output_stems below copy glass's, so that `ort.py` and
+# `main.py predict` take the same inputs and write the same table; tests/test_onnx.py compares them.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CSV_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
 
@@ -119,6 +122,11 @@ def open_session(model_path: str, providers: Optional[Sequence[str]] = None) -> 
 # --------------------------------------------------------------------------------------------------
 # Images
 
+def is_image(name: str) -> bool:
+    """Whether ``name`` has an image extension (any case) and is not hidden (macOS's ``._*`` files are not images)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
 def collect_images(inputs: Sequence[str]) -> List[str]:
     """Image files named by ``inputs``: files, folders (searched recursively) and glob patterns, in order."""
     found: List[str] = []
@@ -131,7 +139,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise UsageError(f"{item} matched no file: give image files, folders or glob patterns such as 'dir/*.png'")
-        images = [m for m in matches if os.path.isfile(m) and os.path.splitext(m)[1].lower() in IMAGE_EXTENSIONS]
+        images = [m for m in matches if os.path.isfile(m) and is_image(os.path.basename(m))]
         if not images:
             raise UsageError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         found.extend(images)

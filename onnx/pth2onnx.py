@@ -234,8 +234,8 @@ def is_onnx_model(path: str) -> bool:
 
 
 def check_output(path: str) -> None:
-    """Refuse an output path that names a folder, or an existing file that is not an ONNX model (a checkpoint,
-    config.json, ... would be lost)."""
+    """Refuse an output path that names a folder, or an existing file that is not an ONNX model named ``*.onnx``
+    (a checkpoint, config.json, ... would be lost)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise GlassError(f"-o {path} names a directory: give a file path such as {os.path.join(path, DEFAULT_NAME)}")
     if os.path.exists(path) and not (path.lower().endswith(".onnx") and is_onnx_model(path)):
@@ -357,7 +357,7 @@ def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = 
     return metadata
 
 
-def stored_threshold(class_dir: str, checkpoint: str) -> Optional[float]:
+def stored_threshold_value(class_dir: str, checkpoint: str) -> Optional[float]:
     """The threshold in ``<class_dir>/threshold.json`` if it applies to this checkpoint (glass.stored_threshold)."""
     record = glass.stored_threshold(class_dir, checkpoint)
     return None if record is None else record["threshold"]
@@ -510,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_output(args.output)
         model, config, checkpoint, class_dir = load_for_export(args)
         output = args.output or os.path.join(class_dir, DEFAULT_NAME)
-        threshold = stored_threshold(class_dir, checkpoint)
+        threshold = stored_threshold_value(class_dir, checkpoint)
         diff = export(model, config, output, checkpoint=checkpoint, threshold=threshold, opset=args.opset, check=not args.no_check)
     except GlassError as exc:
         print(f"Error: {exc}", file=sys.stderr)

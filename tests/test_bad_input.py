@@ -170,6 +170,12 @@ def test_unknown_backbone(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["-b", "resnet7"]), "unknown backbone 'resnet7'")
 
 
+def test_no_feature_layer_names_the_backbones_usual_ones(capsys, results, data, dtd_root):
+    args = ["--results_path", results, "net", "-b", "efficientnet_lite0", "--meta_epochs", "1",
+            *tiny_dataset_args(data, dtd_root)]
+    assert_fails(capsys, results, args, "no feature layers given", "for efficientnet_lite0, e.g. -le blocks.2 -le blocks.4")
+
+
 def test_unknown_layer(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["-le", "layer9"]), "layer 'layer9' not found")
 

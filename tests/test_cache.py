@@ -150,7 +150,7 @@ def test_plan_chooses_memory_then_disk_then_nothing(tmp_path, monkeypatch):
             common.plan_cache("auto", sizes, str(tmp_path)).content) == ("ram", "embeddings")
     monkeypatch.setattr(common, "available_memory", lambda: 12 * 2**30)
     plan = common.plan_cache("auto", sizes, str(tmp_path))
-    assert (plan.storage, plan.content) == ("ram", "maps")  # the embeddings need more than half of it
+    assert (plan.storage, plan.content, plan.nbytes) == ("ram", "maps", 4 * 2**30)  # the embeddings need more than half
     monkeypatch.setattr(common, "available_memory", lambda: 4 * 2**30)
     assert common.plan_cache("auto", sizes, str(tmp_path)).storage == "disk"
     with pytest.raises(common.GlassError, match="--cache ram needs 4.00 GB but 4.00 GB of memory is available"):

@@ -336,7 +336,7 @@ def test_every_layout_problem_is_reported_at_once(custom_part, capsys):
     code = run_tiny(custom_part.parent / "results", custom_part, "custom", "part")
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
-    assert err.startswith(f"Error: dataset layout problems in {custom_part} (class part): ")
+    assert err.startswith(f"Error: MVTec AD layout problems in {custom_part} (class part): ")
     assert "1 unreadable image (part/train/good/003.png; replace or remove them)" in err  # training split
     assert "1 mask of another size than its image (part/ground_truth/cut/001_mask.png 100x50 vs 320x427)" in err
     assert "1 mask folder matching no image (part/ground_truth/hole" in err
@@ -356,7 +356,7 @@ def test_layout_problems_of_several_classes_are_reported_together(custom_part, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "(class part): 1 unreadable image (part/train/good/003.png" in err
-    assert " | dataset layout problems in " in err and "(class part2): 1 test split without normal images" in err
+    assert " | MVTec AD layout problems in " in err and "(class part2): 1 test split without normal images" in err
     assert not (custom_part.parent / "results" / "models").exists()  # neither class trained
 
 

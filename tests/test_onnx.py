@@ -124,6 +124,27 @@ def test_ort_script_reads_images_of_more_than_8_bits_as_training_with_a_warning(
     assert f"{wide} has more than 8 bits per pixel (I;16)" in caplog.text and (crop == 255).mean() > 0.9
 
 
+def test_ort_script_takes_the_same_inputs_as_predict_and_writes_the_same_columns(tmp_path):
+    """The standalone script's copies of the project's image rules agree with the project's."""
+    import datasets.base
+
+    assert ort_script.IMAGE_EXTENSIONS == datasets.base.IMAGE_EXTENSIONS
+    assert ort_script.CSV_COLUMNS == glass.PREDICTION_COLUMNS
+    for name in ("a.png", "b.JPG", "c.tiff", "._a.png", ".hidden.png", "notes.txt", "d.webp"):
+        assert ort_script.is_image(name) == datasets.base.is_image(name), name
+    for folder in ("x", "y/z"):
+        (tmp_path / folder).mkdir(parents=True)
+        for name in ("a.png", "b.JPG", "._a.png", "notes.txt"):
+            (tmp_path / folder / name).write_bytes(b"")
+    inputs = [str(tmp_path / "x"), str(tmp_path / "y" / "**" / "*.png"), str(tmp_path / "x" / "a.png")]
+    found = glass.collect_images(inputs)
+    assert ort_script.collect_images(inputs) == found and len(found) == 3
+    assert ort_script.output_stems(found) == glass.output_stems(found) == ["x_a", "x_b", "y_z_a"]
+    for make_error in (glass.collect_images, ort_script.collect_images):
+        with pytest.raises(Exception, match="matched no file"):
+            make_error([str(tmp_path / "nothing*.png")])
+
+
 def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported, model, test_images, tiny_tire, tmp_path):
     # Deployable alone: it imports nothing from this repository ...
     tree = ast.parse((ROOT / "onnx" / "ort.py").read_text())
@@ -194,11 +215,11 @@ def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_i
 
 def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path):
     (tmp_path / "threshold.json").write_text('{"threshold": 0.42, "checkpoint": "ckpt_best_3.pth"}')
-    assert pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_3.pth")) == 0.42
-    assert pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_4.pth")) is None  # made for another one
+    assert pth2onnx.stored_threshold_value(str(tmp_path), str(tmp_path / "ckpt_best_3.pth")) == 0.42
+    assert pth2onnx.stored_threshold_value(str(tmp_path), str(tmp_path / "ckpt_best_4.pth")) is None  # made for another one
     (tmp_path / "threshold.json").write_text('{"threshold": "abc", "checkpoint": "ckpt_best_3.pth"}')
     with pytest.raises(GlassError, match="the threshold 'abc' is not a finite number: fix it, delete it or rerun with --calibrate"):
-        pth2onnx.stored_threshold(str(tmp_path), str(tmp_path / "ckpt_best_3.pth"))
+        pth2onnx.stored_threshold_value(str(tmp_path), str(tmp_path / "ckpt_best_3.pth"))
     config = {"backbone": "resnet18", "layers_to_extract_from": ["layer2"], "input_shape": [3, 32, 32],
               "dataset": {"resize_used": [40, 40]}}
     meta = pth2onnx.export_metadata(config, "ckpt_best_3.pth", 0.42)

@@ -422,7 +422,6 @@ def test_device_plan(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     assert main.plan_workers([0, 1], ["a", "b"]) == []
     assert capsys.readouterr().err.strip() == "no CUDA device: running on CPU, one class at a time"
-    assert main.plan_workers([0, 1], ["a", "a"]) == []
     monkeypatch.setenv(main.CPU_WORKERS_ENV, "2")
     assert main.plan_workers([0, 1, 2], ["a", "b", "c"]) == [-1, -1]
     monkeypatch.setenv(main.CPU_WORKERS_ENV, "two")

@@ -181,3 +181,15 @@ def test_net_options_reach_the_model():
         (0.02, 0.6, 0.4, 7, 0, 1, 0.4, 9)
     assert model.dsc_opt.param_groups[0]["lr"] == 0.006 and model.proj_opt.param_groups[0]["lr"] == 0.003
     assert model.pre_projection.layers[0].in_features == 20 and model.discriminator.body.block1[0].out_features == 12
+
+
+def test_svd_option_is_ignored_with_a_warning(caplog):
+    """--svd never chooses the hypothesis (dataset --distribution does), so it warns and a resume ignores it."""
+    import main
+
+    with caplog.at_level("WARNING", logger="glass"):
+        main.net.invoke(main.net.make_context("net", ["-b", "efficientnet_lite0", "-le", "blocks.2", "--svd", "1"]))
+    assert "--svd 1 is ignored" in caplog.text and "--distribution" in caplog.text
+    config = {"net": {"svd": 0, "noise": 0.015}, "dataset": {}, "seed": 0}
+    assert glass.other_differences(config, {**config, "net": {"svd": 1, "noise": 0.015}}) == []
+    assert glass.other_differences(config, {**config, "net": {"svd": 0, "noise": 0.02}}) == ["net.noise: 0.015 -> 0.02"]

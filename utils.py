@@ -258,9 +258,14 @@ def read_json(path: str, fix: str = "train the class again") -> dict:
     return record
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through a temporary file and a rename. Saved through a file object, so that the archive's
+    inner folder is torch's fixed ``archive/`` rather than the random temporary name: equal contents, equal bytes."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+
+    atomic_write(path, write)
 
 
 def format_metric(value: float) -> str:

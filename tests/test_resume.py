@@ -339,6 +339,18 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["results.csv"]
 
 
+def test_saved_checkpoints_of_equal_contents_are_equal_bytes(tmp_path):
+    """The temporary file's random name must not reach the archive (identical runs give identical files)."""
+    state = {"discriminator": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3}
+    utils.atomic_torch_save(state, str(tmp_path / "ckpt_best_3.pth"))
+    (tmp_path / "other").mkdir()
+    utils.atomic_torch_save(state, str(tmp_path / "other" / "ckpt_best_3.pth"))
+    first, second = (tmp_path / "ckpt_best_3.pth").read_bytes(), (tmp_path / "other" / "ckpt_best_3.pth").read_bytes()
+    assert first == second
+    assert torch.equal(torch.load(tmp_path / "ckpt_best_3.pth", weights_only=True)["discriminator"]["w"],
+                       state["discriminator"]["w"])
+
+
 def test_atomic_write_failures_are_one_line_errors_that_keep_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pth"
     target.write_text("old")

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -1043,7 +1044,7 @@ class GLASS(torch.nn.Module):
                     best_record = [*result, epoch]
                     new_best = os.path.join(self.ckpt_dir, f"ckpt_best_{epoch}.pth")
                 summary = self._summary(result, epoch, best_record)
-                pbar.set_description_str(f"{epoch_str} {summary}")
+                pbar.set_description_str(f"{epoch_str} {summary}", refresh=False)  # shown by the epoch's update
             best_path = self._save_epoch(epoch, weights, result, best_record, best_path, new_best)
         self.logger.flush()
         return best_record
@@ -1262,7 +1263,8 @@ class GLASS(torch.nn.Module):
         self.embedder.eval()
         probe_done = False
         with torch.no_grad(), isolated_rng():
-            for batch in tqdm.tqdm(loader, desc="Caching training features", leave=False, unit="batch"):
+            for batch in tqdm.tqdm(loader, desc="Caching training features", leave=False, unit="batch",
+                                   disable=None):
                 images = batch["image"].to(torch.float).to(self.device)
                 indices = [int(i) for i in batch["index"]]
                 features, grids, maps = self._embed_plain(images)
@@ -1290,7 +1292,8 @@ class GLASS(torch.nn.Module):
         masks: List[np.ndarray] = []
         order: List[int] = []
         with torch.no_grad(), isolated_rng():
-            for batch in tqdm.tqdm(loader, desc="Caching test features", leave=False, unit="batch"):
+            for batch in tqdm.tqdm(loader, desc="Caching test features", leave=False, unit="batch",
+                                   disable=None):
                 images = batch["image"].to(torch.float).to(self.device)
                 indices = [int(i) for i in batch["index"]] if "index" in batch else \
                     list(range(len(order), len(order) + images.shape[0]))
@@ -1379,7 +1382,8 @@ class GLASS(torch.nn.Module):
                 f"epoch:{epoch} loss:{means['loss']:.2e} pt:{means['p_true'] * 100:.2f} pf:{means['p_fake'] * 100:.2f}"
                 f" rt:{means['r_t']:.2f} rg:{means['r_g']:.2f} rf:{means['r_f']:.2f} svd:{self.svd} sample:{sample_num}"
             )
-            pbar.set_description_str(f"{epoch_str} {summary}".strip())
+            # Redrawn at every step on a terminal; in a log file (not a terminal) once per epoch, with the bar.
+            pbar.set_description_str(f"{epoch_str} {summary}".strip(), refresh=sys.stderr.isatty())
             if sample_num > self.limit:
                 break
         self.epoch_stats = {k: float(np.mean(v)) for k, v in history.items()}
@@ -1495,7 +1499,7 @@ class GLASS(torch.nn.Module):
                 return self._predict_cached(cache, dataloader, keep_images)
             images, scores, segmentations, labels_gt, masks_gt, order = [], [], [], [], [], []
             lazy = not keep_images and LazyImages.supports(dataloader)
-            for batch in tqdm.tqdm(dataloader, desc="Inferring...", leave=False, unit="batch"):
+            for batch in tqdm.tqdm(dataloader, desc="Inferring...", leave=False, unit="batch", disable=None):
                 labels_gt.extend(np.asarray(batch["is_anomaly"]).tolist())
                 if batch.get("mask_gt", None) is not None:
                     masks_gt.append(batch["mask_gt"].numpy())
@@ -1514,7 +1518,8 @@ class GLASS(torch.nn.Module):
     def _predict_cached(self, cache: common.FeatureCache, dataloader, keep_images: bool):
         """:meth:`predict` from the test cache's features, labels and masks."""
         scores, segmentations = [], []
-        for indices in tqdm.tqdm(cache.batches, desc="Inferring (cached)...", leave=False, unit="batch"):
+        for indices in tqdm.tqdm(cache.batches, desc="Inferring (cached)...", leave=False, unit="batch",
+                                     disable=None):
             features = cache.embeddings(indices, self._embed_maps, self.device)
             batch_scores, batch_maps = self._score_features(features, cache.grids, len(indices))
             scores.extend(batch_scores)

@@ -580,6 +580,7 @@ class GLASS(torch.nn.Module):
         self.step = step
         self.limit = limit
         self.judged_distribution: Optional[int] = None
+        self.finished_note = ""  # why trainer() skipped training (it returns None then)
         self.focal_loss = FocalLoss()
         self.anomaly_segmentor = common.RescaleSegmentor(device=device, target_size=self.input_shape[-2:])
 
@@ -799,21 +800,25 @@ class GLASS(torch.nn.Module):
             raise GlassError(f"{path} is damaged ({problem}): {fix}")
         return state
 
-    def training_status(self, state: Optional[dict]) -> str:
+    def training_status(self, state: Optional[dict], meta_epochs: Optional[int] = None) -> str:
         """``new``, ``resume`` (ckpt.pth stopped before the last epoch) or ``finished``.
 
-        A ckpt.pth with training state decides by its epoch. Without one (a folder written by the
-        reference, or none at all) a present ``ckpt_best_*.pth`` means finished, as in the reference.
+        A ckpt.pth with training state decides by its epoch against ``meta_epochs`` (default: this run's
+        ``--meta_epochs``). Without one (a folder written by the reference, or none at all) a present
+        ``ckpt_best_*.pth`` means finished, as in the reference.
         """
         if state is not None and "epoch" in state:
-            return "finished" if int(state["epoch"]) >= self.meta_epochs - 1 else "resume"
+            planned = self.meta_epochs if meta_epochs is None else meta_epochs
+            return "finished" if int(state["epoch"]) >= planned - 1 else "resume"
         return "finished" if self.best_checkpoint() is not None else "new"
 
     def check_config(self, config: dict, training: bool) -> None:
         """Refuse a class folder trained with other model-shaping options; record ``config.json`` for new runs.
 
         ``config`` is what ``main.run`` knows about this run (backbone, layers, input shape, options). A test-only
-        run (``training`` False) needs the best checkpoint only, so it goes on past a damaged ckpt.pth with a warning.
+        run (``training`` False) needs the best checkpoint only, so it goes on past a damaged ckpt.pth with a warning,
+        and judges whether the training had finished by the epochs that training was run for, not by this run's
+        ``--meta_epochs``.
         """
         try:
             state = self.read_training_checkpoint()
@@ -822,7 +827,10 @@ class GLASS(torch.nn.Module):
                 raise
             LOGGER.warning("%s; testing the best checkpoint all the same", exc)
             state = None
-        status = self.training_status(state)
+        planned = self.meta_epochs
+        if not training and state is not None and "meta_epochs" in state:
+            planned = int(state["meta_epochs"])
+        status = self.training_status(state, planned)
         path = os.path.join(self.ckpt_dir, CONFIG_NAME)
         if status != "new" and os.path.isfile(path):
             saved = read_config_file(path)
@@ -837,12 +845,13 @@ class GLASS(torch.nn.Module):
                     f"{self.ckpt_dir} holds a model trained with other options ({'; '.join(differences)}): "
                     "rerun with the options it was trained with, or use another --results_path"
                 )
-            changed = other_differences(saved, config)
+            # Another --meta_epochs only moves the last epoch (no schedule depends on it); the trainer says so.
+            changed = [d for d in other_differences(saved, config) if not d.startswith("net.meta_epochs:")]
             if training and status == "resume" and changed:
                 LOGGER.warning("Resuming %s with other training options than it started with (%s): the result will "
                                "differ from an uninterrupted run", os.path.basename(self.ckpt_dir), "; ".join(changed))
             view = [d for d in changed if d.startswith(TEST_VIEW_OPTIONS)]
-            if status == "finished" and view:
+            if (status == "finished" or not training) and view:
                 LOGGER.warning("Testing %s on images prepared otherwise than at its training (%s): its metrics, which "
                                "replace the class's row in results.csv, are not those of its training setup",
                                os.path.basename(self.ckpt_dir), "; ".join(view))
@@ -851,7 +860,7 @@ class GLASS(torch.nn.Module):
         if status == "resume" and not training:
             LOGGER.warning("Training of %s stopped after %d of %d epochs: testing its best checkpoint so far "
                            "(rerun with --test ckpt to finish training)", os.path.basename(self.ckpt_dir),
-                           int(state["epoch"]) + 1, self.meta_epochs)
+                           int(state["epoch"]) + 1, planned)
         if state is not None and "epoch" in state:
             self._settle_best_checkpoint(state)
 
@@ -1002,16 +1011,21 @@ class GLASS(torch.nn.Module):
         if status == "finished":
             if state is not None and "epoch" in state:
                 self._settle_best_checkpoint(state)
-                LOGGER.info("%s: training finished before (%d of %d epochs), skipping it", name, int(state["epoch"]) + 1,
-                            self.meta_epochs)
+                done = int(state["epoch"]) + 1
+                epochs = f"{done} epoch" + ("s" if done > 1 else "")
+                self.finished_note = (epochs if done == self.meta_epochs else
+                                      f"{epochs}, more than the {self.meta_epochs} asked for")
             else:
-                LOGGER.info("%s: %s exists, skipping training", name, os.path.basename(self.best_checkpoint()))
+                self.finished_note = f"{os.path.basename(self.best_checkpoint())} without ckpt.pth: by the reference?"
             return None
 
         if getattr(getattr(training_data, "dataset", None), "distribution", 0) != 1:  # not for judging only
             self.check_mask_grid(training_data)
         start_epoch, best_record, best_path = 0, None, None
         if status == "resume":
+            started_for = int(state.get("meta_epochs", self.meta_epochs))
+            if started_for != self.meta_epochs:
+                LOGGER.info("%s: training to %d epochs (it was started for %d)", name, self.meta_epochs, started_for)
             start_epoch, best_record, best_path = self._resume(state, name)
         else:
             if state is not None:

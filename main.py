@@ -460,7 +460,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                     if isinstance(outcome, int):  # --distribution 1: judged only
                         continue
                     if outcome is None:
-                        say(f"{class_key}: already trained, testing its best checkpoint "
+                        say(f"{class_key}: already trained ({model.finished_note}), testing its best checkpoint "
                             f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], class_key))
                 model.record_missing_config(config)
@@ -903,10 +903,11 @@ def cli(argv: List[str] | None = None) -> int:
         click.echo(f"Error: {utils.error_message(exc)}", err=True)
         return 2
     except click.exceptions.Abort as exc:  # Ctrl-C, or SIGTERM/SIGHUP (utils.termination_as_interrupt)
+        again = "rerun the same command to go on (training resumes after its last finished epoch)"
         if isinstance(exc.__cause__, utils.Terminated):
-            click.echo(f"Terminated ({exc.__cause__}).", err=True)
+            click.echo(f"Terminated ({exc.__cause__}): {again}.", err=True)
             return 128 + getattr(signal, str(exc.__cause__)).value
-        click.echo("Aborted.", err=True)
+        click.echo(f"Interrupted (Ctrl-C): {again}.", err=True)
         return 130
     except OSError as exc:  # the environment, not the code: a full disk, a file where a folder must be, ...
         where = f"{exc.filename}: " if exc.filename else ""

@@ -259,6 +259,19 @@ def test_help_is_printed_without_a_log_line(capsys, caplog):
     assert "Command line arguments: main.py --gpu -1 net" in caplog.text
 
 
+def test_ctrl_c_says_how_to_go_on(capsys, monkeypatch):
+    import main
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main.main, "invoke", interrupted)
+    assert main.cli(["--gpu", "-1", "net"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("Interrupted (Ctrl-C): rerun the same command to go on (training resumes "
+                                            "after its last finished epoch).") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("moved, says", [
     (["--resize", "64"], "--resize is a `dataset` option: give it after `dataset`, before NAME DATA_PATH AUG_PATH"),
     (["--results_path", "elsewhere"], "--results_path is an option of main.py itself: give it before `net`"),

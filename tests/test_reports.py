@@ -270,7 +270,7 @@ def test_a_parallel_rerun_prints_what_its_workers_say(sequential_and_parallel, t
     assert code == 0, err[-2000:]
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     for name in ("mvtec_tire", "mvtec_tire2"):
-        assert f"{name}: already trained, testing its best checkpoint" in out
+        assert f"{name}: already trained (1 epoch), testing its best checkpoint" in out
         assert any(message.startswith(f"{name} (worker): Testing {name} on images prepared otherwise than at its "
                                       "training (dataset.resize") for message in warnings), warnings
 

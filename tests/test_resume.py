@@ -155,7 +155,8 @@ def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path, un
     results = tmp_path / "results"
     done = run_subprocess(arguments(results, small_tire, dtd_root), kill_at="1:0", GLASS_TEST_KILL_SIGNAL="SIGTERM")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
-    assert done.stderr.splitlines()[-1] == "Terminated (SIGTERM)." and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == ("Terminated (SIGTERM): rerun the same command to go on (training resumes "
+                                            "after its last finished epoch).") and "Traceback" not in done.stderr
     assert json.loads((results / "run.json").read_text())["status"] == "interrupted"
     assert run_main(arguments(results, small_tire, dtd_root)) == 0
     assert_same_outcome(results, uninterrupted)
@@ -208,6 +209,8 @@ def test_same_seed_gives_identical_metrics_and_checkpoints(tmp_path, uninterrupt
     done = run_subprocess(arguments(results, small_tire, dtd_root), GLASS_MALLOC="system")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_outcome(results, uninterrupted)
+    for name in (*best_files(results / CLASS_DIR), "ckpt.pth"):  # the very bytes
+        assert (results / CLASS_DIR / name).read_bytes() == (uninterrupted / CLASS_DIR / name).read_bytes(), name
 
 
 def test_finished_class_is_only_tested(tmp_path, uninterrupted, small_tire, dtd_root, capsys):
@@ -215,9 +218,43 @@ def test_finished_class_is_only_tested(tmp_path, uninterrupted, small_tire, dtd_
     shutil.copytree(uninterrupted, results)
     before = {p.name: p.read_bytes() for p in (results / CLASS_DIR).glob("*.pth")}
     assert run_main(arguments(results, small_tire, dtd_root)) == 0
-    assert "mvtec_tire: already trained, testing its best checkpoint" in capsys.readouterr().out
+    assert "mvtec_tire: already trained (3 epochs), testing its best checkpoint" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (results / CLASS_DIR).glob("*.pth")} == before
     assert read_rows(results) == read_rows(uninterrupted)
+
+
+def test_a_finished_class_trained_longer_than_asked_says_so(tmp_path, uninterrupted, small_tire, dtd_root, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(uninterrupted, results)
+    assert run_main(arguments(results, small_tire, dtd_root, net_extra=["--meta_epochs", "2"])) == 0
+    assert ("mvtec_tire: already trained (3 epochs, more than the 2 asked for), testing its best checkpoint"
+            in capsys.readouterr().out)
+    assert read_rows(results) == read_rows(uninterrupted)
+
+
+def test_training_on_to_more_epochs_is_not_called_a_changed_option(tmp_path, killed_in_epoch_1, small_tire, dtd_root,
+                                                                   caplog):
+    caplog.set_level("INFO")
+    results = tmp_path / "results"
+    shutil.copytree(killed_in_epoch_1, results)
+    assert run_main(arguments(results, small_tire, dtd_root, net_extra=["--meta_epochs", "4"])) == 0
+    assert "mvtec_tire: training to 4 epochs (it was started for 3)" in caplog.text
+    assert "(1 of 4 epochs done)" in caplog.text and "other training options" not in caplog.text
+    assert best_files(results / CLASS_DIR) == ["ckpt_best_3.pth"]
+
+
+def test_test_only_judges_an_unfinished_training_by_its_own_epochs(tmp_path, killed_in_epoch_1, small_tire, dtd_root,
+                                                                  caplog):
+    """--test test without the training's --meta_epochs (here the default, 640) and at another --resize."""
+    caplog.set_level("INFO")
+    results = tmp_path / "results"
+    shutil.copytree(killed_in_epoch_1, results)
+    net = [arg for i, arg in enumerate(NET) if "--meta_epochs" not in (arg, NET[i - 1])]
+    args = ["--test", "test", "--results_path", str(results), *net,
+            *tiny_dataset_args(small_tire, dtd_root, extra=["--resize", "72"])]
+    assert run_main(args) == 0
+    assert "Training of mvtec_tire stopped after 1 of 3 epochs: testing its best checkpoint so far" in caplog.text
+    assert "Testing mvtec_tire on images prepared otherwise than at its training (dataset.resize: 64 -> 72;" in caplog.text
 
 
 @pytest.mark.parametrize("change, named", [

@@ -1694,6 +1694,16 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:
     return model
 
 
+def trained_there(class_dir: str) -> str:
+    """`` (trained there: mvtec_tire, ..., as <dataset>_<class>)``: the trained class folders beside ``class_dir`` (those
+    with a best checkpoint), for the error about a class folder that does not exist; "" when there are none."""
+    models = os.path.dirname(os.path.normpath(class_dir))
+    trained = sorted(entry for entry in os.listdir(models)
+                     if glob.glob(os.path.join(glob.escape(os.path.join(models, entry)), "ckpt_best_*.pth"))
+                     ) if os.path.isdir(models) else []
+    return f" (trained there: {', '.join(trained)}, as <dataset>_<class>)" if trained else ""
+
+
 def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint: str | None = None) -> Tuple[GLASS, dict]:
     """Rebuild a trained model from its class folder (``<results>/models/backbone_<i>/<name>/``).
 
@@ -1702,7 +1712,10 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
     """
     config_path = os.path.join(class_dir, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        best = "a best checkpoint but " if glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth")) else ""
+        has_best = bool(glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth")))
+        if not has_best and checkpoint is None:  # a run that stopped before its first evaluation, say
+            raise GlassError(f"no ckpt_best_*.pth in {class_dir}: train this class first")
+        best = "a best checkpoint but " if has_best else ""
         raise GlassError(f"{class_dir} has {best}no {CONFIG_NAME}: point at a class folder written by main.py "
                          "(results/models/backbone_0/<dataset>_<class>), or record one for a folder the reference "
                          "wrote by testing it once (main.py --test test with the net and dataset options it was "

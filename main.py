@@ -8,7 +8,6 @@ and/or tests every class, writes the results table and then runs ``predict``.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import math
@@ -292,7 +291,14 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
 
     Chained after `net ... dataset NAME ...`, it scores with the class just trained (NAME unless --dataset is given).
     """
-    name_given = click.get_current_context().get_parameter_source("dataset_name") != click.core.ParameterSource.DEFAULT
+    context = click.get_current_context()
+    # In a chain, click reads everything after the first input as inputs, options included.
+    options = {opt for param in context.command.params for opt in param.opts}
+    late = next((arg for arg in inputs if arg in options and not os.path.exists(arg)), None)
+    if late is not None:
+        raise GlassError(f"{late} comes after the images: give predict's options before its INPUTS, e.g. "
+                         f"predict -d {subdataset} {late} ... {inputs[0]}")
+    name_given = context.get_parameter_source("dataset_name") != click.core.ParameterSource.DEFAULT
 
     def class_folder(results_path: str, trained_name: Optional[str]) -> tuple[str, str]:
         """(dataset name, class folder): the chained run's NAME unless --dataset is given."""
@@ -310,13 +316,8 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     def run_predict(results_path: str, device: torch.device, trained_name: Optional[str] = None) -> None:
         dataset_name, class_dir = class_folder(results_path, trained_name)
         if not os.path.isdir(class_dir):
-            models = os.path.dirname(class_dir)
-            trained = sorted(entry for entry in os.listdir(models)
-                             if glob.glob(os.path.join(glob.escape(os.path.join(models, entry)), "ckpt_best_*.pth"))
-                             ) if os.path.isdir(models) else []
-            there = f" (trained there: {', '.join(trained)}, as <dataset>_<class>)" if trained else ""
-            raise GlassError(f"no trained class folder {class_dir}{there}: check --results_path, -d and --dataset, or "
-                             "train the class first")
+            raise GlassError(f"no trained class folder {class_dir}{glass.trained_there(class_dir)}: check --results_path, "
+                             "-d and --dataset, or train the class first")
         paths = glass.collect_images(inputs)
         model, config = glass.load_trained(class_dir, device=device)
 

@@ -306,7 +306,8 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
     if class_dir is None:
         class_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     elif not os.path.isdir(class_dir):
-        raise GlassError(f"class folder {class_dir} does not exist: check --results_path, -d and --dataset (or --class_dir)")
+        raise GlassError(f"class folder {class_dir} does not exist{glass.trained_there(class_dir)}: check --results_path, "
+                         "-d and --dataset (or --class_dir)")
 
     if os.path.isfile(os.path.join(class_dir, glass.CONFIG_NAME)):
         given = [f"--{key}" for key, value in model_options.items() if value is not None]

@@ -211,6 +211,9 @@ def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_i
     assert len(err) == 1 and err[0].startswith("Error: --backbone")
     assert pth2onnx.main(["--results_path", str(tmp_path), "-d", "tire"]) == 2
     assert capsys.readouterr().err.strip().startswith("Error: class folder")
+    results = class_dir.parents[2]
+    assert pth2onnx.main(["--results_path", str(results), "-d", "tire", "--dataset", "mvtec3d"]) == 2
+    assert "mvtec3d_tire does not exist (trained there: mvtec_tire, as <dataset>_<class>)" in capsys.readouterr().err
 
 
 def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path):

@@ -165,6 +165,13 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
         assert "(trained there: mvtec_tire, as <dataset>_<class>)" in one_error_line(capsys)
     finally:
         shutil.rmtree(ghost)
+    untrained = results / "models" / "backbone_0" / "mvtec_untrained"  # what a failed --test test leaves
+    (untrained / "tb").mkdir(parents=True)
+    try:
+        assert run_main(["--results_path", results, "predict", "-d", "untrained", image]) == 2
+        assert f"no ckpt_best_*.pth in {untrained}: train this class first" in one_error_line(capsys)
+    finally:
+        shutil.rmtree(untrained)
     assert run_main(["--results_path", results, "predict", "-d", "tire", str(tmp_path / "*.png")]) == 2
     assert "matched no file" in one_error_line(capsys)
     (tmp_path / "empty").mkdir()
@@ -174,6 +181,9 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     assert "not both" in one_error_line(capsys)
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "nan", image]) == 2
     assert "not a finite number" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", image, "--threshold", "0.8"]) == 2
+    assert ("--threshold comes after the images: give predict's options before its INPUTS, e.g. predict -d tire "
+            f"--threshold ... {image}") in one_error_line(capsys)
 
 
 def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, tiny_tire, dtd_root, tmp_path, capsys):

@@ -89,8 +89,8 @@ def main(**kwargs):
 @main.command("net")
 @click.option("--dsc_margin", type=FiniteRange(), default=0.5, show_default=True, help="Score margin for the p_true/p_fake statistics.")
 @click.option("--train_backbone", is_flag=True, help="Fine-tune the backbone too (AdamW, lr).")
-@click.option("--backbone_names", "-b", type=str, multiple=True, default=[], help="Backbone name(s); NAME.seed-N fixes a seed per backbone.")
-@click.option("--layers_to_extract_from", "-le", type=str, multiple=True, default=[], help="Backbone layer(s) to take features from, e.g. -le layer2 -le layer3.")
+@click.option("--backbone_names", "-b", type=str, multiple=True, default=[], help="Backbone name(s), required; NAME.seed-N fixes a seed per backbone.")
+@click.option("--layers_to_extract_from", "-le", type=str, multiple=True, default=[], help="Backbone layer(s) to take features from, required, e.g. -le layer2 -le layer3.")
 @click.option("--pretrain_embed_dimension", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--target_embed_dimension", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--patchsize", type=click.IntRange(min=1), default=3, show_default=True, callback=odd_patchsize,
@@ -139,14 +139,15 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
         LOGGER.warning("--svd %d is ignored (as in the reference): the hypothesis comes from `dataset --distribution` "
                        "(2: manifold, 3: hypersphere, 0: the distribution table)", options["svd"])
 
+    if not backbone_names:  # checked here, before the data are: both are the reference's multiple options
+        raise GlassError("no backbone given: add -b NAME to `net` (e.g. -b wideresnet50 or -b efficientnet_lite0)")
+    if not layers:
+        name = backbones.parse_backbone_name(backbone_names[0])[0]
+        example = backbones.DEFAULT_LAYERS.get(name, ["layer2", "layer3"])
+        raise GlassError("no feature layers given: add -le LAYER to `net` (for "
+                         f"{name}, e.g. {' '.join('-le ' + layer for layer in example)})")
+
     def get_glass(input_shape, device) -> List[glass.GLASS]:
-        if not backbone_names:
-            raise GlassError("no backbone given: add -b NAME to `net` (e.g. -b wideresnet50 or -b efficientnet_lite0)")
-        if not layers:
-            name = backbones.parse_backbone_name(backbone_names[0])[0]
-            example = backbones.DEFAULT_LAYERS.get(name, ["layer2", "layer3"])
-            raise GlassError("no feature layers given: add -le LAYER to `net` (for "
-                             f"{name}, e.g. {' '.join('-le ' + layer for layer in example)})")
         models = []
         for full_name in backbone_names:
             name, backbone_seed = backbones.parse_backbone_name(full_name)
@@ -168,7 +169,7 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
     return "get_glass", get_glass
 
 
-@main.command("dataset")
+@main.command("dataset", short_help="The data: NAME DATA_PATH AUG_PATH, classes (-d) and loader options.")
 @click.argument("name", type=str)
 @click.argument("data_path", type=click.Path(exists=True, file_okay=False))
 @click.argument("aug_path", type=click.Path(exists=True, file_okay=False))

@@ -168,8 +168,8 @@ def list_textures(anomaly_source_path: str) -> List[str]:
         paths.extend(list_images(os.path.join(anomaly_source_path, category), TEXTURE_EXTENSIONS))
     if not paths:
         raise GlassError(
-            f"texture folder {anomaly_source_path} holds no images as <category>/*.jpg: pass the DTD "
-            "'images' folder (one subfolder of .jpg files per texture)"
+            f"texture folder {anomaly_source_path} holds no images as <category>/<image> "
+            f"({', '.join(TEXTURE_EXTENSIONS)}): pass the DTD 'images' folder (one subfolder of .jpg files per texture)"
         )
     return sorted(paths)
 

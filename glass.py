@@ -707,10 +707,7 @@ class GLASS(torch.nn.Module):
 
     def best_checkpoint(self) -> Optional[str]:
         """Path of ``ckpt_best_<epoch>.pth`` in the class folder, if any (the highest epoch if several)."""
-        found = [p for p in glob.glob(os.path.join(self.ckpt_dir, "ckpt_best_*.pth")) if BEST_CHECKPOINT_PATTERN.search(p)]
-        if not found:
-            return None
-        return max(found, key=lambda p: int(BEST_CHECKPOINT_PATTERN.search(p).group(1)))
+        return best_checkpoint_in(self.ckpt_dir)
 
     def checkpoint_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """The reference's checkpoint format: ``{"discriminator": ..., "pre_projection": ...}`` on CPU."""
@@ -858,9 +855,10 @@ class GLASS(torch.nn.Module):
         if training and (status == "new" or (status == "resume" and not os.path.isfile(path))):
             self.save_config(config)
         if status == "resume" and not training:
+            finish = "--test ckpt" + (f" --meta_epochs {planned}" if planned != self.meta_epochs else "")
             LOGGER.warning("Training of %s stopped after %d of %d epochs: testing its best checkpoint so far "
-                           "(rerun with --test ckpt to finish training)", os.path.basename(self.ckpt_dir),
-                           int(state["epoch"]) + 1, planned)
+                           "(rerun with %s to finish training)", os.path.basename(self.ckpt_dir),
+                           int(state["epoch"]) + 1, planned, finish)
         if state is not None and "epoch" in state:
             self._settle_best_checkpoint(state)
 
@@ -881,7 +879,7 @@ class GLASS(torch.nn.Module):
             LOGGER.warning("Writing %s from ckpt.pth (the run was killed before writing it)", path)
             weights = {key: {k: v.cpu() for k, v in state[key].items()} for key in CHECKPOINT_KEYS if key in state}
             utils.atomic_torch_save(weights, path)
-        for path in glob.glob(os.path.join(self.ckpt_dir, "ckpt_best_*.pth")):
+        for path in glob.glob(os.path.join(glob.escape(self.ckpt_dir), "ckpt_best_*.pth")):
             if BEST_CHECKPOINT_PATTERN.search(path) and os.path.basename(path) != recorded:
                 LOGGER.warning("Removing %s: ckpt.pth records %s as the best (the run was killed before removing it)",
                                path, recorded)
@@ -1016,7 +1014,8 @@ class GLASS(torch.nn.Module):
                 self.finished_note = (epochs if done == self.meta_epochs else
                                       f"{epochs}, more than the {self.meta_epochs} asked for")
             else:
-                self.finished_note = f"{os.path.basename(self.best_checkpoint())} without ckpt.pth: by the reference?"
+                whose = "a ckpt.pth without training state" if state is not None else "no ckpt.pth"
+                self.finished_note = f"{os.path.basename(self.best_checkpoint())} and {whose}: by the reference?"
             return None
 
         if getattr(getattr(training_data, "dataset", None), "distribution", 0) != 1:  # not for judging only
@@ -1025,7 +1024,7 @@ class GLASS(torch.nn.Module):
         if status == "resume":
             started_for = int(state.get("meta_epochs", self.meta_epochs))
             if started_for != self.meta_epochs:
-                LOGGER.info("%s: training to %d epochs (it was started for %d)", name, self.meta_epochs, started_for)
+                LOGGER.info("%s: training to %d epochs (its last run was for %d)", name, self.meta_epochs, started_for)
             start_epoch, best_record, best_path = self._resume(state, name)
         else:
             if state is not None:
@@ -1038,8 +1037,10 @@ class GLASS(torch.nn.Module):
         center_data = self._center_loader(training_data)
         self.setup_feature_caches(center_data, val_data, training_data)
         summary = self._summary(best_record[:-1], int(best_record[-1]), best_record) if best_record is not None else ""
+        # On a terminal a bar; in a log file (stderr not a terminal) one log line per epoch instead.
+        live = sys.stderr.isatty()
         pbar = tqdm.tqdm(range(start_epoch, self.meta_epochs), initial=start_epoch, total=self.meta_epochs,
-                         unit="epoch", desc=name, dynamic_ncols=True)
+                         unit="epoch", desc=name, dynamic_ncols=True, disable=not live)
         if status == "resume":  # last, so that nothing draws from the generators before the epoch does
             set_rng_state(state["rng"])
             del state
@@ -1060,6 +1061,8 @@ class GLASS(torch.nn.Module):
                 summary = self._summary(result, epoch, best_record)
                 pbar.set_description_str(f"{epoch_str} {summary}", refresh=False)  # shown by the epoch's update
             best_path = self._save_epoch(epoch, weights, result, best_record, best_path, new_best)
+            if not live:
+                LOGGER.info("%s: %s", name, f"{epoch_str} {summary if result is not None else ''}".strip())
         self.logger.flush()
         return best_record
 
@@ -1396,8 +1399,7 @@ class GLASS(torch.nn.Module):
                 f"epoch:{epoch} loss:{means['loss']:.2e} pt:{means['p_true'] * 100:.2f} pf:{means['p_fake'] * 100:.2f}"
                 f" rt:{means['r_t']:.2f} rg:{means['r_g']:.2f} rf:{means['r_f']:.2f} svd:{self.svd} sample:{sample_num}"
             )
-            # Redrawn at every step on a terminal; in a log file (not a terminal) once per epoch, with the bar.
-            pbar.set_description_str(f"{epoch_str} {summary}".strip(), refresh=sys.stderr.isatty())
+            pbar.set_description_str(f"{epoch_str} {summary}".strip())  # redrawn at every step (a terminal only)
             if sample_num > self.limit:
                 break
         self.epoch_stats = {k: float(np.mean(v)) for k, v in history.items()}
@@ -1533,7 +1535,7 @@ class GLASS(torch.nn.Module):
         """:meth:`predict` from the test cache's features, labels and masks."""
         scores, segmentations = [], []
         for indices in tqdm.tqdm(cache.batches, desc="Inferring (cached)...", leave=False, unit="batch",
-                                     disable=None):
+                                 disable=None):
             features = cache.embeddings(indices, self._embed_maps, self.device)
             batch_scores, batch_maps = self._score_features(features, cache.grids, len(indices))
             scores.extend(batch_scores)
@@ -1694,13 +1696,21 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:
     return model
 
 
+def best_checkpoint_in(class_dir: str) -> Optional[str]:
+    """Path of ``ckpt_best_<epoch>.pth`` in ``class_dir``, if any (the highest epoch if several)."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth"))
+             if BEST_CHECKPOINT_PATTERN.search(p)]
+    if not found:
+        return None
+    return max(found, key=lambda p: int(BEST_CHECKPOINT_PATTERN.search(p).group(1)))
+
+
 def trained_there(class_dir: str) -> str:
     """`` (trained there: mvtec_tire, ..., as <dataset>_<class>)``: the trained class folders beside ``class_dir`` (those
     with a best checkpoint), for the error about a class folder that does not exist; "" when there are none."""
     models = os.path.dirname(os.path.normpath(class_dir))
     trained = sorted(entry for entry in os.listdir(models)
-                     if glob.glob(os.path.join(glob.escape(os.path.join(models, entry)), "ckpt_best_*.pth"))
-                     ) if os.path.isdir(models) else []
+                     if best_checkpoint_in(os.path.join(models, entry))) if os.path.isdir(models) else []
     return f" (trained there: {', '.join(trained)}, as <dataset>_<class>)" if trained else ""
 
 
@@ -1712,7 +1722,7 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
     """
     config_path = os.path.join(class_dir, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        has_best = bool(glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth")))
+        has_best = best_checkpoint_in(class_dir) is not None
         if not has_best and checkpoint is None:  # a run that stopped before its first evaluation, say
             raise GlassError(f"no ckpt_best_*.pth in {class_dir}: train this class first")
         best = "a best checkpoint but " if has_best else ""

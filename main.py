@@ -294,11 +294,14 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     """
     context = click.get_current_context()
     # In a chain, click reads everything after the first input as inputs, options included.
-    options = {opt for param in context.command.params for opt in param.opts}
-    late = next((arg for arg in inputs if arg in options and not os.path.exists(arg)), None)
+    options = {opt: param for param in context.command.params for opt in param.opts}
+    options.update({name: None for name in context.help_option_names})
+    late = next((arg for arg in inputs if arg.split("=", 1)[0] in options and not os.path.exists(arg)), None)
     if late is not None:
+        param = options[late.split("=", 1)[0]]
+        shown = late if "=" in late or param is None or getattr(param, "is_flag", False) else f"{late} ..."
         raise GlassError(f"{late} comes after the images: give predict's options before its INPUTS, e.g. "
-                         f"predict -d {subdataset} {late} ... {inputs[0]}")
+                         f"predict -d {subdataset} {shown} {inputs[0]}")
     name_given = context.get_parameter_source("dataset_name") != click.core.ParameterSource.DEFAULT
 
     def class_folder(results_path: str, trained_name: Optional[str]) -> tuple[str, str]:
@@ -884,6 +887,8 @@ def misplaced_option_hint(exc: click.UsageError, args: Sequence[str]) -> str:
     commands = {"main.py": main, **main.commands}
     owners = [label for label, command in commands.items()
               if any(name in param.opts or name in param.secondary_opts for param in command.params)]
+    if isinstance(exc, click.MissingParameter) and exc.ctx is not None and exc.ctx.info_name in owners:
+        owners = [exc.ctx.info_name]  # its own missing option (-d is predict's as well as dataset's)
     if not owners:
         return ""
     where = "an option of main.py itself" if owners[0] == "main.py" else f"a `{owners[0]}` option"

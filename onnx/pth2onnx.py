@@ -316,6 +316,8 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
         model, config = glass.load_trained(class_dir, device="cpu", checkpoint=args.checkpoint)
         return model, config, model.checkpoint_path, class_dir
     if args.checkpoint is None:
+        if glass.best_checkpoint_in(class_dir) is None:
+            raise GlassError(f"no ckpt_best_*.pth in {class_dir}: train this class first")
         raise GlassError(f"no {glass.CONFIG_NAME} in {class_dir}: point at a class folder written by main.py, or give --checkpoint with the model options")
     options = {key: (PAPER_DEFAULTS[key] if value is None else value) for key, value in model_options.items()}
     defaulted = [key for key, value in model_options.items() if value is None]

@@ -3,7 +3,8 @@
 # synthetic defects (NOT MVTec AD; see datasets/demo.py), then trains and tests GLASS on the CPU with
 # EfficientNet-Lite0 (ImageNet weights that install offline) at a CPU-sized profile.
 # Override: DEMO_DIR=/tmp/demo RESULTS=/tmp/demo-results EPOCHS=4 CLASSES="brick" bash shell/run-demo.sh
-# (a results folder that already holds a trained class only tests it: give another RESULTS to train anew)
+# (a results folder that already holds a class trained for EPOCHS or more only tests it; give another RESULTS
+# to train anew)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # first: makes the caller's relative paths absolute, then cd's to the repository
 DEMO_DIR=${DEMO_DIR:-demo_data}

@@ -170,9 +170,10 @@ def test_unknown_backbone(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["-b", "resnet7"]), "unknown backbone 'resnet7'")
 
 
-def test_no_feature_layer_names_the_backbones_usual_ones(capsys, results, data, dtd_root):
+def test_no_feature_layer_names_the_backbones_usual_ones(capsys, results, tmp_path, dtd_root):
+    (tmp_path / "no_classes").mkdir()  # checked before the data, whose error would be "class 'tire' not found"
     args = ["--results_path", results, "net", "-b", "efficientnet_lite0", "--meta_epochs", "1",
-            *tiny_dataset_args(data, dtd_root)]
+            *tiny_dataset_args(tmp_path / "no_classes", dtd_root)]
     assert_fails(capsys, results, args, "no feature layers given", "for efficientnet_lite0, e.g. -le blocks.2 -le blocks.4")
 
 

@@ -214,6 +214,10 @@ def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_i
     results = class_dir.parents[2]
     assert pth2onnx.main(["--results_path", str(results), "-d", "tire", "--dataset", "mvtec3d"]) == 2
     assert "mvtec3d_tire does not exist (trained there: mvtec_tire, as <dataset>_<class>)" in capsys.readouterr().err
+    untrained = results / "models" / "backbone_0" / "mvtec_untrained"
+    (untrained / "tb").mkdir(parents=True)
+    assert pth2onnx.main(["--class_dir", str(untrained)]) == 2
+    assert f"no ckpt_best_*.pth in {untrained}: train this class first" in capsys.readouterr().err
 
 
 def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path):

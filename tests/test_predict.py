@@ -184,6 +184,12 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     assert run_main(["--results_path", results, "predict", "-d", "tire", image, "--threshold", "0.8"]) == 2
     assert ("--threshold comes after the images: give predict's options before its INPUTS, e.g. predict -d tire "
             f"--threshold ... {image}") in one_error_line(capsys)
+    for late in (["--threshold=0.8"], ["--calibrate"], ["--help"]):
+        assert run_main(["--results_path", results, "predict", "-d", "tire", image, *late]) == 2
+        assert f"{late[0]} comes after the images: give predict's options before its INPUTS, e.g. predict -d tire " \
+               f"{late[0]} {image}" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", image, "-d", "tire"]) == 2
+    assert "-d is a `predict` option: give it after `predict`, before the images" in capsys.readouterr().err
 
 
 def test_checkpoint_in_the_reference_format_loads_and_scores_the_same(results, tiny_tire, dtd_root, tmp_path, capsys):

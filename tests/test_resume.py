@@ -126,6 +126,9 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_run(tmp_path, killed_in
     shutil.copytree(killed_in_epoch_1, results)
     assert run_main(arguments(results, small_tire, dtd_root)) == 0
     assert "resuming from" in caplog.text and "(1 of 3 epochs done)" in caplog.text
+    # stderr is no terminal here: one log line per epoch instead of a progress bar
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mvtec_tire: epoch:")]
+    assert [m.split()[1] for m in epochs] == ["epoch:1", "epoch:2"] and all("IAUC:" in m for m in epochs)
     assert_same_outcome(results, uninterrupted)
 
 
@@ -232,15 +235,33 @@ def test_a_finished_class_trained_longer_than_asked_says_so(tmp_path, uninterrup
     assert read_rows(results) == read_rows(uninterrupted)
 
 
+def test_a_folder_in_the_reference_format_is_only_tested_and_the_run_says_why(tmp_path, uninterrupted, small_tire,
+                                                                              dtd_root, capsys):
+    """The reference writes ckpt.pth with the weights only (no training state), and some folders have none."""
+    results = tmp_path / "results"
+    shutil.copytree(uninterrupted, results)
+    state = torch.load(results / CLASS_DIR / "ckpt.pth", weights_only=True)
+    torch.save({key: state[key] for key in glass.CHECKPOINT_KEYS}, results / CLASS_DIR / "ckpt.pth")
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert ("mvtec_tire: already trained (ckpt_best_2.pth and a ckpt.pth without training state: by the reference?)"
+            in capsys.readouterr().out)
+    (results / CLASS_DIR / "ckpt.pth").unlink()
+    assert run_main(arguments(results, small_tire, dtd_root)) == 0
+    assert "mvtec_tire: already trained (ckpt_best_2.pth and no ckpt.pth: by the reference?)" in capsys.readouterr().out
+    assert read_rows(results) == read_rows(uninterrupted)
+
+
 def test_training_on_to_more_epochs_is_not_called_a_changed_option(tmp_path, killed_in_epoch_1, small_tire, dtd_root,
                                                                    caplog):
     caplog.set_level("INFO")
     results = tmp_path / "results"
     shutil.copytree(killed_in_epoch_1, results)
     assert run_main(arguments(results, small_tire, dtd_root, net_extra=["--meta_epochs", "4"])) == 0
-    assert "mvtec_tire: training to 4 epochs (it was started for 3)" in caplog.text
+    assert "mvtec_tire: training to 4 epochs (its last run was for 3)" in caplog.text
     assert "(1 of 4 epochs done)" in caplog.text and "other training options" not in caplog.text
-    assert best_files(results / CLASS_DIR) == ["ckpt_best_3.pth"]
+    longer = tmp_path / "longer"  # the same as a run of 4 epochs from the start
+    assert run_main(arguments(longer, small_tire, dtd_root, net_extra=["--meta_epochs", "4"])) == 0
+    assert_same_outcome(results, longer)
 
 
 def test_test_only_judges_an_unfinished_training_by_its_own_epochs(tmp_path, killed_in_epoch_1, small_tire, dtd_root,
@@ -253,7 +274,8 @@ def test_test_only_judges_an_unfinished_training_by_its_own_epochs(tmp_path, kil
     args = ["--test", "test", "--results_path", str(results), *net,
             *tiny_dataset_args(small_tire, dtd_root, extra=["--resize", "72"])]
     assert run_main(args) == 0
-    assert "Training of mvtec_tire stopped after 1 of 3 epochs: testing its best checkpoint so far" in caplog.text
+    assert ("Training of mvtec_tire stopped after 1 of 3 epochs: testing its best checkpoint so far (rerun with "
+            "--test ckpt --meta_epochs 3 to finish training)") in caplog.text
     assert "Testing mvtec_tire on images prepared otherwise than at its training (dataset.resize: 64 -> 72;" in caplog.text
 
 
@@ -410,3 +432,12 @@ def test_atomic_write_failures_are_one_line_errors_that_keep_the_old_file(tmp_pa
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not the disk: a real error
         utils.atomic_write(str(target), zip_writer_failure)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+def test_best_checkpoint_is_the_highest_epoch_even_under_a_folder_name_with_glob_characters(tmp_path):
+    folder = tmp_path / "run[1]*" / "mvtec_tire"
+    folder.mkdir(parents=True)
+    for name in ("ckpt_best_3.pth", "ckpt_best_10.pth", "ckpt_best_x.pth", "ckpt.pth"):
+        (folder / name).write_bytes(b"")
+    assert glass.best_checkpoint_in(str(folder)) == str(folder / "ckpt_best_10.pth")
+    assert glass.best_checkpoint_in(str(tmp_path)) is None

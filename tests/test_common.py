@@ -187,6 +187,25 @@ def test_mean_mapper_and_aggregator_pool_adaptively():
     assert common.Aggregator(2)(stacked).tolist() == [[2.0, 6.0]]
 
 
+def test_segmentor_upsamples_bilinearly_with_pixel_centres_and_blurs_with_mirrored_borders():
+    # 2 x 2 -> 4 x 4 with align_corners=False: output pixel centres at input coordinates -0.25, 0.25, 0.75, 1.25,
+    # clamped at the borders: weights along each axis (1, 0), (.75, .25), (.25, .75), (0, 1).
+    segmentor = common.RescaleSegmentor(torch.device("cpu"), target_size=(4, 4))
+    up = segmentor.upsample(torch.tensor([[[0.0, 4.0], [8.0, 12.0]]]))[0]
+    axis = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    assert np.allclose(up, axis @ np.array([[0.0, 4.0], [8.0, 12.0]]) @ axis.T, atol=1e-6)
+    # The blur is scipy's sigma-4 Gaussian with 'reflect' borders (d c b a | a b c d), truncated at 4 sigma.
+    segmentor = common.RescaleSegmentor(torch.device("cpu"), target_size=(40, 40))
+    scores = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(0))
+    raw, blurred = segmentor.upsample(scores)[0].astype(np.float64), segmentor.convert_to_segmentation(scores)[0]
+    taps = np.exp(-0.5 * (np.arange(-16, 17) / 4.0) ** 2)
+    taps /= taps.sum()
+    padded = np.pad(raw, 16, mode="symmetric")  # numpy's 'symmetric' is scipy's 'reflect'
+    by_hand = np.array([[(padded[i:i + 33, j:j + 33] * np.outer(taps, taps)).sum() for j in range(40)]
+                        for i in range(40)])
+    assert np.allclose(blurred, by_hand, atol=1e-5)
+
+
 def test_segmentor_upsamples_and_blurs():
     segmentor = common.RescaleSegmentor(torch.device("cpu"), target_size=(32, 32))
     flat = segmentor.convert_to_segmentation(torch.full((1, 4, 4), 0.25))

@@ -322,6 +322,18 @@ def test_evaluate_leaves_unknown_ground_truth_out_of_pixel_metrics():
     assert np.isnan(glass.GLASS._evaluate(None, scores, maps, labels, masks, path="eval")[2:]).all()
 
 
+def test_evaluate_reports_pixel_metrics_as_not_available_when_no_mask_pixel_is_fully_defective():
+    # Resized masks keep fractional values: only pixels at exactly 1 count as defective (as the reference).
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 8, 8))
+    masks = np.zeros((2, 1, 8, 8), np.float32)
+    masks[1, 0, 2:4, 2:4] = 0.5
+    result = glass.GLASS._evaluate(None, [0.1, 0.9], maps, [0, 1], masks, path="eval")
+    assert result[:2] == [1.0, 1.0] and np.isnan(result[2:]).all()
+    masks[1, 0, 2, 2] = 1.0  # one pixel is: the pixel metrics exist
+    assert not np.isnan(glass.GLASS._evaluate(None, [0.1, 0.9], maps, [0, 1], masks, path="eval")[2:]).any()
+
+
 # --------------------------------------------------------------------------------------------------
 # Layout check
 

@@ -60,6 +60,43 @@ def _judge(dataset, tmp_path) -> int:
     return model._judge_distribution(loader, "mvtec_wide")
 
 
+def judged_from_spectrum(monkeypatch, magnitudes: dict) -> int:
+    """The judgement of an image whose shifted spectrum is 1 everywhere (log magnitude 0) except at the
+    (row, column) points given, with the magnitudes given: the image itself no longer matters."""
+    blurs = []
+
+    def spectrum(_):
+        out = np.zeros((289, 289, 2), dtype=np.float32)
+        out[:, :, 0] = 1
+        for (row, col), value in magnitudes.items():
+            out[row, col, 0] = value
+        return out
+
+    def blur(image, ksize):
+        blurs.append(ksize)
+        return image
+
+    monkeypatch.setattr(np.fft, "fftshift", spectrum)
+    monkeypatch.setattr(utils.cv2, "blur", blur)
+    flag = utils.distribution_judge(np.zeros((64, 64, 3), np.uint8), "crafted")
+    assert blurs == [(39, 39)]
+    return flag
+
+
+def test_judgement_thresholds_the_log_magnitude_at_170(monkeypatch):
+    square = [(144 + dy, 144 + dx) for dy in range(-9, 10) for dx in range(-9, 10)]  # 361 points, radius 12.7
+    assert judged_from_spectrum(monkeypatch, {p: np.exp(9.0) for p in square}) == 1  # 20 ln|F| = 180
+    assert judged_from_spectrum(monkeypatch, {p: np.exp(8.25) for p in square}) == 0  # 165: nothing lit
+
+
+def test_judgement_needs_more_than_60_points_and_either_density(monkeypatch):
+    # A centred line: L1 density 61 / (4 * 30 * 1) = 0.51, disc density about 61 / (pi 30^2) = 0.02, radius 30.
+    line = {(144, col): np.exp(9.0) for col in range(114, 175)}
+    assert judged_from_spectrum(monkeypatch, line) == 1
+    del line[(144, 174)]  # 60 points
+    assert judged_from_spectrum(monkeypatch, line) == 0
+
+
 def test_an_all_dark_mean_image_is_judged_manifold(tmp_path):
     # No spectrum point above the threshold: the reference takes the maximum of an empty array (README deviation 9).
     assert utils.distribution_judge(np.zeros((64, 64, 3), np.uint8), "dark", output_dir=str(tmp_path)) == 0

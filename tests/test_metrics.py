@@ -285,3 +285,30 @@ def test_pro_of_maps_that_never_cover_a_defect_is_a_plain_zero():
     amaps[0, 2:10, 2:10] = -1
     pro = metrics.compute_pro(masks, amaps)
     assert pro == 0.0 and math.copysign(1.0, pro) == 1.0
+
+
+def test_pro_keeps_only_thresholds_with_false_positive_rate_strictly_below_0_3():
+    """Thresholds 0, .25, .5, .75 (num_th 4) give FPR .3, .3, .2, 0 over 20 normal pixels; .3 itself is cut off."""
+    masks = np.zeros((2, 1, 12), dtype=np.float32)
+    masks[:, 0, :2] = 1
+    amaps = np.zeros((2, 1, 12), dtype=np.float32)
+    amaps[0, 0, :2] = 1.0     # region A: covered at every threshold
+    amaps[0, 0, 4:8] = 0.6    # normal pixels above .5
+    amaps[0, 0, 8:10] = 0.3   # normal pixels above 0 and .25 only
+    amaps[1, 0, :2] = 0.4     # region B: covered at 0 and .25 only
+    # Kept: (FPR .2, PRO .5) and (0, .5); normalised FPR [1, 0]: area 0.5. With FPR <= .3 it would be 0.5833.
+    assert metrics.compute_pro(masks, amaps, num_th=4) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_best_f1_point_is_not_the_best_precision_times_recall():
+    # Scores 30..1; 10 anomalies. Top 13 (threshold 18): P 8/13, R .8, F1 .696; top 5 (threshold 26): P 1, R .5,
+    # F1 .667 but the larger P * R (.5 against .492).
+    labels = [1] * 5 + [0] * 5 + [1] * 3 + [0] * 15 + [1] * 2
+    scores = list(range(30, 0, -1))
+    threshold, precision, recall = metrics.compute_best_pr_re(labels, scores)
+    assert (threshold, precision, recall) == (18.0, pytest.approx(8 / 13), pytest.approx(0.8))
+
+
+def test_best_f1_ties_go_to_the_lowest_threshold():
+    # Threshold 4: P 1, R .5; threshold 1: P .5, R 1: the same F1 (2/3), above thresholds 3 and 2 (.5 and .4).
+    assert metrics.compute_best_pr_re([1, 0, 0, 1], [4, 3, 2, 1]) == (1.0, 0.5, 1.0)

@@ -56,6 +56,11 @@ def test_xavier_normal_init_scale():
     disc = Discriminator(512, n_layers=2, hidden=256)  # every Linear layer of the discriminator too
     assert disc.body.block1[0].weight.std().item() == pytest.approx(math.sqrt(2 / (512 + 256)), rel=0.02)
     assert disc.tail[0].weight.std().item() == pytest.approx(math.sqrt(2 / (256 + 1)), rel=0.1)
+    # Normal, not uniform (same std): 2 (1 - Phi(sqrt 3)) = 8.33 % of a normal's values lie beyond sqrt(3) std,
+    # where a uniform of that std has none.
+    weight = proj.layers[0].weight
+    beyond = (weight.abs() > math.sqrt(3) * math.sqrt(2 / 1024)).float().mean().item()
+    assert beyond == pytest.approx(math.erfc(math.sqrt(3) / math.sqrt(2)), abs=0.005)
 
 
 def test_focal_loss_known_value():

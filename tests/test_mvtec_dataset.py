@@ -96,6 +96,53 @@ def test_aug_is_the_las_blend_of_image_and_texture(train_set, seed):
     assert torch.equal(public["aug"], aug) and public["beta"] == beta
 
 
+@pytest.mark.parametrize("mean, beta", [(0.0, 0.2), (1.0, 0.8)])
+def test_blend_weight_beta_is_clipped_to_0_2_and_0_8(tire_root, dtd_root, mean, beta):
+    data = MVTecDataset(tire_root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, mean=mean, std=1e-3)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    item = data.make_train_item(0)
+    assert item["beta"] == beta
+    inside = item["mask_l"] == 1
+    blend = (1 - beta) * item["texture"] + beta * item["image"]
+    assert torch.allclose(item["aug"][:, inside], blend[:, inside], atol=1e-6)
+
+
+def test_perlin_masks_are_drawn_at_noise_scales_2_to_the_0_to_5_on_the_feature_grid(train_set, monkeypatch):
+    import datasets.base
+
+    calls = []
+
+    def recording(img_shape, feat_size, min_scale, max_scale, mask_fg, flag=0):
+        calls.append((tuple(img_shape), feat_size, min_scale, max_scale, flag))
+        return perlin_mask(img_shape, feat_size, min_scale, max_scale, mask_fg, flag)
+
+    perlin_mask = datasets.base.perlin_mask
+    monkeypatch.setattr(datasets.base, "perlin_mask", recording)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    train_set.make_train_item(0)
+    assert calls == [((3, SIZE, SIZE), SIZE // 8, 0, 6, 1)]  # the spec: scales 2 ** randint(0, 6)
+
+
+def test_image_transform_is_the_references_pipeline(tire_root, dtd_root):
+    from torchvision import transforms as T
+
+    data = MVTecDataset(tire_root, dtd_root, classname="tire", resize=72, imagesize=SIZE, rotate_degrees=10,
+                        translate=0.1, scale=0.2, brightness_factor=0.3, contrast_factor=0.4, saturation_factor=0.5,
+                        gray_p=0.25, h_flip_p=0.5, v_flip_p=0.75)
+    steps = data.transform_img.transforms
+    assert [type(t) for t in steps] == [T.Resize, T.ColorJitter, T.RandomHorizontalFlip, T.RandomVerticalFlip,
+                                        T.RandomGrayscale, T.RandomAffine, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert steps[0].size == 72 and steps[6].size == (SIZE, SIZE)
+    assert (steps[1].brightness, steps[1].contrast, steps[1].saturation) == ((0.7, 1.3), (0.6, 1.4), (0.5, 1.5))
+    assert (steps[2].p, steps[3].p, steps[4].p) == (0.5, 0.75, 0.25)
+    affine = steps[5]
+    assert (affine.degrees, affine.translate, affine.scale) == ([-10.0, 10.0], (0.1, 0.1), (0.8, 1.2))
+    assert affine.interpolation == T.InterpolationMode.BILINEAR
+    assert steps[8].mean == [0.485, 0.456, 0.406] and steps[8].std == [0.229, 0.224, 0.225]
+
+
 def test_rand_aug_puts_three_distinct_texture_transforms_between_resize_and_crop(train_set):
     from torchvision import transforms as T
 

@@ -145,6 +145,20 @@ def test_predict_warns_about_images_of_more_than_8_bits(results, tiny_tire, tmp_
     assert f"1 image(s) of more than 8 bits per pixel ({wide}): read as the reference reads images" in caplog.text
 
 
+def test_calibration_record_has_the_f1_best_point_and_its_f1():
+    class Scored:  # what calibrate_threshold reads of a model: predict's scores and labels
+        checkpoint_path = "ckpt_best_4.pth"
+
+        def predict(self, loader):
+            return None, [4.0, 3.0, 2.0, 1.0], None, [1, 0, 0, 1], None
+
+    record = glass.calibrate_threshold(Scored(), test_loader=[])
+    # F1 ties (2/3) between thresholds 4 (P 1, R .5) and 1 (P .5, R 1) go to the lowest.
+    assert (record["threshold"], record["precision"], record["recall"]) == (1.0, 0.5, 1.0)
+    assert record["f1"] == pytest.approx(2 / 3) and record["checkpoint"] == "ckpt_best_4.pth"
+    assert (record["test_images"], record["test_anomalous"]) == (4, 2)
+
+
 def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tmp_path):
     for name in ("b.png", "a.JPG", "._a.png", "notes.txt", "sub/c.bmp", ".ipynb_checkpoints/a-checkpoint.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

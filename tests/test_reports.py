@@ -507,3 +507,14 @@ def test_a_worker_process_ends_when_its_parent_is_killed():
     while not _gone(child) and time.time() < deadline:
         time.sleep(0.1)
     assert _gone(child)
+
+
+def test_results_csv_mean_row_is_the_mean_of_the_available_values(tmp_path):
+    means = utils.compute_and_store_final_results(str(tmp_path), [[0.1, 0.5], [0.2, float("nan")], [0.9, 1.0]],
+                                                  ["image_auroc", "pixel_auroc"], ["a", "b", "c"])
+    assert means == {"mean_image_auroc": pytest.approx(0.4), "mean_pixel_auroc": pytest.approx(0.75)}  # not the median
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["Row Names", "image_auroc", "pixel_auroc"]
+    assert rows[2] == ["b", "0.2", ""]  # not available: an empty cell, left out of the mean
+    assert rows[-1][0] == "Mean" and float(rows[-1][1]) == pytest.approx(0.4) and float(rows[-1][2]) == pytest.approx(0.75)

@@ -441,3 +441,13 @@ def test_best_checkpoint_is_the_highest_epoch_even_under_a_folder_name_with_glob
         (folder / name).write_bytes(b"")
     assert glass.best_checkpoint_in(str(folder)) == str(folder / "ckpt_best_10.pth")
     assert glass.best_checkpoint_in(str(tmp_path)) is None
+
+
+def test_a_later_epoch_that_only_ties_the_best_does_not_replace_it(tmp_path, small_tire, dtd_root, monkeypatch):
+    # Model selection by image AUROC + pixel AUROC, strictly greater: both epochs sum to 1.25.
+    records = {0: [0.75, 0.0, 0.5, 0.0, 0.0], 1: [0.5, 0.0, 0.75, 0.0, 0.0]}
+    monkeypatch.setattr(glass.GLASS, "_evaluate_epoch", lambda self, val_data, epoch, name, best_path: records[epoch])
+    results = tmp_path / "results"
+    assert run_main(arguments(results, small_tire, dtd_root, net_extra=["--meta_epochs", "2"])) == 0
+    assert best_files(results / CLASS_DIR) == ["ckpt_best_0.pth"]
+    assert torch.load(results / CLASS_DIR / "ckpt.pth", weights_only=True)["best_record"] == [0.75, 0.0, 0.5, 0.0, 0.0, 0]

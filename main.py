@@ -18,18 +18,20 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import click
-import numpy as np
-import torch
 
-import backbones
-import glass
 import utils
 from datasets import LOADERS, loader_class
-from datasets.base import DatasetSplit, UnreadableImageError, distribution_table_dirs, raise_layout_problems
-from utils import GlassError
+from utils import DeferredModule, GlassError
+
+# Imported on first use, so that --help and option mistakes answer without importing torch (seconds).
+backbones = DeferredModule("backbones")
+glass = DeferredModule("glass")
+datasets_base = DeferredModule("datasets.base")
+if TYPE_CHECKING:
+    import torch
 
 LOGGER = logging.getLogger("glass")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -227,15 +229,16 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                         ) -> List[Dict[str, torch.utils.data.DataLoader]]:
         """Loaders of every class of ``-d`` (or only of ``classes``: a worker process runs one class)."""
         dataset_class = loader_class(name)
+        train_split, test_split = datasets_base.DatasetSplit.TRAIN, datasets_base.DatasetSplit.TEST
         splits = []  # (test set, train set or None) of each class
         for classname in (subdatasets if classes is None else classes):
             common = dict(classname=classname, resize=options["resize"], imagesize=options["imagesize"],
                           check_layout=False)
-            test_set = dataset_class(data_path, aug_path, dataset_name=name, split=DatasetSplit.TEST, **common)
+            test_set = dataset_class(data_path, aug_path, dataset_name=name, split=test_split, **common)
             train_set = None
             if test == "ckpt":
                 train_set = dataset_class(
-                    data_path, aug_path, dataset_name=name, split=DatasetSplit.TRAIN,
+                    data_path, aug_path, dataset_name=name, split=train_split,
                     rotate_degrees=options["rotate_degrees"], translate=options["translate"],
                     brightness_factor=options["brightness"], contrast_factor=options["contrast"],
                     saturation_factor=options["saturation"], gray_p=options["gray"],
@@ -246,7 +249,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
                 )
             splits.append((test_set, train_set))
         # Layout problems of every split of every class are reported together, before any loader or training.
-        raise_layout_problems([data for pair in splits for data in pair])
+        datasets_base.raise_layout_problems([data for pair in splits for data in pair])
 
         loaders = []
         for test_set, train_set in splits:
@@ -332,7 +335,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
             if not root or not os.path.isdir(root):
                 raise GlassError(f"the test set to choose a threshold on is not at {root}: pass --data_path or --threshold")
             test_set = loader_class(name)(
-                root, recorded.get("aug_path", root), dataset_name=name, split=DatasetSplit.TEST,
+                root, recorded.get("aug_path", root), dataset_name=name, split=datasets_base.DatasetSplit.TEST,
                 classname=recorded.get("classname", subdataset), resize=recorded.get("resize", config["input_shape"][-1]),
                 imagesize=recorded.get("imagesize", config["input_shape"][-1]),
             )
@@ -361,6 +364,8 @@ def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch
     uninterrupted run), and every class's loaders are built up front, so persistent test workers would
     stay alive for the whole run; with the feature cache the test loader is read once per training anyway.
     """
+    import torch
+
     extra = {"prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
@@ -453,7 +458,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
             if model.backbone.seed is not None:
                 utils.fix_seeds(model.backbone.seed)
             model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), class_key, results_path=results_path)
-            model.excel_dirs = distribution_table_dirs(excel_dir)
+            model.excel_dirs = datasets_base.distribution_table_dirs(excel_dir)
             config = {**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed}
             try:
                 # Refuses a folder trained with other model options; records config.json for a new run.
@@ -469,7 +474,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                             f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
                 result = list(model.tester(dataloaders["testing"], class_key))
                 model.record_missing_config(config)
-            except (glass.ClassStoppedError, UnreadableImageError) as exc:  # the other classes still run
+            except (glass.ClassStoppedError, datasets_base.UnreadableImageError) as exc:  # the other classes still run
                 message = utils.error_message(exc)
                 message = message if message.startswith(f"{class_key}: ") else f"{class_key}: {message}"
                 LOGGER.error("%s", message)
@@ -565,6 +570,8 @@ def plan_workers(gpu_ids: Sequence[int], class_names: Sequence[str]) -> List[int
     """The device of each worker process of a parallel run (-1: the CPU), or [] to run the classes one
     after another in this process: one distinct non-negative ``--gpu`` id or one class, or no CUDA device
     (unless :data:`CPU_WORKERS_ENV` asks for CPU workers). ``dataset`` refuses a class given twice."""
+    import torch
+
     ids = list(dict.fromkeys(g for g in gpu_ids if g >= 0))
     if len(ids) < 2 or len(class_names) < 2:
         return []
@@ -809,6 +816,8 @@ class RunRecord:
     def __init__(self, results_path: str, group_options: dict, methods: dict, device: torch.device) -> None:
         import platform
 
+        import torch
+
         started = datetime.now()
         stamp = started.strftime("%Y%m%d-%H%M%S")
         self.path = os.path.join(results_path, f"run_{stamp}.json")
@@ -841,7 +850,7 @@ class RunRecord:
 
     def add_result(self, name: str, result: List[float]) -> None:
         """Store a class's metrics (null where not available) and rewrite the record."""
-        self.data["results"][name] = dict(zip(METRIC_NAMES, [None if not np.isfinite(v) else float(v) for v in result]))
+        self.data["results"][name] = dict(zip(METRIC_NAMES, [None if not math.isfinite(v) else float(v) for v in result]))
         self.write()
 
     def add_stopped(self, message: str) -> None:

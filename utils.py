@@ -8,6 +8,7 @@ import contextlib
 import csv
 import ctypes
 import errno
+import importlib
 import logging
 import math
 import os
@@ -17,14 +18,15 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
-import torch
 
-import metrics
+if TYPE_CHECKING:
+    import torch
 
+# torch, OpenCV and metrics (scikit-learn) are imported by the functions that use them, so that main.py's
+# --help, which needs this module's errors and signal handling, answers without loading them.
 LOGGER = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -39,8 +41,26 @@ class GlassError(Exception):
     """
 
 
+class DeferredModule:
+    """Stands for module ``name`` and imports it on the first attribute access (``DeferredModule("glass").GLASS``).
+
+    Not registered in ``sys.modules`` (as importlib's LazyLoader modules are), so code that scans the loaded
+    modules, as torch's own import does, cannot set off an import half-way through another."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+    def __repr__(self) -> str:
+        return f"<deferred module {self._name!r}>"
+
+
 def fix_seeds(seed: int) -> None:
     """Seed python, NumPy and torch (and CUDA); make cuDNN deterministic."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -85,6 +105,8 @@ def termination_as_interrupt() -> Iterator[None]:
 
 def check_gpu_ids(gpu_ids: Sequence[int]) -> None:
     """GlassError naming the first ``--gpu`` id that this machine's CUDA devices do not have (no check without CUDA)."""
+    import torch
+
     if not torch.cuda.is_available():
         return
     count = torch.cuda.device_count()
@@ -98,6 +120,8 @@ def select_device(gpu_ids: Sequence[int]) -> torch.device:
 
     ``--gpu -1`` (or no id) asks for the CPU explicitly.
     """
+    import torch
+
     wanted = [g for g in gpu_ids if g >= 0]
     if wanted and torch.cuda.is_available():
         check_gpu_ids(wanted[:1])
@@ -261,6 +285,8 @@ def read_json(path: str, fix: str = "train the class again") -> dict:
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` through a temporary file and a rename. Saved through a file object, so that the archive's
     inner folder is torch's fixed ``archive/`` rather than the random temporary name: equal contents, equal bytes."""
+    import torch
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
@@ -319,6 +345,8 @@ def distribution_judge(img: np.ndarray, name: str, output_dir: str | None = None
     radius exceeds 12 and there are more than 60 points. With ``output_dir`` the image and its
     thresholded spectrum are written to ``<output_dir>/<flag>/<name>.png``.
     """
+    import cv2
+
     resized = cv2.resize(img, (289, 289))
     gray = cv2.blur(cv2.cvtColor(resized, cv2.COLOR_BGR2GRAY), (39, 39))
     spectrum = np.fft.fftshift(cv2.dft(np.float32(gray), flags=cv2.DFT_COMPLEX_OUTPUT))
@@ -595,6 +623,8 @@ def thinned(index: int, total: int, limit: int = IMAGE_LOGS_PER_RUN) -> bool:
 
 def image_tile(image: np.ndarray, side: int = GRID_TILE) -> np.ndarray:
     """An ImageNet-normalised CHW image as an RGB uint8 tile (side x side)."""
+    import cv2
+
     image = np.asarray(image, dtype=np.float32)
     rgb = image.transpose(1, 2, 0) * np.array(IMAGENET_STD, dtype=np.float32) + np.array(IMAGENET_MEAN, dtype=np.float32)
     rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
@@ -603,6 +633,8 @@ def image_tile(image: np.ndarray, side: int = GRID_TILE) -> np.ndarray:
 
 def mask_tile(mask: Optional[np.ndarray], side: int = GRID_TILE) -> np.ndarray:
     """A mask (any 2-D or 1xHxW array in [0, 1]) as a grey RGB tile; unknown (NaN) pixels mid-grey, none black."""
+    import cv2
+
     if mask is None:
         return np.zeros((side, side, 3), dtype=np.uint8)
     mask = np.nan_to_num(np.asarray(mask, dtype=np.float32).squeeze(), nan=0.5)
@@ -613,6 +645,8 @@ def mask_tile(mask: Optional[np.ndarray], side: int = GRID_TILE) -> np.ndarray:
 
 def map_tile(anomaly_map: np.ndarray, low: float, high: float, side: int = GRID_TILE) -> np.ndarray:
     """An anomaly map as a jet-coloured RGB tile, scaled from [low, high] (all maps of an evaluation share it)."""
+    import cv2
+
     scaled = (np.asarray(anomaly_map, dtype=np.float32) - low) / (high - low + 1e-10)
     heat = cv2.applyColorMap((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.resize(cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), (side, side), interpolation=cv2.INTER_LINEAR)
@@ -884,6 +918,7 @@ def plots_dir(results_path: str, class_dir: str) -> str:
 def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], labels: Sequence[int]
                      ) -> Tuple[Optional[float], str]:
     """The threshold to draw: ``threshold.json`` when it was chosen for ``checkpoint``, else the F1-best one."""
+    import metrics
     from glass import THRESHOLD_NAME, stored_threshold  # here: glass imports this module
 
     with never_fatal(os.path.join(class_dir, THRESHOLD_NAME)):

@@ -260,6 +260,23 @@ def test_help_is_printed_without_a_log_line(capsys, caplog):
     assert "Command line arguments: main.py --gpu -1 net" in caplog.text
 
 
+def test_help_and_option_mistakes_answer_without_importing_torch():
+    """--help and option mistakes need only click: torch, torchvision and scikit-learn (seconds) wait."""
+    import subprocess
+    import sys
+
+    script = ("import sys, main\n"
+              "codes = [main.cli(args) for args in (['--help'], ['net', '--help'], ['dataset', '--help'],\n"
+              "         ['predict', '--help'], ['net', '--dsc_hidden', 'x'], ['net'])]\n"
+              "heavy = sorted(name for name in ('torch', 'torchvision', 'sklearn', 'cv2', 'glass') if name in sys.modules)\n"
+              "print(codes, heavy)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0, 2, 2] []"
+    assert "'x' is not a valid integer range" in done.stderr and "Error: no backbone given: add -b NAME" in done.stderr
+
+
 def test_ctrl_c_says_how_to_go_on(capsys, monkeypatch):
     import main
 

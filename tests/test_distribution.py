@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import PIL.Image
@@ -77,7 +78,7 @@ def judged_from_spectrum(monkeypatch, magnitudes: dict) -> int:
         return image
 
     monkeypatch.setattr(np.fft, "fftshift", spectrum)
-    monkeypatch.setattr(utils.cv2, "blur", blur)
+    monkeypatch.setattr(cv2, "blur", blur)
     flag = utils.distribution_judge(np.zeros((64, 64, 3), np.uint8), "crafted")
     assert blurs == [(39, 39)]
     return flag

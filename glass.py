@@ -1573,10 +1573,12 @@ class GLASS(torch.nn.Module):
         return list(image_scores), maps
 
     def _evaluate(self, scores, segmentations, labels_gt, masks_gt, path: str = "training") -> List[float]:
-        """[i_auroc, i_ap, p_auroc, p_ap, p_pro]; AP and PRO only when ``path == "eval"`` (reference)."""
+        """[i_auroc, i_ap, p_auroc, p_ap, p_pro]; AP and PRO only when ``path == "eval"`` (reference).
+
+        On the scores and maps as they are: the reference's current version dropped its earlier min-max
+        normalisation over the test set (which changed no metric beyond rounding)."""
         scores = np.squeeze(np.asarray(scores))
-        norm_scores = metrics.min_max(scores)
-        image_metrics = metrics.compute_imagewise_retrieval_metrics(norm_scores, labels_gt, path)
+        image_metrics = metrics.compute_imagewise_retrieval_metrics(scores, labels_gt, path)
 
         masks = np.asarray(masks_gt)
         segmentations = np.asarray(segmentations)
@@ -1586,14 +1588,14 @@ class GLASS(torch.nn.Module):
         if masks.size == 0 or not np.any(masks >= 1):  # no pixel counts as defective: not available
             nan = float("nan")
             return [image_metrics["auroc"], image_metrics["ap"], nan, nan, nan]
-        norm_maps = metrics.min_max(segmentations)
-        pixel_metrics = metrics.compute_pixelwise_retrieval_metrics(norm_maps, masks, path)
-        pixel_pro = metrics.compute_pro(np.squeeze(masks, axis=1) if masks.ndim == 4 else masks, norm_maps) if path == "eval" else 0.0
+        pixel_metrics = metrics.compute_pixelwise_retrieval_metrics(segmentations, masks, path)
+        pixel_pro = metrics.compute_pro(np.squeeze(masks, axis=1) if masks.ndim == 4 else masks, segmentations) if path == "eval" else 0.0
         return [image_metrics["auroc"], image_metrics["ap"], pixel_metrics["auroc"], pixel_metrics["ap"], pixel_pro]
 
     def _write_heatmaps(self, images, segmentations, masks_gt, name: str, folder: str) -> None:
-        """``<results>/<folder>/<name>/NNN.png``: image | ground truth | jet-coloured normalised map."""
-        norm_maps = metrics.min_max(np.asarray(segmentations))
+        """``<results>/<folder>/<name>/NNN.png``: image | ground truth | anomaly map, jet-coloured on the fixed 0..1
+        scale of the scores (as the reference's current version; an earlier one stretched the test set's range)."""
+        maps = np.asarray(segmentations)
         out_dir = os.path.join(self.results_path, folder, name)
         os.makedirs(out_dir, exist_ok=True)
         masks = np.asarray(masks_gt)
@@ -1601,7 +1603,7 @@ class GLASS(torch.nn.Module):
             image = utils.torch_format_2_numpy_img(images[i])
             # An unknown ground truth (NaN mask) is drawn grey.
             target = utils.torch_format_2_numpy_img(np.nan_to_num(masks[i], nan=0.5)) if masks.ndim == 4 else np.zeros_like(image)
-            heat = cv2.resize(norm_maps[i], (image.shape[1], image.shape[0]))
+            heat = cv2.resize(maps[i], (image.shape[1], image.shape[0]))
             heat = cv2.applyColorMap((heat * 255).astype("uint8"), cv2.COLORMAP_JET)
             panel = cv2.resize(np.hstack([image, target, heat]), (256 * 3, 256))
             cv2.imwrite(os.path.join(out_dir, f"{i + 1:03d}.png"), panel)

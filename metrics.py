@@ -33,12 +33,6 @@ ArrayLike = Union[np.ndarray, Sequence[np.ndarray]]
 PRO_FPR_LIMIT = 0.3
 PRO_DILATION_SIZE = 5
 PRO_NORM_EPS = 1e-10
-MIN_MAX_EPS = 1e-10
-
-
-def min_max(values: np.ndarray) -> np.ndarray:
-    """``(values - min) / (max - min + 1e-10)`` over the whole array: the reference's score and map normalisation."""
-    return (values - values.min()) / (values.max() - values.min() + MIN_MAX_EPS)
 
 
 def _flatten(values: ArrayLike) -> np.ndarray:

@@ -14,6 +14,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import glass
 import main
 import utils
 from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
@@ -66,6 +68,20 @@ def test_plots_are_valid_images(trained_tire):
         height, width, channels = image.shape
         assert channels == 3 and 300 <= height <= 2000 and 400 <= width <= 2500, (name, image.shape)
         assert image.std() > 10, f"{name} is (nearly) blank"
+
+
+def test_eval_heatmaps_colour_each_map_on_the_fixed_scale_of_the_scores(tmp_path):
+    """The third panel is jet(255 x score), as in the reference's current version: a map of 0.2 everywhere has
+    the same colour whatever the other test images score (a min-max scale over the test set made it 0)."""
+    images = np.zeros((2, 3, 32, 32), np.float32)
+    maps = np.stack([np.full((32, 32), 0.2, np.float32), np.full((32, 32), 0.8, np.float32)])
+    glass.GLASS._write_heatmaps(SimpleNamespace(results_path=str(tmp_path)), images, maps,
+                                np.zeros((2, 1, 32, 32), np.float32), "mvtec_x", "eval")
+    for index, level in ((1, 51), (2, 204)):
+        panel = cv2.imread(str(tmp_path / "eval" / "mvtec_x" / f"{index:03d}.png"))
+        assert panel.shape == (256, 768, 3)
+        colour = cv2.applyColorMap(np.full((1, 1), level, np.uint8), cv2.COLORMAP_JET)[0, 0]
+        assert (panel[:, 522:758] == colour).all()  # the map's panel, away from its blended left edge
 
 
 def test_history_has_one_row_per_epoch_matching_tensorboard(trained_tire):

@@ -550,3 +550,53 @@ def test_nan_loss_stops_the_class_and_keeps_the_best_checkpoint(capsys, results,
     assert state["epoch"] == 1 and state["best_checkpoint"] == "ckpt_best_1.pth"
     assert all(torch.isfinite(t).all() for t in state["discriminator"].values())
     assert not (fresh / "results.csv").exists()
+
+
+def test_resize_equal_to_imagesize_does_not_warn(caplog, results, data, dtd_root):
+    assert run_main(cli_args(results, data, dtd_root, main=["--test", "test"])) == 0  # --resize 64 --imagesize 64
+    assert "is smaller than --imagesize" not in caplog.text
+
+
+def test_dot_dot_is_not_a_class_name(capsys, results, data, dtd_root):
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, dataset=["-d", ".."]), "-d", "..",
+                 "is not a class folder name", usage=True)
+
+
+def test_ctrl_c_during_training_is_recorded_as_interrupted(capsys, tmp_path, data, dtd_root, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(glass.GLASS, "trainer", interrupted)
+    fresh = tmp_path / "fresh"
+    assert run_main(cli_args(fresh, data, dtd_root)) == 130
+    assert json.loads((fresh / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_chained_predict_with_another_dataset_name_is_checked_before_training(tmp_path, data, dtd_root, capsys):
+    image = str(next((data / "tire" / "test" / "good").glob("*.png")))
+    fresh = tmp_path / "fresh"
+    args = [*cli_args(fresh, data, dtd_root), "predict", "-d", "tire", "--dataset", "visa", image]
+    assert run_main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "neither trained by this run (mvtec: tire) nor in" in errors[0]
+    assert "visa_tire" in errors[0]
+    assert not list(fresh.rglob("*.pth"))  # refused before training
+
+
+def test_a_checkpoint_without_a_discriminator_is_one_line(capsys, results, data, dtd_root):
+    torch.save({"weights": {}}, results / CLASS_DIR / "ckpt_best_0.pth")  # a torch file, but not a GLASS checkpoint
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, main=["--test", "test"]),
+                 "ckpt_best_0.pth is not a GLASS checkpoint (it has no 'discriminator' entry)")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("meta_epochs", "x", "meta_epochs is 'x', not a whole number"),
+    ("best_record", [0.5, 1], "best_record is not six numbers"),
+])
+def test_more_hand_damaged_training_checkpoints(capsys, results, data, dtd_root, key, value, says):
+    path = results / CLASS_DIR / "ckpt.pth"
+    state = torch.load(path, weights_only=True)
+    state[key] = value
+    torch.save(state, path)
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["--meta_epochs", "2"]),
+                 f"ckpt.pth is damaged ({says})", "delete it to train mvtec_tire from the start")

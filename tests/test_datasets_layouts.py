@@ -561,3 +561,41 @@ def test_script_paths_are_relative_to_the_callers_folder(tmp_path):
     missing = subprocess.run(["bash", str(ROOT / "shell" / "run-custom.sh")], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120, env={**os.environ, "DATAPATH": "nowhere", "AUGPATH": "dtd"})
     assert missing.returncode == 2 and missing.stderr.startswith(f"Error: DATAPATH={tmp_path / 'nowhere'} is not a folder")
+
+
+def test_available_classes_leave_out_foreground_mask_folders(tmp_path, tire_root, dtd_root):
+    from datasets.mvtec import MVTecDataset
+
+    (tmp_path / "tire").mkdir()
+    (tmp_path / "fg_mask" / "tire").mkdir(parents=True)
+    with pytest.raises(GlassError, match=r"available classes are tire$"):
+        MVTecDataset(tmp_path, dtd_root, dataset_name="custom", classname="bottle")
+
+
+def test_masks_named_stem_mask_and_png_are_preferred(tmp_path):
+    from datasets.mvtec import match_masks
+
+    for name in ("002_mask.png", "002.png", "005_mask.bmp", "005_mask.png"):
+        (tmp_path / name).write_bytes(b"")
+    masks, unmatched = match_masks([str(tmp_path / "002.png"), str(tmp_path / "005.png")], str(tmp_path))
+    assert masks == [str(tmp_path / "002_mask.png"), str(tmp_path / "005_mask.png")]
+
+
+def test_a_visa_split_file_without_one_column_is_refused(tmp_path):
+    from datasets.visa import read_split
+
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text("object,split,label,image\ncandle,train,normal,a.JPG\n")
+    with pytest.raises(GlassError, match=r"lacks the column\(s\) mask: expected object, split, label, image, mask"):
+        read_split(str(tmp_path))
+
+
+def test_a_problem_list_of_exactly_three_examples_has_no_ellipsis():
+    from datasets.base import LayoutProblems
+
+    problems = LayoutProblems("/r", "part")
+    for name in ("a.png", "b.png", "c.png"):
+        problems.add("unreadable image", name)
+    assert "3 unreadable images (a.png, b.png, c.png)" in problems.describe()
+    problems.add("unreadable image", "d.png")
+    assert "4 unreadable images (a.png, b.png, c.png, ...)" in problems.describe()

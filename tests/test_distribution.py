@@ -190,3 +190,15 @@ def test_judge_only_then_the_table_decides_and_a_missing_class_is_judged_and_tra
     state = _checkpoint(opposite)
     assert (state["svd"], state["judged_distribution"]) == (1 - flag, flag)
     assert _table(opposite).equals(table)
+
+
+def test_distribution_tables_are_searched_in_order_and_a_new_judgement_replaces_the_old(tmp_path):
+    excel = tmp_path / "excel"
+    utils.record_distributions(str(excel), "mvtec", {"mvtec_a": 1})
+    utils.record_distributions(str(excel), "mvtec", {"mvtec_a": 0, "mvtec_b": 1})
+    # The first folder has no table: the next one is read.
+    assert utils.lookup_distribution([str(tmp_path / "none"), str(excel)], "mvtec", "mvtec_a") == (0, 0)
+    assert utils.lookup_distribution([str(tmp_path / "none"), str(excel)], "mvtec", "mvtec_b") == (1, 1)
+    import pandas as pd
+
+    assert sorted(pd.read_excel(utils.excel_path(str(excel), "mvtec"))["Class"]) == ["mvtec_a", "mvtec_b"]

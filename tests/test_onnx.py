@@ -2,6 +2,7 @@
 import ast
 import csv
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -376,3 +377,41 @@ def test_ort_refuses_a_threshold_that_is_not_a_number(exported, tiny_tire, tmp_p
         assert ort_script.main([str(exported), images, "-o", str(tmp_path / "out"), f"--threshold={value}"]) == 2
         assert "is not a finite number" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_stems_are_unique_for_one_name_with_two_extensions(tmp_path):
+    paths = [str(tmp_path / "x.png"), str(tmp_path / "x.jpg"), str(tmp_path / "y.png")]
+    for stems in (glass.output_stems(paths), ort_script.output_stems(paths)):
+        assert len(set(stems)) == 3 and stems[0] == "x" and stems[2] == "y"
+
+
+def test_pth2onnx_refuses_two_sources_and_a_results_path_without_a_class(tmp_path, capsys):
+    assert pth2onnx.main(["--class_dir", str(tmp_path), "--results_path", str(tmp_path)]) == 2
+    assert "give either --class_dir or --results_path with -d, not both" in capsys.readouterr().err
+    assert pth2onnx.main(["--results_path", str(tmp_path)]) == 2
+    assert "--results_path needs the class: add -d CLASS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pth2onnx.main(["--checkpoint", "x.pth", "--imagesize", "0"])
+    assert "0 is below 1" in capsys.readouterr().err
+
+
+def test_ort_refuses_a_batch_size_of_zero(tmp_path, capsys):
+    assert ort_script.main([str(tmp_path / "model.onnx"), str(tmp_path), "--batch_size", "0"]) == 2
+    assert "--batch_size must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_pth2onnx_embeds_the_class_threshold_and_ort_applies_it_at_or_above(trained_tire, tmp_path, tiny_tire):
+    import onnx
+
+    class_dir = tmp_path / "mvtec_tire"
+    shutil.copytree(trained_tire / "models" / "backbone_0" / "mvtec_tire", class_dir, ignore=shutil.ignore_patterns("tb"))
+    best = next(class_dir.glob("ckpt_best_*.pth")).name
+    (class_dir / "threshold.json").write_text(json.dumps({"threshold": 0.42, "checkpoint": best}))
+    assert pth2onnx.main(["--class_dir", str(class_dir), "--no_check"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(class_dir / "glass.onnx")).metadata_props}
+    assert meta["threshold"] == "0.42"
+    image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
+    [row] = ort_script.predict(str(class_dir / "glass.onnx"), [image], str(tmp_path / "a"), write_images=False)
+    [row] = ort_script.predict(str(class_dir / "glass.onnx"), [image], str(tmp_path / "b"),
+                               threshold=float(row["score"]), write_images=False)
+    assert row["anomalous"] == "1"  # a score at the threshold is anomalous, as in predict

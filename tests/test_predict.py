@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -276,3 +277,63 @@ def test_chained_predict_scores_with_the_class_just_trained_and_checks_its_input
     rows = read_csv(results / "predict" / "custom_tire" / "predictions.csv")
     assert len(rows) == len(list(images.glob("*.png")))
     assert (results / "models" / "backbone_0" / "custom_tire" / "threshold.json").is_file()
+
+
+def test_load_trained_loads_the_checkpoint_it_is_given(trained_tire, tmp_path):
+    class_dir = trained_tire / "models" / "backbone_0" / "mvtec_tire"
+    other = tmp_path / "ckpt_best_99.pth"
+    shutil.copy(next(class_dir.glob("ckpt_best_*.pth")), other)
+    model, _ = glass.load_trained(str(class_dir), checkpoint=str(other))
+    assert model.checkpoint_path == str(other)
+
+
+def test_predict_images_prepares_images_as_the_training_test_set_did(tmp_path, tiny_tire):
+    """resize_used (e.g. 329/288 of --imagesize for wood and toothbrush), not --resize; score == threshold is anomalous."""
+    from torchvision import transforms
+
+    image = str(next((tiny_tire / "tire" / "test" / "good").glob("*.png")))
+
+    class Capture:
+        def _predict(self, images):
+            self.images = images
+            return [0.5] * len(images), [np.zeros((64, 64))] * len(images)
+
+    model = Capture()
+    config = {"input_shape": [3, 64, 64], "dataset": {"resize": 64, "imagesize": 64, "resize_used": 80,
+                                                       "imagesize_used": 64}}
+    rows = glass.predict_images(model, config, [image], str(tmp_path / "out"), threshold=0.5)
+    expected = transforms.Compose([transforms.Resize(80), transforms.CenterCrop(64), transforms.ToTensor(),
+                                   transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])(
+        PIL.Image.open(image).convert("RGB"))
+    assert torch.allclose(model.images[0], expected)
+    assert rows[0]["anomalous"] == "1"
+
+
+def test_predict_says_how_many_images_are_anomalous_and_uses_data_path(trained_tire, tiny_tire, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(trained_tire / "models", results / "models", ignore=shutil.ignore_patterns("tb"))
+    images = [str(p) for p in sorted((tiny_tire / "tire" / "test" / "good").glob("*.png"))[:2]]
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold=-1e9", *images]) == 0
+    assert "mvtec_tire: 2 of 2 image(s) anomalous at threshold" in capsys.readouterr().out
+    nowhere = tmp_path / "nowhere"
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--calibrate", "--data_path", nowhere,
+                     images[0]]) == 2
+    assert f"the test set to choose a threshold on is not at {nowhere}" in capsys.readouterr().err
+
+
+def test_an_input_file_named_like_an_option_is_an_input(trained_tire, tiny_tire, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(trained_tire / "models", results / "models", ignore=shutil.ignore_patterns("tb"))
+    image = next((tiny_tire / "tire" / "test" / "good").glob("*.png"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(image, tmp_path / "--threshold=0.5.png")
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output", "out",
+                     image, "--threshold=0.5.png"]) == 0
+    with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
+        assert [row["image"] for row in csv.DictReader(handle)] == [str(image), "--threshold=0.5.png"]
+
+
+def test_a_threshold_of_true_is_not_a_number(tmp_path):
+    (tmp_path / "threshold.json").write_text('{"threshold": true}')
+    with pytest.raises(utils.GlassError, match="the threshold True is not a finite number"):
+        glass.read_threshold_file(str(tmp_path / "threshold.json"))

@@ -534,3 +534,126 @@ def test_results_csv_mean_row_is_the_mean_of_the_available_values(tmp_path):
     assert rows[0] == ["Row Names", "image_auroc", "pixel_auroc"]
     assert rows[2] == ["b", "0.2", ""]  # not available: an empty cell, left out of the mean
     assert rows[-1][0] == "Mean" and float(rows[-1][1]) == pytest.approx(0.4) and float(rows[-1][2]) == pytest.approx(0.75)
+
+
+def test_device_labels_and_a_zero_cpu_worker_count(monkeypatch):
+    assert main.device_label(-1) == "cpu" and main.device_label(0) == "cuda:0" and main.device_label(3) == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(main.CPU_WORKERS_ENV, "0")
+    with pytest.raises(utils.GlassError, match="GLASS_CPU_WORKERS=0 is not a number of worker processes"):
+        main.plan_workers([0, 1], ["a", "b"])
+
+
+def test_last_error_line_is_the_last_of_several(tmp_path):
+    log = tmp_path / "w.log"
+    log.write_text("Error: first\nsomething\nError: second\n")
+    assert main.last_error_line(str(log)) == "second"
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch):
+    class Fixed(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(main, "datetime", Fixed)
+
+
+def test_run_records_started_in_the_same_second_do_not_overwrite_each_other(tmp_path, fixed_clock):
+    first = main.RunRecord(str(tmp_path), {"seed": 0}, {}, torch.device("cpu"))
+    second = main.RunRecord(str(tmp_path), {"seed": 1}, {}, torch.device("cpu"))
+    assert first.path != second.path
+    assert sorted(p.name for p in tmp_path.glob("run_*.json")) == ["run_20260102-030405-2.json",
+                                                                    "run_20260102-030405.json"]
+    assert json.loads(Path(first.path).read_text())["options"]["main"]["seed"] == 0
+
+
+def test_run_record_writes_unavailable_metrics_as_null(tmp_path, fixed_clock):
+    record = main.RunRecord(str(tmp_path), {}, {}, torch.device("cpu"))
+    record.add_result("mvtec_tire", [0.75, 0.5, float("nan"), float("nan"), float("nan"), 2])
+    text = (tmp_path / "run.json").read_text()
+    assert "NaN" not in text  # strict JSON
+    assert json.loads(text)["results"]["mvtec_tire"] == {
+        "image_auroc": 0.75, "image_ap": 0.5, "pixel_auroc": None, "pixel_ap": None, "pixel_pro": None,
+        "best_epoch": 2}
+
+
+class _Record:
+    def add_result(self, name, result):
+        pass
+
+
+def test_results_table_replaces_an_earlier_row_of_the_same_class(tmp_path):
+    utils.compute_and_store_final_results(str(tmp_path), [[0.1] * 5 + [1], [0.2] * 5 + [2]], main.METRIC_NAMES,
+                                          ["mvtec_a", "mvtec_b"])
+    table = main.ResultsTable(str(tmp_path), 1, _Record())
+    table.add(0, "mvtec_a", "mvtec_a", [0.9] * 5 + [3])
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["Row Names"] for row in rows] == ["mvtec_b", "mvtec_a", "Mean"]
+    assert float(rows[1]["image_auroc"]) == 0.9
+    assert float(rows[2]["image_auroc"]) == pytest.approx((0.2 + 0.9) / 2)
+
+
+def test_atomic_write_gives_new_files_the_usual_mode_and_keeps_an_existing_files_mode(tmp_path):
+    new = tmp_path / "new.csv"
+    utils.atomic_write(str(new), lambda tmp: Path(tmp).write_text("x"))
+    assert new.stat().st_mode & 0o777 == 0o666 & ~utils._UMASK
+    kept = tmp_path / "kept.csv"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    utils.atomic_write(str(kept), lambda tmp: Path(tmp).write_text("new"))
+    assert kept.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_summary_mean_row_has_no_best_epoch():
+    header = ["Row Names", *main.METRIC_NAMES]
+    rows = [["mvtec_a", "0.5", "0.5", "", "", "", "0"], ["mvtec_b", "0.7", "0.7", "", "", "", "1"],
+            ["Mean", "0.6", "0.6", "", "", "", "0.5"]]
+    table = utils.summary_rows(header, rows)
+    assert table[-1][-1] == "" and table[1][-1] == "0"
+    mean_line = utils.markdown_table(table).splitlines()[-1]
+    assert mean_line.split("|")[-2].strip() == "" and mean_line.count("n/a") == 3
+
+
+def test_record_epoch_replaces_the_rows_of_a_rerun_epoch(tmp_path):
+    class Model:
+        ckpt_dir = str(tmp_path)
+        global_step = 7
+        epoch_stats = {"loss": 0.5}
+
+    path = str(tmp_path / utils.HISTORY_NAME)
+    utils.write_history(path, [utils.history_row(e, e, {"loss": 1.0}, None) for e in range(3)])
+    utils.record_epoch(Model(), 1, [0.9, 0.0, 0.8, 0.0, 0.0])
+    rows = utils.read_history(path)
+    assert [row["epoch"] for row in rows] == [0, 1] and rows[1]["loss"] == 0.5 and rows[1]["pixel_auroc"] == 0.8
+
+
+def test_plots_of_a_second_backbone_go_to_their_own_folder():
+    assert utils.plots_dir("/r", "/r/models/backbone_0/mvtec_tire") == "/r/plots/mvtec_tire"
+    assert utils.plots_dir("/r", "/r/models/backbone_1/mvtec_tire/") == "/r/plots/mvtec_tire_backbone_1"
+
+
+def test_a_class_that_stops_in_a_worker_fails_the_parallel_run(two_classes, dtd_root, tmp_path, caplog):
+    results = tmp_path / "results"
+    assert run_main(["--results_path", results, *TWO_NET, *tiny_dataset_args(two_classes, dtd_root)]) == 0  # tire only
+    code, out, err = captured_run(["--test", "test", *two_class_args(results, two_classes, dtd_root)], "2")
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("Error: mvtec_tire2: no ckpt_best_*.pth"), err[-2000:]
+    record = json.loads((results / "run.json").read_text())
+    assert [m.split(":")[0] for m in record["stopped"]] == ["mvtec_tire2"] and set(record["results"]) == {"mvtec_tire"}
+    # The worker's error reaches the parent as the error, not also as a worker warning.
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "no ckpt_best" in r.getMessage()]
+
+
+def test_judgements_made_in_workers_are_recorded(two_classes, dtd_root, tmp_path):
+    import pandas as pd
+
+    results = tmp_path / "results"
+    args = two_class_args(results, two_classes, dtd_root)
+    args[args.index("--distribution") + 1] = "1"
+    code, out, err = captured_run(args, "2")
+    assert code == 0, err[-2000:]
+    table = pd.read_excel(results / "datasets" / "excel" / "mvtec_distribution.xlsx")
+    assert sorted(table["Class"]) == ["mvtec_tire", "mvtec_tire2"]

@@ -451,3 +451,60 @@ def test_a_later_epoch_that_only_ties_the_best_does_not_replace_it(tmp_path, sma
     assert run_main(arguments(results, small_tire, dtd_root, net_extra=["--meta_epochs", "2"])) == 0
     assert best_files(results / CLASS_DIR) == ["ckpt_best_0.pth"]
     assert torch.load(results / CLASS_DIR / "ckpt.pth", weights_only=True)["best_record"] == [0.75, 0.0, 0.5, 0.0, 0.0, 0]
+
+
+def test_config_differences_name_train_backbone_seed_and_ignore_speed_defaults():
+    assert glass.config_differences({"net": {"train_backbone": False}}, {"net": {"train_backbone": True}}) == \
+        ["train_backbone: False -> True"]
+    assert glass.other_differences({"seed": 0}, {"seed": 1}) == ["seed: 0 -> 1"]
+    # A config.json written before the speed options existed equals one with their defaults.
+    assert glass.other_differences({"net": {"lr": 0.1}}, {"net": {"lr": 0.1, **glass.SPEED_OPTION_DEFAULTS}}) == []
+
+
+def _tiny_config(seed=0):
+    return {"backbone": "efficientnet_lite0", "layers_to_extract_from": ["blocks.2", "blocks.4"],
+            "input_shape": [3, 64, 64], "seed": seed, "dataset": {"resize": 64, "imagesize": 64},
+            "net": {"pretrain_embed_dimension": 32, "target_embed_dimension": 32, "patchsize": 3, "dsc_layers": 2,
+                    "dsc_hidden": 16, "pre_proj": 1, "train_backbone": False, "lr": 0.0001}}
+
+
+def test_check_config_on_an_unfinished_folder(tmp_path, tiny_model_factory, caplog):
+    model = tiny_model_factory(seed=1)
+    model.ckpt_dir = str(tmp_path)
+    weights = model.checkpoint_state()
+    # ckpt.pth of epoch 1 names ckpt_best_1.pth, not written yet (killed); the old best is still there.
+    torch.save(model.training_checkpoint(1, weights, [0.9, 0, 0.9, 0, 0, 1], str(tmp_path / "ckpt_best_1.pth")),
+               tmp_path / "ckpt.pth")
+    torch.save(weights, tmp_path / "ckpt_best_0.pth")
+
+    # Resuming without config.json (written by an older version) records it.
+    model.check_config(_tiny_config(), training=True)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+    # Resuming with another training option warns.
+    caplog.clear()
+    model.check_config(_tiny_config(seed=1), training=True)
+    assert "Resuming" in caplog.text and "with other training options than it started with (seed: 0 -> 1)" in caplog.text
+    # A test-only run settles the best checkpoint too: the one ckpt.pth records is tested, not the older one.
+    os.remove(tmp_path / "ckpt_best_1.pth")
+    torch.save(weights, tmp_path / "ckpt_best_0.pth")
+    model.check_config(_tiny_config(), training=False)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_best_*.pth")) == ["ckpt_best_1.pth"]
+
+
+def test_training_a_finished_folder_on_to_more_epochs_is_a_resume(tmp_path, tiny_model_factory, caplog):
+    model = tiny_model_factory(seed=1)  # --meta_epochs 3
+    model.ckpt_dir = str(tmp_path)
+    weights = model.checkpoint_state()
+    torch.save(model.training_checkpoint(2, weights, [0.9, 0, 0.9, 0, 0, 2], str(tmp_path / "ckpt_best_2.pth")),
+               tmp_path / "ckpt.pth")
+    torch.save(weights, tmp_path / "ckpt_best_2.pth")
+    model.save_config(_tiny_config())
+    model.meta_epochs = 4  # trained on to 4 epochs, with another seed
+    model.check_config(_tiny_config(seed=1), training=True)
+    assert "with other training options than it started with (seed: 0 -> 1)" in caplog.text
+
+
+def test_config_without_a_feature_adaptor_is_usable():
+    config = _tiny_config()
+    config["net"]["pre_proj"] = 0
+    assert glass.config_problem(config) is None

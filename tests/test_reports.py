@@ -457,6 +457,8 @@ def test_last_error_line_reads_what_cli_prints(tmp_path):
     assert main.last_error_line(str(log)) == "the real problem: fix it"
     log.write_text("Traceback (most recent call last):\nValueError: boom\n")
     assert main.last_error_line(str(log)) is None
+    log.write_text("Error: first\nsomething\nError: second\n")
+    assert main.last_error_line(str(log)) == "second"  # the last of several
     earlier = "Error: an earlier run's problem\n==== 2026-01-01T00:00:00: mvtec_tire on cpu ====\n"
     log.write_text(earlier + "ValueError: boom\n")
     assert main.last_error_line(str(log)) == "an earlier run's problem"
@@ -542,12 +544,6 @@ def test_device_labels_and_a_zero_cpu_worker_count(monkeypatch):
     monkeypatch.setenv(main.CPU_WORKERS_ENV, "0")
     with pytest.raises(utils.GlassError, match="GLASS_CPU_WORKERS=0 is not a number of worker processes"):
         main.plan_workers([0, 1], ["a", "b"])
-
-
-def test_last_error_line_is_the_last_of_several(tmp_path):
-    log = tmp_path / "w.log"
-    log.write_text("Error: first\nsomething\nError: second\n")
-    assert main.last_error_line(str(log)) == "second"
 
 
 @pytest.fixture

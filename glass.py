@@ -879,8 +879,8 @@ class GLASS(torch.nn.Module):
             LOGGER.warning("Writing %s from ckpt.pth (the run was killed before writing it)", path)
             weights = {key: {k: v.cpu() for k, v in state[key].items()} for key in CHECKPOINT_KEYS if key in state}
             utils.atomic_torch_save(weights, path)
-        for path in glob.glob(os.path.join(glob.escape(self.ckpt_dir), "ckpt_best_*.pth")):
-            if BEST_CHECKPOINT_PATTERN.search(path) and os.path.basename(path) != recorded:
+        for path in best_checkpoints_in(self.ckpt_dir):
+            if os.path.basename(path) != recorded:
                 LOGGER.warning("Removing %s: ckpt.pth records %s as the best (the run was killed before removing it)",
                                path, recorded)
                 os.remove(path)
@@ -1698,10 +1698,15 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:
     return model
 
 
+def best_checkpoints_in(class_dir: str) -> List[str]:
+    """Paths of every ``ckpt_best_<epoch>.pth`` in ``class_dir`` (its path may hold glob characters)."""
+    return [p for p in glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth"))
+            if BEST_CHECKPOINT_PATTERN.search(p)]
+
+
 def best_checkpoint_in(class_dir: str) -> Optional[str]:
     """Path of ``ckpt_best_<epoch>.pth`` in ``class_dir``, if any (the highest epoch if several)."""
-    found = [p for p in glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth"))
-             if BEST_CHECKPOINT_PATTERN.search(p)]
+    found = best_checkpoints_in(class_dir)
     if not found:
         return None
     return max(found, key=lambda p: int(BEST_CHECKPOINT_PATTERN.search(p).group(1)))

@@ -38,7 +38,9 @@ import metrics
 import utils
 from datasets.base import IMAGE_EXTENSIONS, is_image, is_wide_image, load_image, warn_wide_images
 from loss import FocalLoss
-from model import Discriminator, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available
+from model import (
+    Discriminator, LinearWithKnownRows, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available,
+)
 from utils import GlassError
 
 LOGGER = logging.getLogger(__name__)
@@ -110,13 +112,15 @@ def global_anomaly_synthesis(
     mining: int,
     radius: float,
     ascent_gradient: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    final_scores: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> GASResult:
     """GAS: Gaussian features moved by gradient ascent on the discriminator's loss, then truncated.
 
     Returns the BCE loss of the last step (true -> 0, synthetic -> 1), the true and synthetic scores
     of that step, the synthetic features, and r_g, the ``radius`` quantile of their distance to c.
     ``ascent_gradient(g)``, when given, stands in for the plain pass in the steps that serve only the
-    gradient of the synthetic half's loss with respect to g (:meth:`FrozenTrueHalf.gradient`).
+    gradient of the synthetic half's loss with respect to g (:meth:`FrozenTrueHalf.gradient`), and
+    ``final_scores(g)`` for the plain pass of the last step, whose loss is returned (:meth:`FrozenTrueHalf.final_scores`).
     """
     noise = torch.normal(0, noise_std, true_feats.shape).to(true_feats.device)
     gaus_feats = true_feats + noise
@@ -126,7 +130,10 @@ def global_anomaly_synthesis(
         if ascent_gradient is not None and step < steps and mining != 0:
             grad = ascent_gradient(gaus_feats)  # this step's losses and scores would serve nothing else
         else:
-            scores = discriminator(torch.cat([true_feats, gaus_feats]))
+            if final_scores is not None and step == steps:
+                scores = final_scores(gaus_feats)
+            else:
+                scores = discriminator(torch.cat([true_feats, gaus_feats]))
             _check_finite_scores(scores)
             true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
             true_loss = bce(true_scores, torch.zeros_like(true_scores))
@@ -166,16 +173,20 @@ class FrozenTrueHalf:
     same bits whatever the other rows (:func:`ascent_pass_is_exact` checks it). For the default
     discriminator on the CPU, the backward pass is run by hand (:meth:`_gradient_by_hand`), and with ``onednn``
     its matrix products run through oneDNN (:func:`model.onednn_linear`: other last bits, ``--onednn``).
+    GAS's final pass can reuse the true half's output too (:meth:`final_scores`).
     """
 
     def __init__(self, discriminator: Discriminator, true_feats: torch.Tensor,
                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  onednn: bool = False):
         self.discriminator = discriminator
+        self.true_feats = true_feats
         self.context = context  # of the discriminator's forward passes (autocast with --amp)
         self.by_hand = _backward_by_hand_applies(discriminator, true_feats)
         self.onednn = onednn and self.by_hand and onednn_linear_available()
         linear = discriminator.first_linear()
+        # final_scores needs a bias (LinearWithKnownRows) and the true half in the pass's own precision.
+        self.reusable_in_final_pass = linear.bias is not None and not self.onednn
         with torch.no_grad(), context():
             if self.onednn:
                 true_half = onednn_linear(true_feats, linear.weight, linear.bias)
@@ -193,6 +204,14 @@ class FrozenTrueHalf:
         discriminator = self.discriminator
         both = torch.cat([self.true_half, discriminator.first_linear()(gaus_feats)])
         return discriminator.from_first_linear(both)
+
+    def final_scores(self, gaus_feats: torch.Tensor) -> torch.Tensor:
+        """Scores of ``cat([true_feats, gaus_feats])`` with the plain pass's graph (to both halves and the weights),
+        the true half's first-layer output reused: GAS's final pass. For float32 passes without ``onednn``."""
+        linear = self.discriminator.first_linear()
+        both = torch.cat([self.true_feats, gaus_feats])
+        pre = LinearWithKnownRows.apply(both, linear.weight, linear.bias, self.true_half)
+        return self.discriminator.from_first_linear(pre)
 
     def gradient(self, gaus_feats: torch.Tensor) -> torch.Tensor:
         """The ascent gradient: of BCE(scores of the synthetic half, 1) with respect to ``gaus_feats``."""
@@ -259,23 +278,39 @@ def ascent_gradient_from_scores(scores: torch.Tensor, gaus_feats: torch.Tensor) 
 
 
 def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor, noise_std: float,
-                         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> bool:
+                         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                         final_pass: bool = False) -> bool:
     """Whether one ascent step through :meth:`FrozenTrueHalf.gradient` gives the plain pass's bits on this device
-    and batch size: gradient and BatchNorm running averages, on copies of the discriminator and without
-    drawing from the global random generators."""
-    true_feats = true_feats.detach()
+    and batch size (gradient and BatchNorm running averages), and with ``final_pass`` then a final pass through
+    :meth:`FrozenTrueHalf.final_scores` (scores, BatchNorm running averages, every gradient of its loss); on
+    copies of the discriminator and without drawing from the global random generators."""
     noise = torch.randn(true_feats.shape, generator=torch.Generator().manual_seed(0)) * noise_std
     outcomes = []
     for frozen in (False, True):
         model = copy.deepcopy(discriminator)
-        gaus_feats = (true_feats + noise.to(true_feats.device)).requires_grad_(True)
+        true = true_feats.detach().clone().requires_grad_(final_pass)
+        gaus_feats = (true.detach() + noise.to(true.device)).requires_grad_(True)
+        half = FrozenTrueHalf(model, true, context)
         if frozen:
-            gradient = FrozenTrueHalf(model, true_feats, context).gradient(gaus_feats)
+            gradient = half.gradient(gaus_feats)
         else:
             with context():
-                scores = model(torch.cat([true_feats, gaus_feats])).float()
+                scores = model(torch.cat([true, gaus_feats])).float()
             gradient = ascent_gradient_from_scores(scores, gaus_feats)
-        outcomes.append([gradient, *model.buffers()])
+        outcome = [gradient]
+        if final_pass and half.reusable_in_final_pass:
+            moved = (gaus_feats.detach() + 0.001 * gradient).requires_grad_(True)
+            if frozen:
+                scores = half.final_scores(moved)
+            else:
+                with context():
+                    scores = model(torch.cat([true, moved])).float()
+            bce = torch.nn.BCELoss()
+            rows = len(true)
+            loss = bce(scores[:rows], torch.zeros_like(scores[:rows])) + bce(scores[rows:], torch.ones_like(scores[rows:]))
+            loss.backward()
+            outcome += [scores.detach(), true.grad, moved.grad, *(p.grad for p in model.parameters())]
+        outcomes.append([*outcome, *model.buffers()])
     return all(torch.equal(plain, frozen) for plain, frozen in zip(*outcomes))
 
 
@@ -645,22 +680,28 @@ class GLASS(torch.nn.Module):
             scores = self._discriminator_forward(features)
         return scores.float()
 
-    def _ascent_gradient(self, true_feats: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        """The gradient of GAS's ascent steps through a :class:`FrozenTrueHalf`, or None for the plain passes (no
-        ascent steps, ``--compile``, or a device and batch size where it would change the last bits)."""
+    def _frozen_passes(self, true_feats: torch.Tensor) -> Tuple[Optional[Callable[[torch.Tensor], torch.Tensor]],
+                                                                Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+        """GAS's ascent gradient and final pass through a :class:`FrozenTrueHalf` (``ascent_gradient`` and
+        ``final_scores`` of :func:`global_anomaly_synthesis`), each None where the plain passes run instead: no
+        ascent steps, ``--compile``, a device and batch size where it would change the last bits, and for the
+        final pass ``--amp`` (its reuse is float32 only) and ``--onednn``."""
         if not self.reuse_true_half or self.compiled or self.mining == 0 or self.step == 0:
-            return None
+            return None, None
         if self.onednn:  # other last bits by choice: no comparison with the plain pass
-            return FrozenTrueHalf(self.discriminator, true_feats, self._head_context, onednn=True).gradient
+            return FrozenTrueHalf(self.discriminator, true_feats, self._head_context, onednn=True).gradient, None
         key = (len(true_feats), str(true_feats.device))
+        final_pass = self.amp_dtype is None
         if key not in self.exact_true_half:
-            self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise, self._autocast)
+            self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise, self._autocast,
+                                                             final_pass=final_pass)
             if not self.exact_true_half[key]:
                 LOGGER.info("GAS: on %s the frozen true half would change the last bits for batches of %d patches, so "
-                            "their ascent steps run the plain passes", true_feats.device, len(true_feats))
+                            "GAS runs the plain passes", true_feats.device, len(true_feats))
         if not self.exact_true_half[key]:
-            return None
-        return FrozenTrueHalf(self.discriminator, true_feats, self._autocast).gradient
+            return None, None
+        half = FrozenTrueHalf(self.discriminator, true_feats, self._autocast)
+        return half.gradient, half.final_scores if final_pass and half.reusable_in_final_pass else None
 
     # ----------------------------------------------------------------------------------------------
     # Folders and checkpoints
@@ -1436,11 +1477,12 @@ class GLASS(torch.nn.Module):
         dist_t = torch.norm(true_points - c_t_points, dim=1)
         r_t = quantile_radius(dist_t, self.radius)
 
+        ascent_gradient, final_scores = self._frozen_passes(true_feats)
         try:
             gas = global_anomaly_synthesis(
                 self._discriminate, true_feats, center, r_t,
                 noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
-                ascent_gradient=self._ascent_gradient(true_feats),
+                ascent_gradient=ascent_gradient, final_scores=final_scores,
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc} at step {self.global_step}") from None

@@ -102,6 +102,29 @@ class PatchMaker:
         return torch.max(x, dim=1).values
 
 
+class LinearWithKnownRows(torch.autograd.Function):
+    """``F.linear(features, weight, bias)`` whose first ``len(known)`` output rows are already known (computed
+    from the same rows and weights): only the other rows go through the matrix product. The backward pass is
+    the one autograd runs for ``F.linear`` on the CPU (``addmm``), over all rows, so gradients keep their bits."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features, weight)
+        rows = len(known)
+        out = features.new_empty(len(features), weight.shape[0])
+        out[:rows].copy_(known)
+        torch.addmm(bias, features[rows:], weight.t(), out=out[rows:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        features, weight = ctx.saved_tensors
+        grad_features = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t().mm(features) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_features, grad_weight, grad_bias, None
+
+
 # --------------------------------------------------------------------------------------------------
 # Linear layers through oneDNN (``--onednn``): on CPUs where MKL's sgemm, which torch.addmm calls, runs
 # without AVX-512 (AMD CPUs), oneDNN's AVX-512 kernels are about twice as fast. Other last bits than torch's.

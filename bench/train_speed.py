@@ -5,13 +5,13 @@ Both flows train the same model on the same data with the same options; only the
 * ``this``: the trainer as it is (``--cache auto``): backbone features of the training and test images
   computed once and cached, the centre from a synthesis-free pass over the cached training features,
   evaluation from the cached test features, heatmaps only when the best checkpoint is tested, GAS ascent
-  steps through ``glass.FrozenTrueHalf`` (backward by hand), freed memory kept for reuse
+  steps and final pass through ``glass.FrozenTrueHalf`` (backward by hand), freed memory kept for reuse
   (``utils.keep_freed_memory``).
 * ``reference``: :class:`ReferenceFlowGLASS`, the trainer with the reference's data flow put back
   (spec "Training", "Metrics", "Known oddities"): no cache; the centre computed every epoch by running
   the shuffled training loader, anomaly synthesis included, and the backbone on its images; every
   evaluation a full pass of the test images through the backbone, every image kept in memory, and a
-  heatmap PNG written for every test image; every GAS ascent step a full discriminator pass over the true
+  heatmap PNG written for every test image; every GAS pass a full discriminator pass over the true
   and synthetic features (no ``glass.FrozenTrueHalf``); pixel AUROC by scikit-learn's ``roc_auc_score`` (the same
   bits as ``metrics.roc_auc``, more slowly); PRO at the final test by a loop over the 200 thresholds
   (each binarised, dilated, its ground-truth regions labelled and measured, as the reference does);

@@ -64,26 +64,30 @@ def test_cached_layer_maps_give_the_same_results(tmp_path, without_cache, odd_ti
 
 def test_frozen_true_half_of_the_ascent_steps_changes_no_number(tmp_path, without_cache, odd_tire, dtd_root,
                                                                   monkeypatch, caplog):
-    """GAS's ascent steps through glass.FrozenTrueHalf (the default) train to the bits of the plain passes,
-    which run instead where the check finds other bits."""
+    """GAS's ascent steps and final pass through glass.FrozenTrueHalf (the default) train to the bits of the plain
+    passes, which run instead where the check finds other bits."""
     caplog.set_level("INFO")
-    calls = []
-    frozen_gradient = glass.FrozenTrueHalf.gradient
+    calls, finals = [], []
+    frozen_gradient, frozen_final = glass.FrozenTrueHalf.gradient, glass.FrozenTrueHalf.final_scores
     monkeypatch.setattr(glass.FrozenTrueHalf, "gradient",
                         lambda self, feats: calls.append(self.by_hand) or frozen_gradient(self, feats))
+    monkeypatch.setattr(glass.FrozenTrueHalf, "final_scores",
+                        lambda self, feats: finals.append(len(feats)) or frozen_final(self, feats))
     frozen = train(tmp_path / "frozen", odd_tire, dtd_root, "--cache", "off")
     assert calls == [True] * (2 * 3 * 3 + 2)  # 2 epochs x 3 batches x --step 3, a check per batch size (8 and 1 images)
+    # A final pass per training step (2 epochs of batches of 8, 8, 1 images), after the check's own for each batch size.
+    assert finals == [8 * 64] * 3 + [64] * 2 + [8 * 64] * 2 + [64]
     assert "GAS:" not in caplog.text
 
-    monkeypatch.setattr(glass, "ascent_pass_is_exact", lambda *args: False)
+    monkeypatch.setattr(glass, "ascent_pass_is_exact", lambda *args, **kwargs: False)
     refused = train(tmp_path / "refused", odd_tire, dtd_root, "--cache", "off")
-    assert len(calls) == 20
+    assert len(calls) == 20 and len(finals) == 8
     for patches in (8 * 64, 64):  # 8 x 8 positions per 64 px image
         assert f"GAS: on cpu the frozen true half would change the last bits for batches of {patches} patches" in caplog.text
 
     monkeypatch.setattr(glass.GLASS, "reuse_true_half", False)
     plain = train(tmp_path / "plain", odd_tire, dtd_root, "--cache", "off")
-    assert len(calls) == 20
+    assert len(calls) == 20 and len(finals) == 8
     for results in (plain, refused, without_cache):
         assert_same_outcome(frozen, results)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loss import FocalLoss
-from model import Discriminator, PatchMaker, Projection
+from model import Discriminator, LinearWithKnownRows, PatchMaker, Projection
 
 
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
@@ -37,6 +37,35 @@ def test_discriminator_continues_from_its_first_linear_layer(n_layers):
         assert torch.equal(ours, theirs)
     first = "body.block1.0.weight" if n_layers > 1 else "tail.0.weight"
     assert split.first_linear().weight is dict(split.named_parameters())[first]
+
+
+@pytest.mark.parametrize("known_rows, rows, dim", [(3, 7, 5), (64, 128, 32), (2048, 4096, 512)])
+def test_linear_with_known_rows_is_f_linear_bit_for_bit(known_rows, rows, dim):
+    """Output, input, weight and bias gradients of LinearWithKnownRows equal those of F.linear through autograd; its
+    known rows are used as given (not recomputed) and only the other rows reach the matrix product."""
+    generator = torch.Generator().manual_seed(rows)
+    linear = torch.nn.Linear(dim, dim)
+    features = torch.randn(rows, dim, generator=generator)
+    upstream = torch.randn(rows, dim, generator=generator)
+    outcomes = []
+    for reuse in (False, True):
+        linear.zero_grad(set_to_none=True)
+        inputs = features.clone().requires_grad_(True)
+        if reuse:
+            with torch.no_grad():
+                known = linear(features[:known_rows])
+            out = LinearWithKnownRows.apply(inputs, linear.weight, linear.bias, known)
+        else:
+            out = linear(inputs)
+        (out * upstream).sum().backward()
+        outcomes.append([out.detach(), inputs.grad, linear.weight.grad, linear.bias.grad])
+    for plain, reused in zip(*outcomes):
+        assert torch.equal(plain, reused)
+
+    marked = torch.full((known_rows, dim), 7.0)
+    out = LinearWithKnownRows.apply(features, linear.weight, linear.bias, marked)
+    assert torch.equal(out[:known_rows], marked)
+    assert torch.equal(out[known_rows:], linear(features)[known_rows:].detach())
 
 
 def test_projection_names_and_default_single_linear():

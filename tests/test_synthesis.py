@@ -12,7 +12,7 @@ from glass import (
     FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact, global_anomaly_synthesis, hard_sample_mining,
     local_anomaly_synthesis, truncate_to_band,
 )
-from model import Discriminator, OneDNNLinearMode, onednn_linear, onednn_linear_available
+from model import Discriminator, LinearWithKnownRows, OneDNNLinearMode, onednn_linear, onednn_linear_available
 
 
 def test_truncate_to_band_clamps_distances_and_keeps_directions():
@@ -91,19 +91,26 @@ def test_hard_sample_mining_keeps_the_largest_errors():
 
 
 def run_gas(disc, true_feats, svd, frozen: bool, by_hand: bool = True):
-    """GAS with the plain passes or through a FrozenTrueHalf, then the backward pass of its final loss."""
+    """GAS with the plain passes or through a FrozenTrueHalf (ascent steps, and the final pass where the first
+    Linear layer has a bias), then the backward pass of its final loss."""
     torch.manual_seed(1)
-    calls = []
+    calls, finals = [], []
     frozen_half = FrozenTrueHalf(disc, true_feats)
     frozen_half.by_hand &= by_hand
+    reuse_final = frozen and frozen_half.reusable_in_final_pass
 
     def ascent(gaus_feats):
         calls.append(len(gaus_feats))
         return frozen_half.gradient(gaus_feats)
+
+    def final(gaus_feats):
+        finals.append(len(gaus_feats))
+        return frozen_half.final_scores(gaus_feats)
     gas = global_anomaly_synthesis(disc, true_feats, torch.zeros_like(true_feats), torch.tensor([2.0]), noise_std=0.015,
                                    steps=10, svd=svd, mining=1, radius=0.75,
-                                   ascent_gradient=ascent if frozen else None)
+                                   ascent_gradient=ascent if frozen else None, final_scores=final if reuse_final else None)
     assert calls == ([len(true_feats)] * 10 if frozen else [])  # every ascent step, not the final one
+    assert finals == ([len(true_feats)] if reuse_final else [])
     gas.bce_loss.backward()
     return gas
 
@@ -122,6 +129,7 @@ def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers, 
         disc = Discriminator(dim, n_layers=n_layers, hidden=dim)
         true_feats = (torch.randn(rows, dim) * 0.5).requires_grad_(True)
         assert FrozenTrueHalf(disc, true_feats).by_hand == (n_layers == 2)
+        assert FrozenTrueHalf(disc, true_feats).reusable_in_final_pass == (n_layers > 1)  # the tail has no bias
         gas = run_gas(disc, true_feats, svd, frozen, by_hand)
         outcomes.append([gas.bce_loss, gas.true_scores, gas.gaus_scores, gas.gaus_feats, gas.r_g, true_feats.grad,
                          *disc.buffers(), *(p.grad for p in disc.parameters())])
@@ -150,6 +158,21 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
         self.true_half.copy_(torch.nextafter(self.true_half, torch.full_like(self.true_half, float("inf"))))
     monkeypatch.setattr(FrozenTrueHalf, "__init__", off_by_one_ulp)
     assert not ascent_pass_is_exact(disc, true_feats, 0.015)
+    monkeypatch.setattr(FrozenTrueHalf, "__init__", frozen_init)
+
+    # With final_pass it also checks GAS's final pass through final_scores: its weight gradient one ulp off.
+    backward = LinearWithKnownRows.backward
+
+    def weight_gradient_off_by_one_ulp(ctx, grad):
+        grads = backward(ctx, grad)
+        return grads[0], torch.nextafter(grads[1], torch.full_like(grads[1], float("inf"))), *grads[2:]
+    monkeypatch.setattr(LinearWithKnownRows, "backward", staticmethod(weight_gradient_off_by_one_ulp))
+    assert ascent_pass_is_exact(disc, true_feats, 0.015)
+    assert not ascent_pass_is_exact(disc, true_feats, 0.015, final_pass=True)
+    monkeypatch.setattr(LinearWithKnownRows, "backward", staticmethod(backward))
+    assert ascent_pass_is_exact(disc, true_feats, 0.015, final_pass=True)
+    # A discriminator without hidden blocks has no bias to reuse the first layer with: only the ascent step is checked.
+    assert ascent_pass_is_exact(Discriminator(32, n_layers=1, hidden=32), true_feats, 0.015, final_pass=True)
 
 
 def test_gradient_by_hand_only_where_it_is_autograd_s_computation():

@@ -440,11 +440,13 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
 
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
                  add_result: Callable[[int, str, str, List[float]], None],
-                 add_stopped: Callable[[str], None], say: Callable[[str], None] = click.echo) -> Dict[str, int]:
+                 add_stopped: Callable[[str], None], say: Callable[[str], None] = click.echo,
+                 log_lone_stop: bool = False) -> Dict[str, int]:
     """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
     tested model and ``add_stopped(message)`` for every class that stops (a diverging training, no best
-    checkpoint to test), while the others still run; ``say`` prints notes for the user. Returns the judged
-    distributions."""
+    checkpoint to test), while the others still run; ``say`` prints notes for the user. A stop is logged as an
+    error when it happens, unless the class is the run's only model and not ``log_lone_stop`` (the run's final
+    error line says it then). Returns the judged distributions."""
     judged: Dict[str, int] = {}
     for index, dataloaders in enumerate(list_of_dataloaders):
         utils.fix_seeds(seed)
@@ -477,7 +479,8 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
             except (glass.ClassStoppedError, datasets_base.UnreadableImageError) as exc:  # the other classes still run
                 message = utils.error_message(exc)
                 message = message if message.startswith(f"{class_key}: ") else f"{class_key}: {message}"
-                LOGGER.error("%s", message)
+                if log_lone_stop or len(list_of_dataloaders) > 1 or len(models) > 1:
+                    LOGGER.error("%s", message)
                 add_stopped(message)
                 continue
             finally:
@@ -782,7 +785,7 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
     logging.getLogger().addHandler(warnings)
     try:
         judged = _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test, add_result,
-                              add_stopped, say)
+                              add_stopped, say, log_lone_stop=True)  # for the worker's log
     except BaseException:
         with contextlib.suppress(GlassError):  # what it has to say still reaches the parent; the error goes on
             save()

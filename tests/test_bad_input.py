@@ -329,6 +329,19 @@ def test_test_only_without_a_checkpoint_names_the_class_after_testing_the_others
     assert record["status"].startswith("failed: mvtec_tire2: no ckpt_best_*.pth")
 
 
+def test_test_only_of_a_lone_class_without_a_checkpoint_says_so_once(capsys, caplog, results, data, dtd_root):
+    """The class's stop is logged as it happens when other classes run (previous test); alone, the final error
+    line is the only one that says it."""
+    shutil.copytree(data / "tire", data / "tire2")
+    args = cli_args(results, data, dtd_root, main=["--test", "test"])
+    args[args.index("tire")] = "tire2"
+    assert_fails(capsys, results, args, "mvtec_tire2: no ckpt_best_*.pth", "train first")
+    assert not [record for record in caplog.records if "no ckpt_best" in record.getMessage()]
+    args[args.index("tire2"):args.index("tire2") + 1] = ["tire2", "-d", "tire"]
+    assert_fails(capsys, results, args, "mvtec_tire2: no ckpt_best_*.pth", "train first")
+    assert [record.levelname for record in caplog.records if "no ckpt_best" in record.getMessage()] == ["ERROR"]
+
+
 def test_testing_a_finished_class_at_another_resize_warns_naming_it(caplog, results, data, dtd_root):
     args = cli_args(results, data, dtd_root, main=["--test", "test"], dataset=["--resize", "72"])
     assert run_main(args) == 0

@@ -7,6 +7,7 @@ tensors and every entry of ckpt.pth (optimiser states and random-generator state
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import common
 import glass
 import model
+import utils
 from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
 from test_resume import CLASS_DIR, assert_same_outcome
 
@@ -43,6 +45,14 @@ def without_cache(tmp_path_factory, odd_tire, dtd_root) -> Path:
     return train(tmp_path_factory.mktemp("cache_off"), odd_tire, dtd_root, "--cache", "off")
 
 
+def eval_grids(results: Path) -> list:
+    """(epoch, PNG bytes) of the ``eval/samples`` grids a run logged to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(results / CLASS_DIR / "tb"), size_guidance={"images": 0}).Reload()
+    return [(event.step, event.encoded_image_string) for event in tb.Images(utils.TB_SAMPLES_TAG)]
+
+
 @pytest.mark.parametrize("mode", ["ram", "disk"])
 def test_cache_gives_the_same_results_as_no_cache(tmp_path, without_cache, odd_tire, dtd_root, caplog, mode):
     caplog.set_level("INFO")
@@ -52,6 +62,11 @@ def test_cache_gives_the_same_results_as_no_cache(tmp_path, without_cache, odd_t
                for r in caplog.records)
     assert_same_outcome(results, without_cache)
     assert not list(results.glob(common.CACHE_FOLDER_PREFIX + "*"))  # the disk cache is removed
+    # The logged statistics (r_t, r_g, r_f measure distances to the centre, computed from the cached training
+    # features) and the evaluations' TensorBoard grids (each test image beside its own map) are the same too.
+    history = CLASS_DIR / "history.csv"
+    assert (results / history).read_text() == (without_cache / history).read_text()
+    assert eval_grids(results) == eval_grids(without_cache) and len(eval_grids(results)) == 2
 
 
 def test_cached_layer_maps_give_the_same_results(tmp_path, without_cache, odd_tire, dtd_root, monkeypatch, caplog):
@@ -165,6 +180,46 @@ def test_plan_chooses_memory_then_disk_then_nothing(tmp_path, monkeypatch):
     with pytest.raises(common.GlassError, match="--cache disk needs"):
         common.plan_cache("disk", sizes, str(tmp_path))
     assert common.plan_cache("off", sizes, str(tmp_path)).storage == "off"
+
+
+def test_plan_limits_are_inclusive_and_exact(tmp_path, monkeypatch):
+    """RAM (auto) takes a cache of at most half the available memory; disk one whose size plus 10 % plus 512 MiB
+    fits in the free space; unknown sizes are not held against a cache (RAM up to 1 GiB, disk always)."""
+    gib = 2**30
+    sizes = {"embeddings": 8 * gib, "maps": 6 * gib}
+    monkeypatch.setattr(common, "free_disk", lambda folder: 0)
+    monkeypatch.setattr(common, "available_memory", lambda: 16 * gib)
+    plan = common.plan_cache("auto", sizes, str(tmp_path))
+    assert (plan.storage, plan.content) == ("ram", "embeddings")  # exactly half
+    monkeypatch.setattr(common, "available_memory", lambda: 16 * gib - 2)
+    plan = common.plan_cache("auto", sizes, str(tmp_path))
+    assert (plan.storage, plan.content) == ("ram", "maps")  # the embeddings need a byte more than half
+    monkeypatch.setattr(common, "available_memory", lambda: 12 * gib - 2)
+    disk_need = math.ceil(6 * gib * 1.1) + 512 * 2**20  # the maps on disk: 6 GiB + 10 % + 512 MiB
+    monkeypatch.setattr(common, "free_disk", lambda folder: disk_need)
+    plan = common.plan_cache("auto", sizes, str(tmp_path))
+    assert (plan.storage, plan.content) == ("disk", "maps")
+    monkeypatch.setattr(common, "free_disk", lambda folder: disk_need - 1)
+    assert common.plan_cache("auto", sizes, str(tmp_path)).storage == "off"
+    monkeypatch.setattr(common, "free_disk", lambda folder: None)
+    assert common.plan_cache("auto", sizes, str(tmp_path)).storage == "disk"
+    monkeypatch.setattr(common, "available_memory", lambda: None)
+    assert common.plan_cache("ram", sizes, str(tmp_path)).storage == "ram"
+    assert common.plan_cache("auto", sizes, str(tmp_path)).storage == "disk"
+    small = {"embeddings": gib, "maps": gib // 2}
+    assert (common.plan_cache("auto", small, str(tmp_path)).storage, common.plan_cache("auto", small, str(tmp_path)).content) \
+        == ("ram", "embeddings")
+
+
+def test_cache_size_counts_every_cached_image(tmp_path, odd_tire, dtd_root, monkeypatch):
+    """The size put to the plan is that of all cached images (17 training + 7 test), as the cache holds them."""
+    planned = []
+    plan_cache = common.plan_cache
+    monkeypatch.setattr(common, "plan_cache", lambda mode, sizes, folder: planned.append(sizes) or plan_cache(mode, sizes, folder))
+    train(tmp_path, odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1", "--cache", "ram")
+    [sizes] = planned
+    # Tiny profile: 128-d embeddings on the 8 x 8 grid of a 64 px image, float32.
+    assert sizes["embeddings"] == (17 + 7) * 8 * 8 * 128 * 4
 
 
 def test_store_round_trip_in_memory_and_on_disk(tmp_path):

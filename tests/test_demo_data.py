@@ -97,6 +97,39 @@ def test_synthesize_defect_on_random_images(kind: str) -> None:
         assert np.array_equal(image[~mask], clean[~mask])
 
 
+def test_defects_are_redrawn_until_large_and_visible_enough(monkeypatch) -> None:
+    # A crack darkens its pixels: on a black image it can never show, which is an error, not an invisible defect.
+    with pytest.raises(demo.DemoDataError, match="could not draw a visible crack defect in 20 tries"):
+        demo.synthesize_defect(np.zeros((64, 64, 3), np.uint8), "crack", np.random.default_rng(0))
+    # A mask below the minimum area (12 pixels here) is drawn again.
+    tiny, large = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    tiny[:2, :5] = True
+    large[10:20, 10:20] = True
+    masks = [tiny, large]
+    monkeypatch.setattr(demo, "_crack_mask", lambda size, rng: (masks.pop(0), {"strength": 0.5}))
+    image, mask = demo.synthesize_defect(np.full((64, 64, 3), 200, np.uint8), "crack", np.random.default_rng(0))
+    assert masks == [] and np.array_equal(mask, large) and np.all(image[large] == 100)
+
+
+def test_train_and_test_crops_come_from_disjoint_rows() -> None:
+    """Training crops lie in the top TRAIN_FRACTION of the photo's rows and test crops below: no test pixel is
+    ever seen in training. Rows above the boundary are black, rows below white (gain and offset change them by
+    at most 7 % and 6 levels)."""
+    photo = np.zeros((200, 90, 3), np.uint8)
+    boundary = int(round(demo.TRAIN_FRACTION * 200))
+    photo[boundary:] = 255
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        assert demo._random_crop(photo, "train", (64, 64), rng).max() <= 6
+        assert demo._random_crop(photo, "test", (64, 64), rng).min() >= 231
+
+
+def test_patch_defects_come_from_another_texture() -> None:
+    for class_name in demo.CLASS_SOURCES:
+        donors = {demo._patch_donor(class_name, demo.SampleSpec(class_name, "test", "patch", i)) for i in range(6)}
+        assert class_name not in donors and len(donors) > 1
+
+
 def test_unknown_defect_is_rejected() -> None:
     with pytest.raises(demo.DemoDataError, match="unknown defect"):
         demo.synthesize_defect(np.zeros((32, 32, 3), np.uint8), "dent", np.random.default_rng(0))
@@ -152,6 +185,16 @@ def test_rebuild_is_skipped_when_complete(tmp_path: Path, monkeypatch) -> None:
     assert sorted(p.name for p in (tmp_path / "demo/brick/train/good").iterdir()) == ["000.png", "001.png"]
     manifest = json.loads((tmp_path / "demo/manifest.json").read_text())
     assert manifest["params"]["n_train"] == 2
+
+
+def test_duplicate_classes_and_small_sizes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(demo.DemoDataError, match="duplicate class"):
+        demo.build_demo_dataset(tmp_path, classes=["brick", "brick"])
+    for size in ("31", "32x16", 16):
+        with pytest.raises(demo.DemoDataError, match="sides >= 32"):
+            demo._parse_size(size)
+    assert demo._parse_size("32x48") == (32, 48) and demo._parse_size(40) == (40, 40)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_unknown_class_lists_the_choices(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import http.server
 import io
+import json
 import socket
 import tarfile
 import threading
@@ -219,6 +220,20 @@ def test_btad_zip_is_converted_to_mvtec_layout(tmp_path, mirror, monkeypatch) ->
     with Image.open(path / "02/ground_truth/ko/0007_mask.png") as mask:  # a .bmp mask becomes a real PNG
         assert mask.format == "PNG" and mask.size == (8, 6)
     assert (dest / "btad.zip").read_bytes() == archive.read_bytes(), "--keep-archive keeps it"
+    assert json.loads((path / fetch.MARKER_NAME).read_text())["verified"] is True
+
+
+def test_btad_defective_image_without_mask_is_reported(tmp_path, mirror, monkeypatch, caplog) -> None:
+    served, base_url, _ = mirror
+    files = {**BTAD_FILES, "BTech_Dataset_transformed/01/test/ko/0002.bmp": image_bytes("BMP", 7)}
+    pin(monkeypatch, "btad", make_zip(served / "btad.zip", files))
+
+    with caplog.at_level("WARNING", logger="datasets.fetch"):
+        path = fetch.fetch("btad", tmp_path, base_url=base_url)
+
+    assert (path / "01/test/ko/0002.bmp").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["BTAD class 01: 1 defective test image(s) without a mask"]
 
 
 def test_dtd_tar_gz_gives_images_folder(tmp_path, mirror, monkeypatch) -> None:
@@ -274,6 +289,49 @@ def test_unverifiable_archive_prints_its_sha256(tmp_path, mirror, monkeypatch, c
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("could not verify MPDD.zip" in w and sha in w for w in warnings), warnings
+    assert json.loads((tmp_path / "mpdd" / fetch.MARKER_NAME).read_text())["verified"] is False
+
+
+def test_mirror_address_with_a_trailing_slash() -> None:
+    spec = fetch.get_source("dtd").archive
+    assert fetch._candidate_urls(spec, "http://127.0.0.1:8000/data/") == (f"http://127.0.0.1:8000/data/{spec.file_name}",)
+    assert fetch._candidate_urls(spec, None) == spec.urls
+
+
+class _ShortResponse:
+    """An HTTP response that announces 100 bytes and ends after 60."""
+
+    headers = {"Content-Length": "100"}
+
+    def __init__(self) -> None:
+        self.body = io.BytesIO(b"x" * 60)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.body.read(size)
+
+
+def test_download_that_ends_early_is_an_error_and_leaves_nothing(tmp_path) -> None:
+    spec = fetch.DataFile("f.tar", ("http://127.0.0.1/f.tar",))  # no checksum: only the length can tell
+    with pytest.raises(GlassError, match="stopped after 60 of 100 bytes"):
+        fetch._receive(_ShortResponse(), spec.urls[0], spec, tmp_path / "f.tar")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_links_in_a_tar_are_skipped(tmp_path, caplog) -> None:
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        data = b"texture"
+        info = tarfile.TarInfo("dtd/images/banded/banded_0001.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for name, kind in (("dtd/images/banded/soft.jpg", tarfile.SYMTYPE), ("dtd/images/banded/hard.jpg", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "dtd/images/banded/banded_0001.jpg"
+            tar.addfile(link)
+    with caplog.at_level("WARNING", logger="datasets.fetch"):
+        fetch.unpack(archive, tmp_path / "out")
+    assert relative_files(tmp_path / "out") == {"dtd/images/banded/banded_0001.jpg"}
+    assert "a.tar: skipped 2 link/special member(s)" in caplog.text
 
 
 def test_archive_already_in_dest_is_used_without_download(tmp_path, monkeypatch) -> None:

@@ -73,6 +73,28 @@ def test_thresholded_map_is_the_noise_rotated_by_a_uniform_angle_above_one_half(
         assert np.array_equal(generate_thr((3, 40, 56), 0, 6), expected.astype(np.float64)), seed
 
 
+def test_noise_scales_are_the_powers_of_two_below_64_per_axis(monkeypatch):
+    """Spec: scales 2^[0, 6) drawn independently for each axis: 1 to 32, never 64."""
+    drawn = []
+
+    def noise(shape, res):
+        drawn.append(tuple(res))
+        return np.zeros(shape)
+    monkeypatch.setattr(perlin, "rand_perlin_2d_np", noise)
+    np.random.seed(0)
+    for _ in range(300):
+        generate_thr((3, 8, 8), 0, 6)
+    assert {r for r, _ in drawn} == {c for _, c in drawn} == {1, 2, 4, 8, 16, 32}
+    assert len(set(drawn)) > 20  # not the same scale for both axes
+
+
+def test_threshold_keeps_only_noise_above_one_half(monkeypatch):
+    monkeypatch.setattr(perlin, "_rotate", lambda image, angle: image)
+    for value, expected in ((0.5, 0.0), (np.nextafter(0.5, 1), 1.0), (0.3, 0.0)):
+        monkeypatch.setattr(perlin, "rand_perlin_2d_np", lambda shape, res: np.full(shape, value))
+        assert np.array_equal(generate_thr((3, 6, 4), 0, 6), np.full((6, 4), expected)), value
+
+
 def test_rotation_fills_with_zeros():
     rotated = perlin._rotate(np.ones((21, 21)), 45.0)
     assert rotated[10, 10] == pytest.approx(1.0)
@@ -130,6 +152,9 @@ TOP[:8, :] = 1
     (0.9, np.maximum(LEFT, TOP)),  # u > 2/3: union
     (0.5, LEFT * TOP),             # 1/3 < u <= 2/3: intersection
     (0.2, LEFT),                   # u <= 1/3: the first map alone
+    (0.65, LEFT * TOP),
+    (2 / 3, LEFT * TOP),           # the boundaries (as float32 draws) belong to the lower choice
+    (1 / 3, LEFT),
 ])
 def test_union_intersection_or_first(monkeypatch, draw, expected):
     _scripted(monkeypatch, [LEFT, TOP], [draw])
@@ -162,3 +187,14 @@ def test_foreground_mask_zeroes_the_outside(seed):
 def test_empty_foreground_raises_instead_of_looping():
     with pytest.raises(ValueError, match="foreground"):
         perlin_mask((3, 32, 32), 4, 0, 6, torch.zeros(32, 32), flag=1)
+
+
+def test_foreground_outside_the_pooled_cells_counts_as_empty(monkeypatch):
+    # 100 px on a 12-cell grid: pooling by 8 covers the first 96 rows and columns only; a foreground in the rest
+    # could never give a non-empty pooled mask (the draws are limited so that a loop fails instead of hanging).
+    draws = []
+    monkeypatch.setattr(perlin, "generate_thr", lambda *args: draws.append(1) if len(draws) < 100 else pytest.fail("endless redraws"))
+    fg = torch.zeros(100, 100)
+    fg[96:, :] = 1
+    with pytest.raises(ValueError, match="foreground"):
+        perlin_mask((3, 100, 100), 12, 0, 6, fg, flag=1)

@@ -88,6 +88,11 @@ def test_hard_sample_mining_keeps_the_largest_errors():
     assert kept_labels.flatten().tolist() == [0.0, 1.0]
     all_scores, _ = hard_sample_mining(scores, labels, 0)
     assert torch.equal(all_scores, scores)
+    # "At or above" the quantile: with an odd count the median is one of the errors, and it is kept.
+    kept_scores, _ = hard_sample_mining(scores[:3], labels[:3], 0.5)  # errors 0.01, 0.81, 0.36: median 0.36
+    assert kept_scores.flatten().tolist() == pytest.approx([0.9, 0.4])
+    kept_scores, kept_labels = hard_sample_mining(scores, labels, 1.0)  # only the largest error, 0.81
+    assert kept_scores.flatten().tolist() == pytest.approx([0.9]) and kept_labels.flatten().tolist() == [0.0]
 
 
 def run_gas(disc, true_feats, svd, frozen: bool, by_hand: bool = True):
@@ -160,6 +165,18 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
     assert not ascent_pass_is_exact(disc, true_feats, 0.015)
     monkeypatch.setattr(FrozenTrueHalf, "__init__", frozen_init)
 
+    # Same gradient, but BatchNorm's running mean one ulp off after the pass by hand: refused as well.
+    by_hand = FrozenTrueHalf._gradient_by_hand
+
+    def running_mean_off_by_one_ulp(self, gaus_feats):
+        gradient = by_hand(self, gaus_feats)
+        mean = self.discriminator.body[0][1].running_mean
+        mean.copy_(torch.nextafter(mean, torch.full_like(mean, float("inf"))))
+        return gradient
+    monkeypatch.setattr(FrozenTrueHalf, "_gradient_by_hand", running_mean_off_by_one_ulp)
+    assert not ascent_pass_is_exact(disc, true_feats, 0.015)
+    monkeypatch.setattr(FrozenTrueHalf, "_gradient_by_hand", by_hand)
+
     # With final_pass it also checks GAS's final pass through final_scores: its weight gradient one ulp off.
     backward = LinearWithKnownRows.backward
 
@@ -173,6 +190,22 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
     assert ascent_pass_is_exact(disc, true_feats, 0.015, final_pass=True)
     # A discriminator without hidden blocks has no bias to reuse the first layer with: only the ascent step is checked.
     assert ascent_pass_is_exact(Discriminator(32, n_layers=1, hidden=32), true_feats, 0.015, final_pass=True)
+
+
+def test_frozen_true_half_runs_the_true_half_through_the_first_layer_once():
+    """Through autograd (a deeper discriminator), every ascent step runs only the synthetic half through the first
+    Linear layer: the true half's output is computed once, when the FrozenTrueHalf is made."""
+    torch.manual_seed(0)
+    disc = Discriminator(8, n_layers=3, hidden=8)
+    rows = []
+    disc.first_linear().register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
+    true_feats = torch.randn(12, 8)
+    half = FrozenTrueHalf(disc, true_feats)
+    assert not half.by_hand and rows == [12]
+    gaus_feats = (true_feats[:5] + 0.1).requires_grad_(True)
+    for _ in range(3):
+        half.gradient(gaus_feats)
+    assert rows == [12, 5, 5, 5]
 
 
 def test_gradient_by_hand_only_where_it_is_autograd_s_computation():
@@ -268,8 +301,12 @@ def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_refe
     step_gradients, tail_gradients = [], []
     weight.register_hook(lambda grad: step_gradients.append(grad.clone()))
     tail.register_hook(lambda grad: tail_gradients.append(grad.clone()))
+    projection_gradients = []
+    trained.pre_projection.layers[0].weight.register_hook(lambda grad: projection_gradients.append(grad.clone()))
     trained._train_step(batch)
     trained._train_step(batch)
     assert len(step_gradients) == 2 and not torch.equal(step_gradients[0], step_gradients[1])
     assert torch.equal(weight.grad, step_gradients[0] + step_gradients[1])
     assert len(tail_gradients) == 2 and torch.equal(tail.grad, tail_gradients[1])
+    projection = trained.pre_projection.layers[0].weight  # cleared before each step too
+    assert len(projection_gradients) == 2 and torch.equal(projection.grad, projection_gradients[1])

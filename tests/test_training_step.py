@@ -193,3 +193,65 @@ def test_svd_option_is_ignored_with_a_warning(caplog):
     config = {"net": {"svd": 0, "noise": 0.015}, "dataset": {}, "seed": 0}
     assert glass.other_differences(config, {**config, "net": {"svd": 1, "noise": 0.015}}) == []
     assert glass.other_differences(config, {**config, "net": {"svd": 0, "noise": 0.02}}) == ["net.noise: 0.015 -> 0.02"]
+
+
+def tiny_model(backbone, **options) -> glass.GLASS:
+    torch.manual_seed(3)
+    model = glass.GLASS(torch.device("cpu"))
+    model.load(backbone=backbone, layers_to_extract_from=["blocks.2", "blocks.4"], device=torch.device("cpu"),
+               input_shape=(3, 64, 64), pretrain_embed_dimension=DIM, target_embed_dimension=DIM, dsc_hidden=HIDDEN,
+               **options)
+    return model
+
+
+def test_centre_is_the_mean_of_the_per_batch_position_means(backbone, monkeypatch):
+    """Spec: per batch the mean over its images of the projected features, position by position, then the mean
+    over the batches (each batch counts once, whatever its size)."""
+    model = tiny_model(backbone, pre_proj=0)  # no feature adaptor: the centre is that of the embeddings
+    positions = 3
+    first = torch.tensor([[[1.0, 2.0], [0.0, 4.0], [3.0, 3.0]],   # image 1 of batch 1 (3 positions x 2 dims)
+                          [[3.0, 6.0], [2.0, 0.0], [3.0, 5.0]]])  # image 2 of batch 1
+    second = torch.tensor([[[8.0, 0.0], [4.0, 4.0], [0.0, 2.0]]])  # batch 2: one image
+    batches = [(2, first.reshape(-1, 2)), (1, second.reshape(-1, 2))]
+    monkeypatch.setattr(model, "_center_features", lambda data: iter(batches))
+    model._compute_center(None)
+    # Batch means [[2, 4], [1, 2], [3, 4]] and [[8, 0], [4, 4], [0, 2]]; their mean:
+    expected = torch.tensor([[5.0, 2.0], [2.5, 3.0], [1.5, 3.0]])
+    assert model.c.shape == (positions, 2)
+    assert torch.equal(model.c, expected)
+
+
+class _Scalars:
+    def __init__(self):
+        self.logged = []
+
+    def add_scalar(self, tag, value, step):
+        self.logged.append((tag, value, step))
+
+
+class _Bar:
+    def set_description_str(self, text):
+        self.text = text
+
+
+def test_epoch_stops_after_more_than_limit_samples_and_reports_the_means(backbone, monkeypatch):
+    """Spec: the discriminator pass runs over batches until more than ``limit`` samples; every step's statistics
+    are logged at its global step; the progress line and the epoch's statistics are their means."""
+    model = tiny_model(backbone, limit=16)
+    model.logger, model.global_step = _Scalars(), 10
+    steps = iter([
+        {"loss": 1.0, "p_true": 0.25, "p_fake": 0.5, "r_t": 1.0, "r_g": 2.0, "r_f": 3.0},
+        {"loss": 3.0, "p_true": 0.75, "p_fake": 1.0, "r_t": 2.0, "r_g": 4.0, "r_f": 6.0},
+        {"loss": 5.0, "p_true": 0.5, "p_fake": 0.0, "r_t": 3.0, "r_g": 6.0, "r_f": 9.0},
+    ])
+    monkeypatch.setattr(model, "_train_step", lambda batch: next(steps))
+    monkeypatch.setattr(glass.utils, "log_las_batch", lambda *args: None)
+    loader = [{"image": torch.zeros(8, 3, 64, 64)} for _ in range(5)]  # 8, 16 (not more than 16), 24: stop
+    bar = _Bar()
+    line = model._train_discriminator(loader, epoch=4, pbar=bar, summary="best")
+    assert model.global_step == 13
+    assert [step for tag, _, step in model.logger.logged if tag == "loss"] == [10, 11, 12]
+    assert [value for tag, value, _ in model.logger.logged if tag == "r_g"] == [2.0, 4.0, 6.0]
+    assert model.epoch_stats == {"loss": 3.0, "p_true": 0.5, "p_fake": 0.5, "r_t": 2.0, "r_g": 4.0, "r_f": 6.0}
+    assert line == "epoch:4 loss:3.00e+00 pt:50.00 pf:50.00 rt:2.00 rg:4.00 rf:6.00 svd:0 sample:24"
+    assert bar.text == line + " best"

@@ -144,6 +144,11 @@ def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers, 
         assert torch.equal(a, b)
 
 
+def one_ulp_up(tensor: torch.Tensor) -> torch.Tensor:
+    """Every value moved to the next float above it."""
+    return torch.nextafter(tensor, torch.full_like(tensor, float("inf")))
+
+
 def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
     torch.manual_seed(0)
     disc = Discriminator(32, n_layers=2, hidden=32)
@@ -160,7 +165,7 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
 
     def off_by_one_ulp(self, *args):
         frozen_init(self, *args)
-        self.true_half.copy_(torch.nextafter(self.true_half, torch.full_like(self.true_half, float("inf"))))
+        self.true_half.copy_(one_ulp_up(self.true_half))
     monkeypatch.setattr(FrozenTrueHalf, "__init__", off_by_one_ulp)
     assert not ascent_pass_is_exact(disc, true_feats, 0.015)
     monkeypatch.setattr(FrozenTrueHalf, "__init__", frozen_init)
@@ -171,7 +176,7 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
     def running_mean_off_by_one_ulp(self, gaus_feats):
         gradient = by_hand(self, gaus_feats)
         mean = self.discriminator.body[0][1].running_mean
-        mean.copy_(torch.nextafter(mean, torch.full_like(mean, float("inf"))))
+        mean.copy_(one_ulp_up(mean))
         return gradient
     monkeypatch.setattr(FrozenTrueHalf, "_gradient_by_hand", running_mean_off_by_one_ulp)
     assert not ascent_pass_is_exact(disc, true_feats, 0.015)
@@ -182,7 +187,7 @@ def test_ascent_probe_accepts_exact_passes_and_refuses_others(monkeypatch):
 
     def weight_gradient_off_by_one_ulp(ctx, grad):
         grads = backward(ctx, grad)
-        return grads[0], torch.nextafter(grads[1], torch.full_like(grads[1], float("inf"))), *grads[2:]
+        return grads[0], one_ulp_up(grads[1]), *grads[2:]
     monkeypatch.setattr(LinearWithKnownRows, "backward", staticmethod(weight_gradient_off_by_one_ulp))
     assert ascent_pass_is_exact(disc, true_feats, 0.015)
     assert not ascent_pass_is_exact(disc, true_feats, 0.015, final_pass=True)

@@ -148,3 +148,83 @@ def test_small_backbones_build_with_random_weights(name):
         model.get_submodule(layer)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
+# The torchvision names of the spec ("Features") and the reference's models behind them.
+@pytest.mark.parametrize("name, arch", [
+    ("wideresnet50", "wide_resnet50_2"), ("wideresnet101", "wide_resnet101_2"), ("resnet18", "resnet18"),
+    ("resnet50", "resnet50"), ("resnet101", "resnet101"), ("resnext101", "resnext101_32x8d"), ("vgg11", "vgg11"),
+    ("vgg19", "vgg19"), ("vgg19_bn", "vgg19_bn"), ("alexnet", "alexnet"),
+])
+def test_torchvision_names_are_the_references_models(name, arch):
+    assert backbones.spec(name) == backbones.BackboneSpec("torchvision", arch)
+
+
+def test_torchvision_backbones_get_the_imagenet1k_v1_weights_of_pretrained_true(offline, monkeypatch):
+    # wide_resnet50_2 has a newer default (IMAGENET1K_V2); the reference's pretrained=True gave V1.
+    import torchvision
+
+    v1 = torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1
+    assert torchvision.models.Wide_ResNet50_2_Weights.DEFAULT != v1
+    checkpoints = offline / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / v1.url.rsplit("/", 1)[-1]).write_bytes(b"cached")  # in the cache: no download attempted
+    asked = []
+    monkeypatch.setattr(torchvision.models, "get_model",
+                        lambda arch, weights=None: asked.append((arch, weights)) or torch.nn.Identity())
+    backbones.load("wideresnet50")
+    assert asked == [("wide_resnet50_2", v1)]
+
+
+def test_local_weights_in_other_wrappings_of_a_state_dict(offline, monkeypatch):
+    reference = backbones.load("resnet18", pretrained=False)
+    # {"model": ...} and DataParallel's "module." prefix are unwrapped.
+    wrapped = offline / "data_parallel.pth"
+    torch.save({"model": {f"module.{key}": value for key, value in reference.state_dict().items()}}, wrapped)
+    model = backbones.load("resnet18", weights=wrapped)
+    assert torch.equal(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    # pretrained=False ignores GLASS_BACKBONE_WEIGHTS: random weights, not the file's.
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, str(wrapped))
+    assert torch.equal(backbones.load("resnet18").conv1.weight, reference.conv1.weight)
+    assert not torch.equal(backbones.load("resnet18", pretrained=False).conv1.weight, reference.conv1.weight)
+    # Tensors of another shape (a 10-class head) are refused in one line, naming how many.
+    state = reference.state_dict()
+    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
+    torch.save(state, offline / "ten_classes.pth")
+    with pytest.raises(utils.GlassError, match=r"does not fit backbone resnet18: 0 missing keys.*2 of another shape"):
+        backbones.load("resnet18", weights=offline / "ten_classes.pth")
+
+
+def test_efficientnet_pytorch_key_names_are_mapped_by_position_and_kind(offline):
+    reference = backbones.load("efficientnet_lite0", pretrained=False)
+    entries = [(key, value) for key, value in reference.state_dict().items() if not key.endswith("num_batches_tracked")]
+    # Other names, same order (as efficientnet_pytorch's files): each tensor keeps its kind (weight, bias, ...).
+    renamed = {("_conv_stem.weight" if i == 0 else f"_part{i}.{key.rsplit('.', 1)[-1]}"): value
+               for i, (key, value) in enumerate(entries)}
+    torch.save(renamed, offline / "renamed.pth")
+    model = backbones.load("efficientnet_lite0", weights=offline / "renamed.pth")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+    # A bias listed before its weight (same shape) would land on the weight: refused.
+    keys = list(renamed)
+    first_bn = next(i for i, (key, _) in enumerate(entries) if key.startswith("bn1."))
+    assert entries[first_bn][0] == "bn1.weight" and entries[first_bn + 1][0] == "bn1.bias"
+    keys[first_bn], keys[first_bn + 1] = keys[first_bn + 1], keys[first_bn]
+    torch.save({key: renamed[key] for key in keys}, offline / "misordered.pth")
+    with pytest.raises(utils.GlassError, match="weights for efficientnet_lite0 do not fit"):
+        backbones.load("efficientnet_lite0", weights=offline / "misordered.pth")
+
+
+def test_a_timm_checkpoint_that_needs_conversion_goes_through_timms_loader(offline):
+    # A ViT-S/16 checkpoint trained at 112 px: 7 x 7 position embeddings where the 224 px model has 14 x 14.
+    # The keys fit but one shape does not; timm's checkpoint filter resamples it.
+    reference = backbones.load("vit_small", pretrained=False)
+    state = reference.state_dict()
+    grid = state["pos_embed"][:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    small = torch.nn.functional.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(1, 49, -1)
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], small], dim=1)
+    torch.save(state, offline / "vit_112.pth")
+    model = backbones.load("vit_small", weights=offline / "vit_112.pth")
+    assert model.pos_embed.shape == reference.pos_embed.shape and not model.training
+    assert torch.equal(model.pos_embed[:, 0], reference.pos_embed[:, 0])  # the class token's position is kept
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, reference.blocks[3].mlp.fc1.weight)

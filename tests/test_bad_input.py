@@ -375,6 +375,16 @@ def test_exception_summary_is_the_first_sentence_cut_at_a_word():
     assert exception_summary(OSError("line one\nline two")) == "line one"
 
 
+def test_error_message_is_one_line_and_unwraps_a_dataloader_workers_traceback():
+    from utils import GlassError, error_message
+
+    assert error_message(OSError("  no space\n  left  on\tdevice ")) == "no space left on device"
+    worker = GlassError("Caught GlassError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        '  File "datasets/base.py", line 9, in load_image\n'
+                        "utils.GlassError: cannot read image a.png (truncated):  replace it\n")
+    assert error_message(worker) == "cannot read image a.png (truncated): replace it"
+
+
 def test_truncated_training_checkpoint(capsys, results, data, dtd_root):
     ckpt = results / CLASS_DIR / "ckpt.pth"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
@@ -511,6 +521,19 @@ def test_gpu_not_present(capsys, results, data, dtd_root, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert_fails(capsys, results, cli_args(results, data, dtd_root, main=["--gpu", "3"]),
                  "--gpu 3 is not present", "1 CUDA device")
+
+
+def test_gpu_ids_select_the_first_wanted_cuda_device_and_minus_one_the_cpu(monkeypatch):
+    import utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    assert utils.select_device([0]) == torch.device("cuda:0")
+    assert utils.select_device([1, 0]) == torch.device("cuda:1")
+    assert utils.select_device([-1]) == utils.select_device([]) == torch.device("cpu")
+    with pytest.raises(utils.GlassError, match=r"--gpu 2 is not present: this machine has 2 CUDA device\(s\) \(ids 0..1\)"):
+        utils.select_device([2])
 
 
 def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):

@@ -35,6 +35,18 @@ def test_real_image_embeddings_have_one_row_per_stride8_location(lite0, tire_roo
     assert torch.isfinite(features).all() and features.std() > 0
 
 
+def test_the_first_layer_given_sets_the_grid_whatever_its_depth(lite0, tire_root):
+    # Layers keep the order given: deeper first, the 4 x 4 grid of blocks.4 (stride 16 at 64 px) is the reference.
+    images = load_tire_batch(tire_root, 64)
+    embedder = common.PatchEmbedder(lite0, ["blocks.4", "blocks.2"], torch.device("cpu"), (3, 64, 64), 96, 48)
+    assert embedder.feature_dimensions == [112, 40]
+    maps = embedder.layer_features(images)
+    assert [tuple(m.shape) for m in maps] == [(2, 112, 4, 4), (2, 40, 8, 8)]
+    features, grids = embedder(images)
+    assert grids == [[4, 4], [8, 8]]
+    assert torch.equal(features, reference_order_embedding(maps, 96, 48))
+
+
 def test_hooks_stop_the_backbone_after_the_last_wanted_layer(lite0):
     later_calls = []
     handle = lite0.blocks[5].register_forward_hook(lambda *args: later_calls.append(1))
@@ -311,3 +323,35 @@ def test_embedding_keeps_the_stepwise_path_when_gradients_are_wanted(lite0):
     assert all(m.grad is not None for m in maps)
     with torch.no_grad():
         assert embedder._rows_path_applies(maps)
+
+
+def test_a_frozen_backbone_gives_its_eval_mode_features_while_training_and_a_trained_one_after(tire_root):
+    # The reference: backbone in training mode only while training it (--train_backbone, not evaluating); otherwise
+    # eval mode under no_grad, so a frozen backbone's BatchNorm layers use (and keep) their running statistics.
+    cpu = torch.device("cpu")
+    images = load_tire_batch(tire_root, 64)
+    for train_backbone in (False, True):
+        backbone = backbones.load("efficientnet_lite0")
+        embedder = common.PatchEmbedder(backbone, ["blocks.2"], cpu, (3, 64, 64), 64, 64, train_backbone=train_backbone)
+        by_hand = backbones.load("efficientnet_lite0")
+        by_hand.load_state_dict(backbone.state_dict())  # after the probe: the statistics every feature uses
+        captured = {}
+        by_hand.blocks[2].register_forward_hook(lambda module, inputs, output: captured.update(blocks2=output))
+        with torch.no_grad():
+            by_hand(images)
+        buffers = {name: value.clone() for name, value in backbone.named_buffers()}
+
+        training = embedder.layer_features(images, evaluation=False)[0]
+        if not train_backbone:
+            assert torch.equal(training, captured["blocks2"]) and not training.requires_grad
+            for name, value in backbone.named_buffers():
+                assert torch.equal(value, buffers[name]), name
+        else:  # batch statistics, gradients, and every BatchNorm before blocks.2 updated
+            assert training.requires_grad and not torch.allclose(training, captured["blocks2"])
+            assert not torch.equal(backbone.bn1.running_mean, buffers["bn1.running_mean"])
+        # Evaluation: eval mode again, whatever the training call left.
+        by_hand.load_state_dict(backbone.state_dict())
+        with torch.no_grad():
+            by_hand(images)
+        evaluated = embedder.layer_features(images)[0]
+        assert not backbone.training and torch.equal(evaluated, captured["blocks2"])

@@ -167,6 +167,10 @@ def test_rand_aug_puts_three_distinct_texture_transforms_between_resize_and_crop
         assert isinstance(steps[0], T.Resize) and isinstance(steps[4], T.CenterCrop)
         assert [describe(t) for t in steps[1:4]] == [spec[i] for i in chosen]
         assert [type(t) for t in steps[5:]] == [T.ToTensor, T.Normalize]
+    # The texture is resized as the images are (to `resize`, not to the crop size), then cropped to the image size.
+    data = MVTecDataset(train_set.source, train_set.anomaly_source_path, classname="tire", resize=80, imagesize=SIZE)
+    steps = data.rand_augmenter().transforms
+    assert steps[0].size == 80 and steps[4].size == (SIZE, SIZE)
 
 
 @pytest.mark.parametrize("option, turn", [("h_flip_p", PIL.Image.Transpose.FLIP_LEFT_RIGHT),
@@ -191,6 +195,24 @@ def test_without_rand_aug_textures_get_the_image_transform(tire_root, dtd_root):
     assert item["texture_path"].startswith(str(dtd_root)) and item["texture_path"].endswith(".jpg")
     expected = data.transform_img(PIL.Image.open(item["texture_path"]).convert("RGB"))
     assert torch.equal(item["texture"], expected)
+
+
+def test_with_rand_aug_textures_go_through_three_random_augmentations(train_set):
+    # Replayed in the documented order of draws: image transform (torch), texture file and the three
+    # augmentations (NumPy), texture transform (torch).
+    for seed in range(3):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        item = train_set.make_train_item(0)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        train_set.transform_img(PIL.Image.open(train_set.data_to_iterate[0][2]).convert("RGB"))
+        path = train_set.anomaly_source_paths[np.random.choice(len(train_set.anomaly_source_paths))]
+        augmenter = train_set.rand_augmenter()
+        picture = PIL.Image.open(path).convert("RGB")
+        assert item["texture_path"] == path
+        assert torch.equal(item["texture"], augmenter(picture))
+        assert not torch.equal(item["texture"], train_set.transform_img(picture))
 
 
 def test_test_items_carry_resized_masks(test_set):
@@ -245,6 +267,12 @@ def test_wood_and_toothbrush_are_enlarged_unless_judging(tire_root, dtd_root, tm
     assert judged[0]["image"].shape == (3, SIZE, SIZE)
     plain = MVTecDataset(tire_root, dtd_root, classname="tire", resize=80, imagesize=SIZE, split=DatasetSplit.TEST)
     assert plain.resize == 80
+    # round(imagesize x 329 / 288): 329 at the paper's 288, 365.56 -> 366 at 320; toothbrush as wood.
+    root = make_class(tire_root, tmp_path / "more", name="toothbrush")
+    for imagesize, enlarged in ((288, 329), (320, 366)):
+        data = MVTecDataset(root, dtd_root, classname="toothbrush", resize=imagesize, imagesize=imagesize)
+        assert data.resize == enlarged
+        assert data.transform_img.transforms[0].size == data.transform_mask.transforms[0].size == enlarged
 
 
 def test_grayscale_and_odd_extensions(tire_root, dtd_root, tmp_path):
@@ -292,7 +320,7 @@ def test_foreground_flag_from_the_xlsx(tire_root, dtd_root, tmp_path):
     root = make_class(tire_root, tmp_path / "data")
     excel = tmp_path / "excel"
     excel.mkdir()
-    table = pd.DataFrame({"Class": ["mvtec_tire"], "Distribution": [0], "Foreground": [0]})
+    table = pd.DataFrame({"Class": ["mvtec_tire"], "Distribution": [1], "Foreground": [0]})  # fg: the 2nd column
     table.to_excel(excel / "mvtec_distribution.xlsx", index=False)
     data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=str(excel))
     assert data.class_fg == 0
@@ -300,6 +328,45 @@ def test_foreground_flag_from_the_xlsx(tire_root, dtd_root, tmp_path):
     # Not listed anywhere -> foreground masks (the reference's fallback), which this class lacks.
     with pytest.raises(GlassError, match="--fg 0"):
         MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=None)
+
+
+def test_a_foreground_mask_left_empty_by_the_centre_crop_is_a_user_error(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path, n_train=1)
+    path = root / "tire" / "train" / "good" / "000.png"
+    w, h = PIL.Image.open(path).size  # portrait: the crop of the resized image drops rows at the top and bottom
+    assert h > w
+    mask = np.zeros((h, w), np.uint8)
+    mask[: h // 20] = 255  # foreground only in the top rows, which the crop removes
+    (root / "fg_mask" / "tire").mkdir(parents=True)
+    PIL.Image.fromarray(mask).save(root / "fg_mask" / "tire" / path.name)
+    data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=1)
+    with pytest.raises(GlassError, match="foreground mask .*000.png is empty after resizing and cropping"):
+        data.make_train_item(0)
+
+
+def test_items_are_the_files_resized_centre_cropped_and_normalised(tire_root, dtd_root):
+    # By hand: shorter side to `resize` (PIL bilinear, the long side truncated), centre crop, /255, ImageNet
+    # normalisation; the mask (non-zero = 255) resized and cropped the same way, without normalisation.
+    resize = 80
+    data = MVTecDataset(tire_root, dtd_root, classname="tire", resize=resize, imagesize=SIZE, split=DatasetSplit.TEST)
+    index = next(i for i, row in enumerate(data.data_to_iterate) if row[1] == "cut")
+    _, _, image_path, mask_path = data.data_to_iterate[index]
+    item = data[index]
+
+    def by_hand(picture):
+        w, h = picture.size
+        size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+        picture = picture.resize(size, PIL.Image.BILINEAR)
+        top, left = int(round((size[1] - SIZE) / 2)), int(round((size[0] - SIZE) / 2))
+        return np.asarray(picture.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float64) / 255
+
+    image = by_hand(PIL.Image.open(image_path).convert("RGB"))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = ((image - mean) / std).transpose(2, 0, 1)
+    assert np.allclose(item["image"].numpy(), expected, atol=1e-5)
+    binary = PIL.Image.fromarray(((np.asarray(PIL.Image.open(mask_path)) > 0) * 255).astype(np.uint8))
+    mask = by_hand(binary)
+    assert 0 < mask.mean() < 1 and np.allclose(item["mask_gt"][0].numpy(), mask, atol=1e-6)
 
 
 def test_missing_foreground_masks_are_reported(tire_root, dtd_root):

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,26 @@ def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path, un
     assert json.loads((results / "run.json").read_text())["status"] == "interrupted"
     assert run_main(arguments(results, small_tire, dtd_root)) == 0
     assert_same_outcome(results, uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_termination_signals_interrupt_only_inside_the_block(signum):
+    received = []
+    previous = signal.signal(signum, lambda *args: received.append(args[0]))  # never the default: it would end pytest
+    try:
+        with pytest.raises(utils.Terminated, match=signal.Signals(signum).name) as info:
+            with utils.termination_as_interrupt():
+                os.kill(os.getpid(), signum)
+                time.sleep(2)  # the handler runs as soon as the signal arrives
+        assert isinstance(info.value, KeyboardInterrupt) and not received  # the CLI records it as interrupted
+        try:  # outside the block: the handler from before again
+            os.kill(os.getpid(), signum)
+            time.sleep(0.1)
+        except utils.Terminated:
+            pytest.fail("the signal still interrupts after the block")
+        assert received == [signum]
+    finally:
+        signal.signal(signum, previous)
 
 
 def test_resume_with_the_feature_cache_off_ends_as_the_cached_run(tmp_path, killed_in_epoch_1, uninterrupted, small_tire,

@@ -185,8 +185,8 @@ class FrozenTrueHalf:
         self.by_hand = _backward_by_hand_applies(discriminator, true_feats)
         self.onednn = onednn and self.by_hand and onednn_linear_available()
         linear = discriminator.first_linear()
-        # final_scores needs a bias (LinearWithKnownRows) and the true half in the pass's own precision.
-        self.reusable_in_final_pass = linear.bias is not None and not self.onednn
+        # final_scores needs the true half in the pass's own precision (not oneDNN's).
+        self.reusable_in_final_pass = final_pass_reusable(discriminator) and not self.onednn
         with torch.no_grad(), context():
             if self.onednn:
                 true_half = onednn_linear(true_feats, linear.weight, linear.bias)
@@ -253,6 +253,12 @@ class FrozenTrueHalf:
         return grad[rows:].mm(linear.weight)
 
 
+def final_pass_reusable(discriminator: Discriminator) -> bool:
+    """Whether :meth:`FrozenTrueHalf.final_scores` covers this discriminator: its first Linear layer has a bias
+    (:class:`model.LinearWithKnownRows`); without hidden blocks the tail's bias-free layer sees the input."""
+    return discriminator.first_linear().bias is not None
+
+
 def _backward_by_hand_applies(discriminator: Discriminator, features: torch.Tensor) -> bool:
     """Whether :meth:`FrozenTrueHalf._gradient_by_hand` covers this discriminator and its input ``features``: one
     hidden block in training mode with BatchNorm's usual running averages, on the CPU in float32 (where autograd
@@ -290,15 +296,15 @@ def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor,
         model = copy.deepcopy(discriminator)
         true = true_feats.detach().clone().requires_grad_(final_pass)
         gaus_feats = (true.detach() + noise.to(true.device)).requires_grad_(True)
-        half = FrozenTrueHalf(model, true, context)
         if frozen:
+            half = FrozenTrueHalf(model, true, context)
             gradient = half.gradient(gaus_feats)
         else:
             with context():
                 scores = model(torch.cat([true, gaus_feats])).float()
             gradient = ascent_gradient_from_scores(scores, gaus_feats)
         outcome = [gradient]
-        if final_pass and half.reusable_in_final_pass:
+        if final_pass and final_pass_reusable(discriminator):
             moved = (gaus_feats.detach() + 0.001 * gradient).requires_grad_(True)
             if frozen:
                 scores = half.final_scores(moved)

@@ -615,8 +615,9 @@ def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[
     try:
         while running or (pending and failure is None):
             while pending and free and failure is None:
-                task, device = pending.pop(0), free.pop(0)
-                running[start(task, device)] = (task, device)
+                with utils.interruptions_deferred():  # a process started is a process in `running`
+                    task, device = pending.pop(0), free.pop(0)
+                    running[start(task, device)] = (task, device)
             time.sleep(poll_seconds)
             for process, (task, device) in list(running.items()):
                 code = process.poll()

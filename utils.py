@@ -103,6 +103,26 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def interruptions_deferred() -> Iterator[None]:
+    """While inside, SIGINT, SIGTERM and SIGHUP wait: on leaving, each one that came is raised again and handled as
+    it would have been (in the main thread; elsewhere no change). For steps that must not be cut in two, such as
+    starting a worker process and recording that it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: List[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
 def check_gpu_ids(gpu_ids: Sequence[int]) -> None:
     """GlassError naming the first ``--gpu`` id that this machine's CUDA devices do not have (no check without CUDA)."""
     import torch

@@ -428,6 +428,39 @@ def test_scheduler_terminates_running_tasks_when_interrupted():
     assert sorted(told) == [(0, "a", 0), (1, "b", processes[1].returncode)]
 
 
+def test_a_termination_while_a_task_starts_still_stops_and_reports_it():
+    import os
+    import signal
+
+    processes, told = [], []
+
+    def start(task, device):
+        processes.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        os.kill(os.getpid(), signal.SIGTERM)  # after the process started, before the scheduler holds it
+        time.sleep(0.05)
+        return processes[-1]
+
+    with pytest.raises(utils.Terminated), utils.termination_as_interrupt():
+        main.run_scheduled([0, 1], ["a", "b"], start, lambda *_: None, poll_seconds=0.05,
+                           terminated=lambda task, device, code: told.append((task, device, code)))
+    assert len(processes) == 1 and processes[0].returncode == -signal.SIGTERM
+    assert told == [(0, "a", -signal.SIGTERM)]
+
+
+def test_interruptions_deferred_raises_them_on_leaving():
+    import os
+    import signal
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with utils.interruptions_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            steps.append("after the signal")
+    assert steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_device_plan(monkeypatch, capsys):
     monkeypatch.delenv(main.CPU_WORKERS_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -607,7 +607,8 @@ def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[
     ``finished(task, device, exit code)`` takes its results and returns an exception when the run must stop.
     Then no further task starts, the running ones finish (their results are kept) and that exception is
     raised. If this process is interrupted, the running processes are terminated (a class resumes from its
-    ``ckpt.pth`` on the next run) and ``terminated(task, device, exit code)`` is told of each.
+    ``ckpt.pth`` on the next run) and ``terminated(task, device, exit code)`` is told of each; an interruption
+    waits while a task starts or its results are taken.
     """
     pending, free = list(tasks), list(devices)
     running: Dict[Any, tuple] = {}
@@ -623,9 +624,10 @@ def run_scheduled(tasks: Sequence[Any], devices: Sequence[Any], start: Callable[
                 code = process.poll()
                 if code is None:
                     continue
-                error = finished(task, device, code)  # still in `running`, so an interruption here records it
-                del running[process]
-                free.append(device)
+                with utils.interruptions_deferred():  # a finished task's results are taken whole
+                    error = finished(task, device, code)  # raising, it is still in `running` and told of
+                    del running[process]
+                    free.append(device)
                 if error is not None and failure is None:
                     failure = error
                     if running or pending:

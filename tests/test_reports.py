@@ -447,6 +447,28 @@ def test_a_termination_while_a_task_starts_still_stops_and_reports_it():
     assert told == [(0, "a", -signal.SIGTERM)]
 
 
+def test_a_termination_while_results_are_taken_lets_them_be_taken_whole():
+    import os
+    import signal
+
+    processes, taken, told = [], [], []
+
+    def start(task, device):
+        seconds = 0.0 if task == 0 else 60
+        processes.append(subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"]))
+        return processes[-1]
+
+    def finished(task, device, code):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        taken.append((task, code))  # the rest of the results, after the signal came
+
+    with pytest.raises(utils.Terminated), utils.termination_as_interrupt():
+        main.run_scheduled([0, 1], ["a", "b"], start, finished, poll_seconds=0.05,
+                           terminated=lambda task, device, code: told.append((task, device, code)))
+    assert taken == [(0, 0)] and told == [(1, "b", -signal.SIGTERM)] and processes[1].returncode == -signal.SIGTERM
+
+
 def test_interruptions_deferred_raises_them_on_leaving():
     import os
     import signal

@@ -87,7 +87,8 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def termination_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (elsewhere: no change)."""
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (elsewhere: no change). A signal
+    this process ignores (SIGHUP under ``nohup``) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -95,7 +96,8 @@ def termination_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise Terminated(signal.Signals(signum).name)
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -112,7 +114,8 @@ def interruptions_deferred() -> Iterator[None]:
         yield
         return
     arrived: List[int] = []
-    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    signums = [signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+               if signal.getsignal(signum) is not signal.SIG_IGN]
     previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in signums}
     try:
         yield

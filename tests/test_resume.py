@@ -186,6 +186,24 @@ def test_termination_signals_interrupt_only_inside_the_block(signum):
         signal.signal(signum, previous)
 
 
+def test_an_ignored_signal_stays_ignored():
+    # Under `nohup` SIGHUP is ignored: closing the terminal must not interrupt a long training run.
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        with utils.termination_as_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+            with utils.interruptions_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(0.1)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_resume_with_the_feature_cache_off_ends_as_the_cached_run(tmp_path, killed_in_epoch_1, uninterrupted, small_tire,
                                                                    dtd_root, caplog):
     # The killed and the uninterrupted runs cached their features (--cache auto); the cache changes no number,

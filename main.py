@@ -935,6 +935,12 @@ def cli(argv: List[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"Error: {where}{exc.strerror or exc}: {utils.write_advice(exc)}", err=True)
         return 2
+    except RuntimeError as exc:
+        message = utils.loader_failure_message(exc)  # the machine's shared memory, not the code
+        if message is None:
+            raise
+        click.echo(f"Error: {message}", err=True)
+        return 2
     except click.UsageError as exc:  # one line for the mistake, one for where to look
         if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())) and exc.ctx is not None:
             click.echo(exc.ctx.get_help(), err=True)  # no arguments at all: the help, as click shows it

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -493,6 +494,23 @@ def error_message(exc: BaseException) -> str:
         name = type(exc).__name__
         text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
     return " ".join(text.split())
+
+
+# What torch says when a DataLoader worker process dies (a signal, most often SIGBUS for want of shared memory,
+# or the kernel's out-of-memory killer), or when a worker or the main process cannot get shared memory.
+LOADER_FAILURES = re.compile(r"DataLoader worker \(pid|shared memory\(shm\)|shared memory object|</torch_")
+
+
+def loader_failure_message(exc: BaseException) -> Optional[str]:
+    """The one line to print when ``exc`` says that data loading ran out of shared memory or lost a worker
+    process; None for any other error."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not LOADER_FAILURES.search(text):
+        return None
+    return (f"data loading failed ({error_message(exc)}): DataLoader worker processes need memory and shared memory "
+            "(/dev/shm: Docker gives 64 MB unless started with --shm-size=8g, say); give the machine more, or load in "
+            "the main process with `dataset --num_workers 0` (or use fewer workers); the same command then resumes "
+            "training after its last finished epoch")
 
 
 PACKAGES = (

@@ -145,6 +145,27 @@ def test_truncated_image_read_in_a_dataloader_worker(capsys, results, data, dtd_
                  "cannot read image", truncated.name, "truncated")
 
 
+@pytest.mark.parametrize("signum", ["SIGBUS", "SIGKILL"])
+def test_a_dataloader_worker_that_dies_ends_the_run_with_advice(capsys, monkeypatch, results, data, dtd_root, signum):
+    # Docker's 64 MB /dev/shm kills workers with SIGBUS, the out-of-memory killer with SIGKILL: one line, no traceback.
+    import os
+    import signal
+
+    import datasets.base
+
+    load_image = datasets.base.load_image
+
+    def dying_in_a_worker(*args, **kwargs):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), getattr(signal, signum))
+        return load_image(*args, **kwargs)
+
+    monkeypatch.setattr(datasets.base, "load_image", dying_in_a_worker)  # the workers are forked: they see it
+    assert_fails(capsys, results, cli_args(results, data, dtd_root, dataset=["--num_workers", "1"]),
+                 "data loading failed (DataLoader worker (pid", "/dev/shm", "dataset --num_workers 0")
+    assert json.loads((results / "run.json").read_text())["status"].startswith("failed: DataLoader worker (pid")
+
+
 def test_a_truncated_training_image_stops_its_class_only(capsys, tmp_path, data, dtd_root):
     # Found only when decoded (the layout check reads headers): that class stops, the next one still trains.
     shutil.copytree(data / "tire", data / "tire2")
@@ -383,6 +404,24 @@ def test_error_message_is_one_line_and_unwraps_a_dataloader_workers_traceback():
                         '  File "datasets/base.py", line 9, in load_image\n'
                         "utils.GlassError: cannot read image a.png (truncated):  replace it\n")
     assert error_message(worker) == "cannot read image a.png (truncated): replace it"
+
+
+def test_shared_memory_failures_are_told_apart_from_other_runtime_errors():
+    from utils import loader_failure_message
+
+    in_a_worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                               "call last):\n  File \"torch/multiprocessing/reductions.py\", line 1, in reduce_storage\n"
+                               "RuntimeError: unable to write to file </torch_412_2734_0>: No space left on device (28)\n")
+    message = loader_failure_message(in_a_worker)
+    assert message.startswith("data loading failed (unable to write to file </torch_412_2734_0>: No space left on "
+                              "device (28)): ") and "dataset --num_workers 0" in message
+    assert loader_failure_message(RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: Success"))
+    assert loader_failure_message(RuntimeError("unable to open shared memory object </torch_1_2_3> in read-write mode"))
+    assert loader_failure_message(RuntimeError("DataLoader worker (pid 77) is killed by signal: Bus error. "))
+    for other in (RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x3 and 4x5)"),
+                  RuntimeError("out of resource: shared memory, Required: 98304, Hardware limit: 65536"),
+                  OSError("DataLoader worker (pid 77) exited unexpectedly")):  # only torch's RuntimeErrors
+        assert loader_failure_message(other) is None
 
 
 def test_truncated_training_checkpoint(capsys, results, data, dtd_root):

@@ -935,8 +935,8 @@ def cli(argv: List[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"Error: {where}{exc.strerror or exc}: {utils.write_advice(exc)}", err=True)
         return 2
-    except RuntimeError as exc:
-        message = utils.loader_failure_message(exc)  # the machine's shared memory, not the code
+    except (RuntimeError, MemoryError) as exc:
+        message = utils.loader_failure_message(exc) or utils.out_of_memory_message(exc)  # the machine, not the code
         if message is None:
             raise
         click.echo(f"Error: {message}", err=True)

@@ -513,6 +513,26 @@ def loader_failure_message(exc: BaseException) -> Optional[str]:
             "training after its last finished epoch")
 
 
+# The first sentences of torch's out-of-memory errors on CUDA, MPS and the CPU (the rest is allocator advice).
+OUT_OF_MEMORY = re.compile(r"(CUDA out of memory\.(?: Tried to allocate [^ ]+ [A-Za-z]+\.)?"
+                           r"|MPS backend out of memory \([^)]*\)\.(?: Tried to allocate [^ ]+ [A-Za-z]+)?"
+                           r"|DefaultCPUAllocator: (?:can't allocate memory|not enough memory): [^.]*\.)")
+
+
+def out_of_memory_message(exc: BaseException) -> Optional[str]:
+    """The one line to print when ``exc`` is torch's out-of-memory error or a MemoryError; None for any other."""
+    if isinstance(exc, MemoryError):
+        what = error_message(exc) or "MemoryError"
+    else:
+        found = OUT_OF_MEMORY.search(str(exc)) if isinstance(exc, RuntimeError) else None
+        if found is None:
+            return None
+        what = found.group(1).rstrip(".")
+    return (f"out of memory ({what}): use a smaller `dataset --batch_size` or smaller images "
+            "(`dataset --resize --imagesize`; both change the results) or a device with more memory; the same "
+            "command then resumes training after its last finished epoch")
+
+
 PACKAGES = (
     "torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "scikit-image", "pillow",
     "opencv-python", "opencv-python-headless", "pandas", "openpyxl", "click", "tensorboard", "tqdm",

@@ -424,6 +424,44 @@ def test_shared_memory_failures_are_told_apart_from_other_runtime_errors():
         assert loader_failure_message(other) is None
 
 
+def test_out_of_memory_ends_the_run_with_advice(capsys, monkeypatch, results, data, dtd_root):
+    cuda = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which 1.06 GiB "
+            "is free. Of the allocated memory 20.1 GiB is allocated by PyTorch. If reserved but unallocated memory is "
+            "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+    def out_of_memory(self, batch):
+        raise torch.OutOfMemoryError(cuda)
+
+    monkeypatch.setattr(glass.GLASS, "_train_step", out_of_memory)
+    message = assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["--meta_epochs", "2"]),
+                           "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): ", "--batch_size",
+                           "resumes training")
+    assert "expandable_segments" not in message
+    assert json.loads((results / "run.json").read_text())["status"].startswith("failed: CUDA out of memory.")
+
+
+def test_out_of_memory_messages_keep_torchs_first_sentences():
+    from utils import out_of_memory_message
+
+    mps = ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). "
+           "Tried to allocate 256.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable the limit")
+    cpu = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory_message(RuntimeError(mps)).startswith(
+        "out of memory (MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: "
+        "18.13 GB). Tried to allocate 256.00 MB): ")
+    assert out_of_memory_message(RuntimeError(cpu)).startswith(
+        "out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000000 bytes): ")
+    assert out_of_memory_message(torch.OutOfMemoryError("CUDA out of memory.")).startswith("out of memory (CUDA out "
+                                                                                            "of memory): ")
+    numpy = MemoryError("Unable to allocate 3.20 GiB for an array with shape (4096, 209952) and data type float32")
+    assert out_of_memory_message(numpy).startswith("out of memory (Unable to allocate 3.20 GiB for an array with "
+                                                   "shape (4096, 209952) and data type float32): ")
+    assert out_of_memory_message(MemoryError()).startswith("out of memory (MemoryError): ")
+    for other in (RuntimeError("Expected all tensors to be on the same device"), OSError("CUDA out of memory.")):
+        assert out_of_memory_message(other) is None
+
+
 def test_truncated_training_checkpoint(capsys, results, data, dtd_root):
     ckpt = results / CLASS_DIR / "ckpt.pth"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])

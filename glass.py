@@ -101,6 +101,15 @@ class GASResult(NamedTuple):
     r_g: torch.Tensor
 
 
+def gas_losses(scores: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GAS's losses on the scores of ``cat([true, synthetic])`` whose first ``rows`` are the true half: the true
+    and synthetic scores, BCE(true, 0) and BCE(synthetic, 1)."""
+    bce = torch.nn.BCELoss()
+    true_scores, gaus_scores = scores[:rows], scores[rows:]
+    return (true_scores, gaus_scores, bce(true_scores, torch.zeros_like(true_scores)),
+            bce(gaus_scores, torch.ones_like(gaus_scores)))
+
+
 def global_anomaly_synthesis(
     discriminator: torch.nn.Module,
     true_feats: torch.Tensor,
@@ -125,7 +134,6 @@ def global_anomaly_synthesis(
     noise = torch.normal(0, noise_std, true_feats.shape).to(true_feats.device)
     gaus_feats = true_feats + noise
     r_g = torch.zeros(1, device=true_feats.device)
-    bce = torch.nn.BCELoss()
     for step in range(steps + 1):
         if ascent_gradient is not None and step < steps and mining != 0:
             grad = ascent_gradient(gaus_feats)  # this step's losses and scores would serve nothing else
@@ -135,9 +143,7 @@ def global_anomaly_synthesis(
             else:
                 scores = discriminator(torch.cat([true_feats, gaus_feats]))
             _check_finite_scores(scores)
-            true_scores, gaus_scores = scores[: len(true_feats)], scores[len(true_feats):]
-            true_loss = bce(true_scores, torch.zeros_like(true_scores))
-            gaus_loss = bce(gaus_scores, torch.ones_like(gaus_scores))
+            true_scores, gaus_scores, true_loss, gaus_loss = gas_losses(scores, len(true_feats))
             bce_loss = true_loss + gaus_loss
             if step == steps:
                 break
@@ -311,10 +317,8 @@ def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor,
             else:
                 with context():
                     scores = model(torch.cat([true, moved])).float()
-            bce = torch.nn.BCELoss()
-            rows = len(true)
-            loss = bce(scores[:rows], torch.zeros_like(scores[:rows])) + bce(scores[rows:], torch.ones_like(scores[rows:]))
-            loss.backward()
+            _, _, true_loss, gaus_loss = gas_losses(scores, len(true))
+            (true_loss + gaus_loss).backward()
             outcome += [scores.detach(), true.grad, moved.grad, *(p.grad for p in model.parameters())]
         outcomes.append([*outcome, *model.buffers()])
     return all(torch.equal(plain, frozen) for plain, frozen in zip(*outcomes))

@@ -4,7 +4,7 @@ The exported graph is the whole inference path of ``GLASS._predict``: backbone u
 feature layer, patch neighbourhoods, alignment of the deeper layers, the two average-pooling
 reductions, feature adaptor, discriminator, image score (max patch score), bilinear upsampling and
 the Gaussian smoothing of the map (scipy's ``gaussian_filter(sigma=4)``, written as two fixed 1-D
-convolutions over a 'reflect'-padded map). The batch axis is dynamic. How to preprocess an image
+convolutions over a 'reflect'-padded map), built by ``onnx/glass_graph.py``. The batch axis is dynamic. How to preprocess an image
 (resize, crop, ImageNet mean/std) is recorded in the model's ``metadata_props``; ``onnx/ort.py``
 reads it from there.
 
@@ -22,26 +22,26 @@ graph (the reference returned the raw patch-score grid and left upsampling and b
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+for folder in (REPO_ROOT, HERE):  # the project's modules, and glass_graph.py beside this file
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import common  # noqa: E402
-import glass  # noqa: E402
 from datasets import LOADERS  # noqa: E402
 import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
+
+# torch, glass and the graph module (glass_graph.py) take seconds to import: the functions that need them
+# import them, so that --help and the checks of the command line answer at once.
+if TYPE_CHECKING:
+    import glass
+    from glass_graph import GlassOnnx
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("image_score", "anomaly_map")
 DEFAULT_NAME = "glass.onnx"
 SMOOTHING_SIGMA = 4.0
-SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 # Paper settings (shell/run-mvtec.sh), used for a bare checkpoint without config.json.
 PAPER_DEFAULTS = {
     "backbone": "wideresnet50",
@@ -60,143 +59,6 @@ PAPER_DEFAULTS = {
     "pretrain_embed_dimension": 1536,
     "patchsize": 3,
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Traceable pieces
-
-def gaussian_kernel1d(sigma: float, truncate: float = SMOOTHING_TRUNCATE) -> np.ndarray:
-    """The 1-D weights scipy's ``gaussian_filter`` uses: radius ``int(truncate * sigma + 0.5)``, sum 1."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    weights = np.exp(-0.5 / (float(sigma) ** 2) * x ** 2)
-    return weights / weights.sum()
-
-
-def reflect_indices(length: int, radius: int) -> np.ndarray:
-    """Source index of every position of a line padded by ``radius`` in scipy's 'reflect' mode.
-
-    scipy's 'reflect' repeats the edge sample (``d c b a | a b c d | d c b a``), unlike ONNX's and
-    PyTorch's 'reflect'; the index also folds correctly when ``radius`` exceeds ``length``.
-    """
-    positions = np.arange(-radius, length + radius) % (2 * length)
-    return np.where(positions >= length, 2 * length - 1 - positions, positions).astype(np.int64)
-
-
-class GaussianSmoothing(torch.nn.Module):
-    """``scipy.ndimage.gaussian_filter(map, sigma)`` on (B, 1, H, W) maps: rows then columns, 'reflect' borders."""
-
-    def __init__(self, height: int, width: int, sigma: float = SMOOTHING_SIGMA):
-        super().__init__()
-        kernel = torch.from_numpy(gaussian_kernel1d(sigma)).float()
-        radius = (len(kernel) - 1) // 2
-        self.register_buffer("kernel_h", kernel.reshape(1, 1, -1, 1), persistent=False)
-        self.register_buffer("kernel_w", kernel.reshape(1, 1, 1, -1), persistent=False)
-        self.register_buffer("index_h", torch.from_numpy(reflect_indices(height, radius)), persistent=False)
-        self.register_buffer("index_w", torch.from_numpy(reflect_indices(width, radius)), persistent=False)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        maps = F.conv2d(maps.index_select(2, self.index_h), self.kernel_h)  # scipy filters axis 0 first
-        return F.conv2d(maps.index_select(3, self.index_w), self.kernel_w)
-
-
-class AdaptiveAvgPool1d(torch.nn.Module):
-    """``F.adaptive_avg_pool1d`` of (N, L) rows to ``out_len`` values with fixed windows (static shapes).
-
-    PyTorch's own operator is not exported with a dynamic batch; here every output gathers its window
-    ``[floor(i L / out), ceil((i + 1) L / out))`` (padded to the longest window with zero weights) and
-    averages it.
-    """
-
-    def __init__(self, in_len: int, out_len: int):
-        super().__init__()
-        starts = (np.arange(out_len) * in_len) // out_len
-        ends = -((-(np.arange(out_len) + 1) * in_len) // out_len)
-        width = int((ends - starts).max())
-        offsets = np.arange(width)
-        index = starts[:, None] + offsets[None, :]
-        valid = index < ends[:, None]
-        self.in_len, self.out_len = in_len, out_len
-        self.register_buffer("index", torch.from_numpy(np.where(valid, index, starts[:, None])), persistent=False)
-        self.register_buffer("valid", torch.from_numpy(valid.astype(np.float32)), persistent=False)
-        self.register_buffer("counts", torch.from_numpy((ends - starts).astype(np.float32)), persistent=False)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        windows = rows[:, self.index]  # (N, out, width)
-        return (windows * self.valid).sum(dim=-1) / self.counts
-
-
-def _store_output(captured: Dict[str, torch.Tensor], name: str, module, inputs, output) -> None:
-    captured[name] = output
-
-
-class LayerTap(torch.nn.Module):
-    """A copy of the backbone that returns the wanted layer maps (same hook places as ``common``).
-
-    The training-time hooks stop the forward with an exception, which the exporter cannot trace;
-    here the forward runs through and the exporter drops the layers after the deepest wanted one.
-    """
-
-    def __init__(self, backbone: torch.nn.Module, layers: Sequence[str]):
-        super().__init__()
-        self.backbone = copy.deepcopy(backbone).eval()
-        for module in self.backbone.modules():
-            module._forward_hooks.clear()
-        self.backbone.hook_handles = []
-        self.layers = list(layers)
-        self.targets = [common.resolve_layer(self.backbone, name) for name in dict.fromkeys(self.layers)]
-        self.prefix_tokens, self.channels_last = common.map_layout(self.backbone)
-
-    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
-        captured: Dict[str, torch.Tensor] = {}
-        handles = [
-            module.register_forward_hook(functools.partial(_store_output, captured, name))
-            for name, module in zip(dict.fromkeys(self.layers), self.targets)
-        ]
-        try:
-            self.backbone(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [common.to_feature_map(captured[name], self.prefix_tokens, self.channels_last) for name in self.layers]
-
-
-class GlassOnnx(torch.nn.Module):
-    """``GLASS._predict`` as one traceable module: (B, 3, H, W) -> image scores (B,), maps (B, H, W)."""
-
-    def __init__(self, model: glass.GLASS):
-        super().__init__()
-        embedder = model.embedder
-        self.input_shape = tuple(int(v) for v in model.input_shape)
-        self.tap = LayerTap(model.backbone, model.layers_to_extract_from)
-        self.patch_maker = model.patch_maker
-        with torch.no_grad():
-            maps = self.tap(torch.zeros(1, *self.input_shape))
-        self.channels = [int(m.shape[1]) for m in maps]
-        self.grids = [self.patch_maker.patchify(m, return_spatial_info=True)[1] for m in maps]
-        patch_len = self.patch_maker.patchsize ** 2
-        pretrain_dim = embedder.preprocessing.output_dim
-        self.layer_pools = torch.nn.ModuleList(AdaptiveAvgPool1d(c * patch_len, pretrain_dim) for c in self.channels)
-        self.aggregate = AdaptiveAvgPool1d(len(self.channels) * pretrain_dim, embedder.preadapt_aggregator.target_dim)
-        self.projection = copy.deepcopy(model.pre_projection).eval() if model.pre_proj > 0 else torch.nn.Identity()
-        self.discriminator = copy.deepcopy(model.discriminator).eval()
-        self.smoothing = GaussianSmoothing(*self.input_shape[-2:], sigma=model.anomaly_segmentor.smoothing)
-        self.eval()
-
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        layer_maps = self.tap(image)
-        pooled = []
-        for i, (feature_map, pool) in enumerate(zip(layer_maps, self.layer_pools)):
-            patches = self.patch_maker.patchify(feature_map)
-            if i > 0:
-                patches = common.align_patches(patches, self.grids[i], self.grids[0])
-            pooled.append(pool(patches.reshape(-1, pool.in_len)))
-        embeddings = self.aggregate(torch.stack(pooled, dim=1).reshape(-1, self.aggregate.in_len))
-        patch_scores = self.discriminator(self.projection(embeddings))
-        grid = patch_scores.reshape(-1, 1, *self.grids[0])
-        image_score = grid.amax(dim=(1, 2, 3))
-        maps = F.interpolate(grid, size=self.input_shape[-2:], mode="bilinear", align_corners=False)
-        return image_score, self.smoothing(maps).squeeze(1)
 
 
 def supported_opsets() -> Tuple[int, int]:
@@ -263,6 +125,8 @@ def config_from_checkpoint(
     dataset: str = "",
 ) -> dict:
     """A config.json-like description of a bare checkpoint; the trained parts' sizes are read from it."""
+    import glass
+
     state = glass.read_checkpoint_file(checkpoint, "cpu", fix="give a ckpt_best_<epoch>.pth written by GLASS")
     net = {"pretrain_embed_dimension": int(pretrain_embed_dimension), "patchsize": int(patchsize),
            **glass.trained_part_sizes(state)}
@@ -286,6 +150,8 @@ def option_flags(key: str, value) -> str:
 
 def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, str]:
     """The model, its config, the checkpoint path and the class folder named by the command line."""
+    import glass
+
     model_options = {
         "backbone": args.backbone, "layers": args.layers_to_extract_from or None, "imagesize": args.imagesize,
         "resize": args.resize, "pretrain_embed_dimension": args.pretrain_embed_dimension, "patchsize": args.patchsize,
@@ -362,6 +228,8 @@ def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = 
 
 def stored_threshold_value(class_dir: str, checkpoint: str) -> Optional[float]:
     """The threshold in ``<class_dir>/threshold.json`` if it applies to this checkpoint (glass.stored_threshold)."""
+    import glass
+
     record = glass.stored_threshold(class_dir, checkpoint)
     return None if record is None else record["threshold"]
 
@@ -380,6 +248,8 @@ def export(
     Returns ``{"max_abs_score": ..., "max_abs_map": ...}`` of the check (empty without it).
     """
     import onnx
+    import torch
+    from glass_graph import GlassOnnx
 
     check_opset(opset)
     check_output(path)
@@ -422,7 +292,9 @@ def export(
 
 def check_export(wrapper: GlassOnnx, path: str, batch: int = 2, seed: int = 0) -> Dict[str, float]:
     """Run a random batch through onnxruntime and through the PyTorch model; the largest differences."""
+    import numpy as np
     import onnxruntime
+    import torch
 
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, *wrapper.input_shape, generator=generator)
@@ -496,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     bare.add_argument("--class_name", help="class name to record in the metadata")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")
-    out.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version, {} to {} with the installed exporter".format(*supported_opsets()))
+    out.add_argument("--opset", type=int, default=OPSET,
+                     help="ONNX opset version (the range the installed exporter writes is checked before any work)")
     out.add_argument("--no_check", action="store_true", help="skip comparing onnxruntime with PyTorch on two random images after export")
     return parser
 

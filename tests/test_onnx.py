@@ -35,6 +35,7 @@ def load_script(name):
 
 
 pth2onnx = load_script("pth2onnx")
+glass_graph = load_script("glass_graph")
 ort_script = load_script("ort")
 
 
@@ -74,7 +75,7 @@ def test_gaussian_smoothing_equals_scipy_including_reflect_borders():
     rng = np.random.default_rng(0)
     for height, width in ((64, 64), (10, 37)):  # 10 < kernel radius 16: reflection folds more than once
         maps = rng.random((2, height, width)).astype(np.float32)
-        smoothed = pth2onnx.GaussianSmoothing(height, width, sigma=4)(torch.from_numpy(maps).unsqueeze(1)).squeeze(1).numpy()
+        smoothed = glass_graph.GaussianSmoothing(height, width, sigma=4)(torch.from_numpy(maps).unsqueeze(1)).squeeze(1).numpy()
         expected = np.stack([ndimage.gaussian_filter(m, sigma=4) for m in maps])
         assert np.abs(smoothed - expected).max() < 1e-6
 
@@ -83,7 +84,7 @@ def test_gaussian_smoothing_equals_scipy_including_reflect_borders():
 def test_adaptive_pooling_equals_torch(in_len, out_len):
     rows = torch.randn(5, in_len)
     expected = F.adaptive_avg_pool1d(rows.unsqueeze(1), out_len).squeeze(1)
-    assert torch.allclose(pth2onnx.AdaptiveAvgPool1d(in_len, out_len)(rows), expected, atol=1e-6)
+    assert torch.allclose(glass_graph.AdaptiveAvgPool1d(in_len, out_len)(rows), expected, atol=1e-6)
 
 
 def test_export_metadata_and_dynamic_batch(exported):
@@ -334,6 +335,19 @@ def test_help_names_every_dataset_of_main(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"({', '.join(sorted(LOADERS))})" in text
 
+
+@pytest.mark.parametrize("arguments, code", [(["--help"], 0), (["--imagesize", "-5"], 2)])
+def test_help_and_option_mistakes_answer_without_importing_torch(arguments, code):
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['pth2onnx.py', *{arguments!r}]\n"
+        "try:\n"
+        "    runpy.run_path('onnx/pth2onnx.py', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    print('exit', done.code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == f"exit {code} False", done.stderr
 
 def edited_export(exported, path, metadata=None, outputs=None):
     """A copy of ``exported`` with some metadata values replaced, or a one-node graph carrying its metadata."""

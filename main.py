@@ -814,7 +814,7 @@ class WarningCollector(logging.Handler):
 class RunRecord:
     """``<results>/run_<timestamp>.json`` (and a copy as ``run.json``): how a run was made and how it ended.
 
-    Holds the command line, every option, the device, Python, platform and package versions, the git
+    Holds the command line, every option, the device, torch's thread count, Python, platform and package versions, the git
     commit of this code (``unknown`` outside a git checkout), start and end times, status and results; a
     parallel run adds ``devices`` and ``workers`` (per class: device, pid, log, start, end, exit code).
     """
@@ -845,6 +845,7 @@ class RunRecord:
             "platform": platform.platform(),
             "packages": utils.package_versions(),
             "cuda": torch.version.cuda,
+            "torch_threads": torch.get_num_threads(),  # another count gives other last bits on the CPU
             "git_commit": utils.git_commit(REPO_ROOT),
             "started": started.isoformat(timespec="seconds"),
             "finished": None,

@@ -342,6 +342,7 @@ def test_run_record(uninterrupted):
     assert latest["options"]["dataset"]["imagesize"] == 64 and latest["options"]["dataset"]["subdatasets"] == ["tire"]
     assert {"torch", "torchvision", "timm", "numpy"} <= set(latest["packages"])
     assert latest["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert latest["torch_threads"] == torch.get_num_threads()
     commit = latest["git_commit"]
     assert commit == "unknown" or len(commit.split("+")[0]) == 40
     assert set(latest["results"]) == {"mvtec_tire"} and latest["results"]["mvtec_tire"]["best_epoch"] == 2

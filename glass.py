@@ -911,13 +911,16 @@ class GLASS(torch.nn.Module):
                            "(rerun with %s to finish training)", os.path.basename(self.ckpt_dir),
                            int(state["epoch"]) + 1, planned, finish)
         if state is not None and "epoch" in state:
-            self._settle_best_checkpoint(state)
+            self._settle_best_checkpoint(state, training)
 
-    def _settle_best_checkpoint(self, state: dict) -> None:
+    def _settle_best_checkpoint(self, state: dict, training: bool = True) -> None:
         """Make the folder's best checkpoint the one ckpt.pth records (a kill may leave it missing or doubled).
 
         ckpt.pth is written before a new best file and the old best is removed last, so a missing
-        recorded best is always the epoch of ckpt.pth itself and is rewritten from its weights.
+        recorded best is always the epoch of ckpt.pth itself and is rewritten from its weights, and a best
+        file that a kill left behind has a lower epoch than the recorded one: a training run removes it, a
+        test-only run leaves it (the recorded one, the highest epoch, is tested). A higher epoch was put
+        there by hand: a test-only run tests it (the highest epoch) and says so, a training run refuses it.
         """
         recorded = state.get("best_checkpoint")
         if recorded is not None and not os.path.isfile(os.path.join(self.ckpt_dir, recorded)):
@@ -930,11 +933,21 @@ class GLASS(torch.nn.Module):
             LOGGER.warning("Writing %s from ckpt.pth (the run was killed before writing it)", path)
             weights = {key: {k: v.cpu() for k, v in state[key].items()} for key in CHECKPOINT_KEYS if key in state}
             utils.atomic_torch_save(weights, path)
+        recorded_epoch = checkpoint_epoch(recorded) if recorded is not None else -1
         for path in best_checkpoints_in(self.ckpt_dir):
-            if os.path.basename(path) != recorded:
-                LOGGER.warning("Removing %s: ckpt.pth records %s as the best (the run was killed before removing it)",
-                               path, recorded)
-                os.remove(path)
+            if os.path.basename(path) == recorded:
+                continue
+            if checkpoint_epoch(path) < recorded_epoch:
+                if training:
+                    LOGGER.warning("Removing %s: ckpt.pth records %s as the best (the run was killed before removing "
+                                   "it)", path, recorded)
+                    os.remove(path)
+            elif training:
+                raise GlassError(f"{path} was not written by this class's training (ckpt.pth records {recorded} as "
+                                 f"the best): move it out of {self.ckpt_dir} to train, or test it with --test test")
+            else:
+                LOGGER.warning("Testing %s, the highest epoch in %s, although ckpt.pth records %s as the best",
+                               path, self.ckpt_dir, recorded)
 
     def restore_training_checkpoint(self, state: dict, path: str) -> Tuple[int, Optional[list], Optional[str]]:
         """Load weights, optimisers and counters from a ckpt.pth state; returns (epoch, best_record, best_path).
@@ -1547,7 +1560,7 @@ class GLASS(torch.nn.Module):
                            "than a pixel at this --resize/--imagesize), so there are no pixel metrics (n/a)", name,
                            largest)
         self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
-        epoch = int(BEST_CHECKPOINT_PATTERN.search(path).group(1))
+        epoch = checkpoint_epoch(path)
         utils.write_class_report(self, name, os.path.basename(path), epoch, scores, segmentations, labels_gt, masks_gt,
                                  result)
         return (*result, epoch)
@@ -1753,7 +1766,12 @@ def build_model(config: dict, device: torch.device | str = "cpu") -> GLASS:
 def best_checkpoints_in(class_dir: str) -> List[str]:
     """Paths of every ``ckpt_best_<epoch>.pth`` in ``class_dir`` (its path may hold glob characters)."""
     return [p for p in glob.glob(os.path.join(glob.escape(class_dir), "ckpt_best_*.pth"))
-            if BEST_CHECKPOINT_PATTERN.search(p)]
+            if BEST_CHECKPOINT_PATTERN.search(p) and os.path.isfile(p)]
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch in a ``ckpt_best_<epoch>.pth`` name."""
+    return int(BEST_CHECKPOINT_PATTERN.search(path).group(1))
 
 
 def best_checkpoint_in(class_dir: str) -> Optional[str]:
@@ -1761,7 +1779,7 @@ def best_checkpoint_in(class_dir: str) -> Optional[str]:
     found = best_checkpoints_in(class_dir)
     if not found:
         return None
-    return max(found, key=lambda p: int(BEST_CHECKPOINT_PATTERN.search(p).group(1)))
+    return max(found, key=checkpoint_epoch)
 
 
 def trained_there(class_dir: str) -> str:

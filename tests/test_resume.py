@@ -524,11 +524,34 @@ def test_check_config_on_an_unfinished_folder(tmp_path, tiny_model_factory, capl
     caplog.clear()
     model.check_config(_tiny_config(seed=1), training=True)
     assert "Resuming" in caplog.text and "with other training options than it started with (seed: 0 -> 1)" in caplog.text
-    # A test-only run settles the best checkpoint too: the one ckpt.pth records is tested, not the older one.
+    # A test-only run writes the missing recorded best, which is then tested, and removes nothing.
     os.remove(tmp_path / "ckpt_best_1.pth")
     torch.save(weights, tmp_path / "ckpt_best_0.pth")
     model.check_config(_tiny_config(), training=False)
-    assert sorted(p.name for p in tmp_path.glob("ckpt_best_*.pth")) == ["ckpt_best_1.pth"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_best_*.pth")) == ["ckpt_best_0.pth", "ckpt_best_1.pth"]
+    assert model.best_checkpoint() == str(tmp_path / "ckpt_best_1.pth")
+
+
+def test_a_best_checkpoint_put_there_by_hand_is_never_removed(tmp_path, tiny_model_factory, caplog):
+    model = tiny_model_factory(seed=1)
+    model.ckpt_dir = str(tmp_path)
+    weights = model.checkpoint_state()
+    torch.save(model.training_checkpoint(2, weights, [0.9, 0, 0.9, 0, 0, 1], str(tmp_path / "ckpt_best_1.pth")),
+               tmp_path / "ckpt.pth")
+    torch.save(weights, tmp_path / "ckpt_best_1.pth")
+    torch.save(weights, tmp_path / "ckpt_best_5.pth")  # a higher epoch than recorded: no kill leaves one
+    (tmp_path / "ckpt_best_7.pth").mkdir()  # not a checkpoint file at all
+    files = {p.name: p.read_bytes() for p in tmp_path.glob("ckpt_best_*.pth") if p.is_file()}
+
+    model.check_config(_tiny_config(), training=False)  # tested, as the highest epoch, with a warning
+    assert model.best_checkpoint() == str(tmp_path / "ckpt_best_5.pth")
+    assert "Testing " in caplog.text and "ckpt_best_5.pth, the highest epoch" in caplog.text
+    assert "although ckpt.pth records ckpt_best_1.pth as the best" in caplog.text
+    with pytest.raises(utils.GlassError, match=r"ckpt_best_5.pth was not written by this class's training .*"
+                                               r"move it out of .* to train, or test it with --test test"):
+        model.check_config(_tiny_config(), training=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("ckpt_best_*.pth") if p.is_file()} == files
+    assert (tmp_path / "ckpt_best_7.pth").is_dir()
 
 
 def test_training_a_finished_folder_on_to_more_epochs_is_a_resume(tmp_path, tiny_model_factory, caplog):

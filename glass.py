@@ -1253,7 +1253,7 @@ class GLASS(torch.nn.Module):
         flag = utils.distribution_judge(mean_image, name, output_dir=os.path.join(judge_dir, "fft"))
         avg_path = os.path.join(judge_dir, "avg", str(flag), f"{name}.png")
         os.makedirs(os.path.dirname(avg_path), exist_ok=True)
-        cv2.imwrite(avg_path, mean_image)
+        utils.write_png(avg_path, mean_image)
         return flag
 
     @staticmethod
@@ -1671,7 +1671,7 @@ class GLASS(torch.nn.Module):
             heat = cv2.resize(maps[i], (image.shape[1], image.shape[0]))
             heat = cv2.applyColorMap((heat * 255).astype("uint8"), cv2.COLORMAP_JET)
             panel = cv2.resize(np.hstack([image, target, heat]), (256 * 3, 256))
-            cv2.imwrite(os.path.join(out_dir, f"{i + 1:03d}.png"), panel)
+            utils.write_png(os.path.join(out_dir, f"{i + 1:03d}.png"), panel)
 
 
 class LazyImages(collections.abc.Sequence):
@@ -1830,7 +1830,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     found: List[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            matches = sorted(glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True))
+            matches = files_below(item)
         elif os.path.isfile(item):
             matches = [item]
         else:
@@ -1844,15 +1844,49 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     return list(dict.fromkeys(found))
 
 
+def files_below(folder: str) -> List[str]:
+    """The files in ``folder`` and its subfolders, sorted; hidden folders skipped, linked folders followed, but
+    each folder read once (a link back up the tree is not a loop)."""
+    seen = set()
+    found = []
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found.extend(os.path.join(root, name) for name in files)
+    return sorted(found)
+
+
+OUTPUT_SUFFIXES = ("_heatmap.png", "_overlay.png")
+NAME_MAX = 255  # bytes in a file name on the usual file systems
+
+
 def output_stems(paths: Sequence[str]) -> List[str]:
-    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'."""
+    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'; a stem too
+    long for a file name keeps its start and ends in a hash of the whole."""
     absolute = [os.path.abspath(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(p) for p in absolute])
     stems: List[str] = []
     for i, path in enumerate(absolute):
-        stem = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_")
+        stem = short_stem(os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_"))
         stems.append(f"{stem}_{i}" if stem in stems else stem)
     return stems
+
+
+def short_stem(stem: str, limit: int = NAME_MAX - max(map(len, OUTPUT_SUFFIXES)) - 8) -> str:
+    """``stem`` if it takes at most ``limit`` bytes, else its start and 8 hex digits of its hash, within ``limit``."""
+    import hashlib
+
+    if len(os.fsencode(stem)) <= limit:
+        return stem
+    kept, size = 0, 0
+    while size + len(os.fsencode(stem[kept])) <= limit - 9:  # whole characters only
+        size += len(os.fsencode(stem[kept]))
+        kept += 1
+    return stem[:kept] + "_" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
 
 
 def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
@@ -1964,18 +1998,18 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
                 "heatmap": os.path.join(output_dir, f"{stem}_heatmap.png"),
                 "overlay": os.path.join(output_dir, f"{stem}_overlay.png"),
             }
-            cv2.imwrite(row["heatmap"], heat)
-            cv2.imwrite(row["overlay"], cv2.addWeighted(image, 0.5, heat, 0.5, 0))
+            utils.write_png(row["heatmap"], heat, option="--output")
+            utils.write_png(row["overlay"], cv2.addWeighted(image, 0.5, heat, 0.5, 0), option="--output")
             rows.append(row)
 
     def write(tmp: str) -> None:
         import csv
 
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "w", newline="", errors="surrogateescape") as handle:  # file names as they are on disk
             writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
 
-    utils.atomic_write(os.path.join(output_dir, "predictions.csv"), write)
+    utils.atomic_write(os.path.join(output_dir, "predictions.csv"), write, option="--output")
     warn_wide_images(wide)
     return rows

@@ -211,6 +211,10 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     if odd:
         raise click.BadParameter(f"'{odd[0]}' is not a class folder name: give the folder's name under DATA_PATH "
                                  "(e.g. -d bottle)", param_hint="-d/--subdatasets")
+    undecodable = [classname for classname in subdatasets if not utils.is_utf8(classname)]
+    if undecodable:
+        raise click.BadParameter(f"'{undecodable[0]}' is not valid UTF-8, and TensorBoard writes only to such paths: "
+                                 "rename the class folder", param_hint="-d/--subdatasets")
     repeated = sorted({classname for classname in subdatasets if subdatasets.count(classname) > 1})
     if repeated:
         raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each class once",
@@ -375,6 +379,9 @@ def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch
 
 def ensure_writable(path: str) -> str:
     """Create the results folder, or explain why it cannot be written."""
+    if not utils.is_utf8(os.path.abspath(path)):
+        raise GlassError(f"--results_path {os.path.abspath(path)} is not valid UTF-8, and TensorBoard writes only to such "
+                         "paths: choose a folder whose path is")
     try:
         utils.make_writable_folder(path)
     except OSError as exc:
@@ -913,6 +920,7 @@ def misplaced_option_hint(exc: click.UsageError, args: Sequence[str]) -> str:
 
 def cli(argv: List[str] | None = None) -> int:
     """Entry point: user mistakes end with one line on stderr and exit code 2, no traceback."""
+    utils.escape_undecodable_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else list(argv)
     if "--help" not in args:

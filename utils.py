@@ -225,11 +225,11 @@ def make_writable_folder(path: str) -> None:
     os.remove(probe)
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None], option: str = "--results_path") -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file intact.
 
     The temporary file ends with ``path``'s extension (writers such as pandas' ``to_excel`` choose the
-    format by it)."""
+    format by it). A failure is a GlassError whose advice names ``option``, the folder's option."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -241,23 +241,58 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         os.chmod(tmp, _file_mode(path))  # mkstemp makes the file private (0600); keep the usual mode
         os.replace(tmp, path)
     except OSError as exc:
-        raise GlassError(f"cannot write {path} ({exc.strerror or exc}): {write_advice(exc)}") from None
+        raise GlassError(f"cannot write {path} ({exc.strerror or exc}): {write_advice(exc, option)}") from None
     except RuntimeError:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if not _disk_nearly_full(directory):
             raise
-        raise GlassError(f"cannot write {path} (no space left on the device): {write_advice(None)}") from None
+        raise GlassError(f"cannot write {path} (no space left on the device): {write_advice(None, option)}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_advice(exc: Optional[OSError]) -> str:
-    """How to get past an error writing under the results folder (``None``: the disk is full)."""
+def write_advice(exc: Optional[OSError], option: str = "--results_path") -> str:
+    """How to get past an error writing under the folder of ``option`` (``None``: the disk is full)."""
     if exc is None or exc.errno == errno.ENOSPC:
-        return "free some disk space or choose another --results_path; rerunning the command resumes"
+        resumes = "; rerunning the command resumes" if option == "--results_path" else ""
+        return f"free some disk space or choose another {option}{resumes}"
     if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
-        return "a file or folder of that name is in the way: move it or choose another --results_path"
+        return f"a file or folder of that name is in the way: move it or choose another {option}"
     return "check that path and its permissions"
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` (a path or name, possibly holding the undecodable bytes of a file name) is valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_undecodable_output() -> None:
+    """Print file names that are not valid UTF-8 with their odd bytes escaped (``\\udce9`` for the byte 0xe9)
+    instead of failing on them."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def write_png(path: str, image: np.ndarray, option: str = "--results_path") -> None:
+    """Write a uint8 BGR (or grey) image as a PNG file; a failure is a GlassError naming the file.
+
+    Encoded by OpenCV and written by Python: ``cv2.imwrite`` only returns False when it cannot write, and
+    crashes the process on a path that is not valid UTF-8."""
+    import cv2
+
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise GlassError(f"OpenCV cannot encode the image {path} as PNG (shape {np.shape(image)})")
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data.tobytes())
+    except OSError as exc:
+        raise GlassError(f"cannot write {path} ({exc.strerror or exc}): {write_advice(exc, option)}") from None
 
 
 def _disk_nearly_full(directory: str) -> bool:
@@ -397,7 +432,7 @@ def distribution_judge(img: np.ndarray, name: str, output_dir: str | None = None
         panel = np.hstack([resized, np.repeat(magnitude, 3).reshape(height, width, 3).astype(np.uint8)])
         path = os.path.join(output_dir, str(flag), f"{name}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        cv2.imwrite(path, panel)
+        write_png(path, panel)
     return flag
 
 

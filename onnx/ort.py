@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import logging
 import os
 import sys
@@ -132,7 +133,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     found: List[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            matches = sorted(glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True))
+            matches = files_below(item)
         elif os.path.isfile(item):
             matches = [item]
         else:
@@ -146,18 +147,59 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     return list(dict.fromkeys(found))
 
 
+def files_below(folder: str) -> List[str]:
+    """The files in ``folder`` and its subfolders, sorted; hidden folders skipped, linked folders followed, but
+    each folder read once (a link back up the tree is not a loop)."""
+    seen = set()
+    found = []
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found.extend(os.path.join(root, name) for name in files)
+    return sorted(found)
+
+
 def output_stems(paths: Sequence[str]) -> List[str]:
-    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'."""
+    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'; a stem too
+    long for a file name keeps its start and ends in a hash of the whole."""
     absolute = [os.path.abspath(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(p) for p in absolute])
     stems, seen = [], set()
     for i, path in enumerate(absolute):
-        stem = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_")
+        stem = short_stem(os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_"))
         if stem in seen:
             stem = f"{stem}_{i}"
         seen.add(stem)
         stems.append(stem)
     return stems
+
+
+def short_stem(stem: str, limit: int = 255 - len("_heatmap.png") - 8) -> str:
+    """``stem`` if it takes at most ``limit`` bytes, else its start and 8 hex digits of its hash, within ``limit``."""
+    if len(os.fsencode(stem)) <= limit:
+        return stem
+    kept, size = 0, 0
+    while size + len(os.fsencode(stem[kept])) <= limit - 9:  # whole characters only
+        size += len(os.fsencode(stem[kept]))
+        kept += 1
+    return stem[:kept] + "_" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Write a uint8 BGR image as a PNG file (``cv2.imwrite`` crashes on paths that are not valid UTF-8 and
+    returns False where it cannot write); a failure is a UsageError naming the file."""
+    encoded, data = cv2.imencode(".png", image)
+    try:
+        if not encoded:
+            raise OSError(f"OpenCV cannot encode an image of shape {image.shape}")
+        with open(path, "wb") as handle:
+            handle.write(data.tobytes())
+    except OSError as exc:
+        raise UsageError(f"cannot write {path} ({exc.strerror or exc}): choose another --output") from None
 
 
 def _resized_size(width: int, height: int, resize: Sequence[int]) -> Tuple[int, int]:
@@ -270,15 +312,21 @@ def predict(
             heat = heatmap_image(anomaly_map)
             row["heatmap"] = os.path.join(output, f"{stem}_heatmap.png")
             row["overlay"] = os.path.join(output, f"{stem}_overlay.png")
-            cv2.imwrite(row["heatmap"], heat)
-            cv2.imwrite(row["overlay"], overlay_image(crop, heat))
+            write_png(row["heatmap"], heat)
+            write_png(row["overlay"], overlay_image(crop, heat))
         rows.append(row)
     path = os.path.join(output, "predictions.csv")
-    with open(path + ".tmp", "w", newline="") as handle:  # renamed when complete: no half-written table
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+    try:  # written whole, then renamed: no half-written table
+        with open(path + ".tmp", "w", newline="", errors="surrogateescape") as handle:  # file names as on disk
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path} ({exc.strerror or exc}): choose another --output") from None
+    finally:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
     return rows
 
 
@@ -322,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; mistakes print one line on stderr and exit with code 2."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not valid UTF-8 print escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None

@@ -6,6 +6,7 @@ config and checkpoints) and checks that those files are still there, byte for by
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -617,6 +618,16 @@ def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert_fails(capsys, results, cli_args(blocker / "results", data, dtd_root), "cannot write to --results_path")
+
+
+def test_names_that_are_not_valid_utf8_are_refused_before_training(capsys, results, data, dtd_root, tmp_path):
+    odd = os.fsdecode(b"r\xe9sults")  # TensorBoard failed on such paths with a UnicodeEncodeError traceback
+    assert_fails(capsys, results, cli_args(tmp_path / odd, data, dtd_root), "is not valid UTF-8",
+                 "TensorBoard writes only to such paths: choose a folder whose path is")
+    assert not (tmp_path / odd).exists()
+    args = cli_args(tmp_path / "fresh", data, dtd_root)
+    args[args.index("tire")] = os.fsdecode(b"t\xefre")
+    assert_fails(capsys, results, args, "is not valid UTF-8", "rename the class folder", usage=True)
 
 
 def test_diverging_training_stops_the_class_and_keeps_the_best_checkpoint(capsys, results, data, dtd_root, tmp_path):

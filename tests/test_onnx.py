@@ -3,6 +3,7 @@ import ast
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported
     tree = ast.parse((ROOT / "onnx" / "ort.py").read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "argparse", "csv", "glob", "logging", "os", "sys", "typing", "cv2", "numpy", "onnxruntime", "PIL"}
+    assert imported <= {"__future__", "argparse", "csv", "glob", "hashlib", "logging", "os", "sys", "typing", "cv2", "numpy", "onnxruntime", "PIL"}
 
     # ... its preprocessing is the test transform of training (bit for bit) ...
     images, paths = test_images
@@ -391,6 +392,36 @@ def test_ort_refuses_a_threshold_that_is_not_a_number(exported, tiny_tire, tmp_p
         assert ort_script.main([str(exported), images, "-o", str(tmp_path / "out"), f"--threshold={value}"]) == 2
         assert "is not a finite number" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_ort_reads_each_folder_once_and_writes_any_file_name(exported, tiny_tire, tmp_path, capsys):
+    image = next((tiny_tire / "tire" / "test" / "good").glob("*.png"))
+    inputs = tmp_path / "in"
+    (inputs / "deep").mkdir(parents=True)
+    not_utf8 = inputs / os.fsdecode(b"caf\xe9.png")  # cv2.imwrite crashed the process on such names
+    long_name = inputs / "deep" / ("x" * 250 + ".png")  # its heatmap's name is too long for a file name
+    for path in (not_utf8, long_name):
+        shutil.copy(image, path)
+    (inputs / "deep" / "up").symlink_to(inputs, target_is_directory=True)  # a loop
+    found = ort_script.collect_images([str(inputs)])
+    assert found == glass.collect_images([str(inputs)]) == sorted([str(not_utf8), str(long_name)])
+    assert ort_script.output_stems(found) == glass.output_stems(found)
+
+    out = tmp_path / "out"
+    assert ort_script.main([str(exported), str(inputs), "-o", str(out), "--threshold", "0.5"]) == 0
+    with open(out / "predictions.csv", newline="", errors="surrogateescape") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["image"] for row in rows] == found
+    for row in rows:
+        for png in (row["heatmap"], row["overlay"]):
+            assert cv2.imdecode(np.fromfile(png, np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
+
+    blocked = tmp_path / "blocked"
+    (blocked / "predictions.csv").mkdir(parents=True)
+    assert ort_script.main([str(exported), str(inputs), "-o", str(blocked), "--threshold", "0.5"]) == 2
+    line = one_error_line(capsys)
+    assert "cannot write" in line and "predictions.csv" in line and "choose another --output" in line
+    assert not (blocked / "predictions.csv.tmp").exists()
 
 
 def test_output_stems_are_unique_for_one_name_with_two_extensions(tmp_path):

@@ -1,6 +1,7 @@
 """`python main.py predict`: scoring new images with a saved checkpoint, thresholds, and reference checkpoints."""
 import csv
 import json
+import os
 import shutil
 from collections import OrderedDict
 
@@ -166,6 +167,35 @@ def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tm
         (tmp_path / name).write_bytes(b"")
     found = glass.collect_images([str(tmp_path), str(tmp_path / "b.png"), str(tmp_path / "*.JPG")])
     assert found == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), str(tmp_path / "sub" / "c.bmp")]
+
+
+def test_predict_reads_each_folder_once_and_writes_any_file_name(results, tiny_tire, tmp_path, capsys):
+    image = next((tiny_tire / "tire" / "test" / "good").glob("*.png"))
+    inputs = tmp_path / "in"
+    (inputs / "deep").mkdir(parents=True)
+    not_utf8 = inputs / os.fsdecode(b"caf\xe9.png")  # cv2.imwrite crashed the process on such names
+    long_name = inputs / "deep" / ("x" * 250 + ".png")  # its heatmap's name is too long for a file name
+    shutil.copy(image, not_utf8)
+    shutil.copy(image, long_name)
+    (inputs / "deep" / "up").symlink_to(inputs, target_is_directory=True)  # a loop: each image was found 40 times
+    out = tmp_path / "out"
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output", out,
+                     inputs]) == 0
+    with open(out / "predictions.csv", newline="", errors="surrogateescape") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["image"] for row in rows) == sorted([str(not_utf8), str(long_name)])
+    for row in rows:
+        for png in (row["heatmap"], row["overlay"]):
+            assert os.path.isfile(png) and cv2.imdecode(np.fromfile(png, np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
+    assert len(os.fsencode(os.path.basename(rows[0]["heatmap"]))) <= 255
+    assert os.path.basename([r for r in rows if r["image"] == str(long_name)][0]["heatmap"]).startswith("deep_xxx")
+
+    blocked = tmp_path / "blocked"
+    (blocked / os.path.basename(rows[0]["heatmap"])).mkdir(parents=True)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output", blocked,
+                     inputs]) == 2
+    line = one_error_line(capsys)
+    assert "cannot write" in line and "a file or folder of that name is in the way: move it or choose another --output" in line
 
 
 def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, capsys):

@@ -36,6 +36,7 @@ import backbones
 import common
 import metrics
 import utils
+from datasets import LOADERS
 from datasets.base import IMAGE_EXTENSIONS, is_image, is_wide_image, load_image, warn_wide_images
 from loss import FocalLoss
 from model import (
@@ -778,6 +779,9 @@ class GLASS(torch.nn.Module):
             if "pre_projection" not in state:
                 raise GlassError(f"{path} has no 'pre_projection' entry but --pre_proj is {self.pre_proj}: use --pre_proj 0 or another checkpoint")
             self._load_part(self.pre_projection, state["pre_projection"], "pre_projection", path)
+        elif "pre_projection" in state:
+            raise GlassError(f"{path} has a 'pre_projection' entry (a feature adaptor) but --pre_proj is 0: use the "
+                             "--pre_proj it was trained with")
 
     @staticmethod
     def _load_part(module: torch.nn.Module, state: dict, part: str, path: str) -> None:
@@ -1719,6 +1723,8 @@ def config_problem(config: dict) -> Optional[str]:
     shape = config.get("input_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(whole(v, 1) for v in shape)):
         return "input_shape is not three positive whole numbers"
+    if shape[0] != 3 or shape[1] != shape[2]:
+        return f"input_shape {shape} is not [3, imagesize, imagesize]"
     net = config.get("net")
     if not isinstance(net, dict):
         return "no net options"
@@ -1730,11 +1736,17 @@ def config_problem(config: dict) -> Optional[str]:
         return "dataset is not an object"
     for key in ("resize", "imagesize", "resize_used", "imagesize_used"):
         value = dataset.get(key, 1)
-        if not (whole(value, 1) or (isinstance(value, list) and value and all(whole(v, 1) for v in value))):
+        if not (whole(value, 1) or (isinstance(value, list) and 1 <= len(value) <= 2 and all(whole(v, 1) for v in value))):
             return f"dataset.{key} is not a positive whole number"
+    for key in ("imagesize", "imagesize_used"):  # the crop is the model's input
+        value = dataset.get(key, shape[-1])
+        if (value if isinstance(value, list) else [value]) not in ([shape[-1]], shape[-2:]):
+            return f"dataset.{key} {value} is not the side of input_shape {shape}"
     for key in ("name", "classname", "data_path", "aug_path"):
         if not isinstance(dataset.get(key, ""), str):
             return f"dataset.{key} is not a text"
+    if dataset.get("name") and dataset["name"] not in LOADERS:
+        return f"dataset.name {dataset['name']!r} is not one of {', '.join(sorted(LOADERS))}"
     return None
 
 

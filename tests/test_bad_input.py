@@ -477,6 +477,16 @@ def test_checkpoint_of_another_configuration(capsys, results, data, dtd_root):
                  "ckpt_best_0.pth", "discriminator.body.block1.0.weight has shape (128, 128)", "(64, 128)")
 
 
+def test_a_feature_adaptor_in_the_checkpoint_of_a_pre_proj_0_config(capsys, results, data, dtd_root):
+    path = results / CLASS_DIR / "config.json"
+    config = json.loads(path.read_text())
+    config["net"]["pre_proj"] = 0  # it loaded without the adaptor and scored otherwise
+    path.write_text(json.dumps(config))
+    image = str(next((data / "tire" / "test" / "good").glob("*.png")))
+    assert_fails(capsys, results, ["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", image],
+                 "ckpt_best_0.pth has a 'pre_projection' entry (a feature adaptor) but --pre_proj is 0")
+
+
 def test_config_json_that_is_not_an_object(capsys, results, data, dtd_root):
     (results / CLASS_DIR / "config.json").write_text("[1, 2]")
     assert_fails(capsys, results, cli_args(results, data, dtd_root, main=["--test", "test"]),
@@ -488,6 +498,10 @@ def test_config_json_that_is_not_an_object(capsys, results, data, dtd_root):
     (lambda config: config.update(input_shape=[3, "x", 64]), "input_shape is not three positive whole numbers"),
     (lambda config: config["net"].update(dsc_hidden=12.5), "net option(s) dsc_hidden missing or not positive"),
     (lambda config: config["dataset"].update(resize_used="x"), "dataset.resize_used is not a positive whole number"),
+    (lambda config: config["dataset"].update(resize_used=[64, 80, 90]), "dataset.resize_used is not a positive whole"),
+    (lambda config: config["dataset"].update(imagesize_used=32), "dataset.imagesize_used 32 is not the side of input_shape"),
+    (lambda config: config.update(input_shape=[3, 64, 80]), "input_shape [3, 64, 80] is not [3, imagesize, imagesize]"),
+    (lambda config: config["dataset"].update(name="foo"), "dataset.name 'foo' is not one of btad, custom,"),
 ])
 def test_hand_damaged_config_json(capsys, results, data, dtd_root, damage, says):
     path = results / CLASS_DIR / "config.json"

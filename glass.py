@@ -37,7 +37,8 @@ import common
 import metrics
 import utils
 from datasets import LOADERS
-from datasets.base import IMAGE_EXTENSIONS, is_image, is_wide_image, load_image, warn_wide_images
+from datasets.base import (IMAGE_EXTENSIONS, elongation_problem, image_size, is_image, is_wide_image, load_image,
+                           warn_wide_images)
 from loss import FocalLoss
 from model import (
     Discriminator, LinearWithKnownRows, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available,
@@ -1993,6 +1994,11 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
         raise GlassError(f"cannot create the output folder {output_dir} ({exc.strerror}): choose another --output") from None
+    for path in paths:  # header reads, before any output
+        size = image_size(path)
+        problem = None if size is None else elongation_problem(path, size, resize)
+        if problem:
+            raise GlassError(problem)
     stems = output_stems(paths)
     rows: List[Dict[str, str]] = []
     wide: List[str] = []

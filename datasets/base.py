@@ -116,6 +116,29 @@ def warn_wide_images(paths: Sequence[str], what: str = "image(s)") -> None:
         )
 
 
+# An image that Resize would make larger than this (about 200 MB as 8-bit RGB) is refused: only an extreme
+# aspect ratio gets there (Pillow overflows, or memory runs out, resizing it).
+MAX_RESIZED_PIXELS = 2 ** 26
+
+
+def resized_pixels(size: Tuple[int, int], resize: Union[int, Sequence[int]]) -> int:
+    """Pixels of an image of ``size`` (width, height) after torchvision's ``Resize(resize)``: one number sets the
+    shorter side (the longer one scaled alike), two set (height, width)."""
+    if not isinstance(resize, int) and len(resize) > 1:
+        return int(resize[0]) * int(resize[1])
+    side = resize if isinstance(resize, int) else resize[0]
+    short, long = sorted(size)
+    return int(side) * int(int(side) * long / short)
+
+
+def elongation_problem(path: str, size: Tuple[int, int], resize: Union[int, Sequence[int]]) -> Optional[str]:
+    """Why the image at ``path`` of ``size`` cannot be resized by ``Resize(resize)`` (None when it can)."""
+    if resized_pixels(size, resize) <= MAX_RESIZED_PIXELS:
+        return None
+    return (f"image {path} is {size[0]}x{size[1]} pixels: resized to {resize} on its shorter side it would take "
+            f"{resized_pixels(size, resize) / 1e6:.0f} million pixels; crop it to a less elongated image")
+
+
 def image_size(path: str) -> Optional[Tuple[int, int]]:
     """(width, height) from the file's header, or None when it is not a readable image."""
     header = image_header(path)
@@ -393,6 +416,9 @@ class AnomalyDataset(torch.utils.data.Dataset):
             size = None if header is None else header[0]
             if header is not None and header[1] in WIDE_MODES:
                 wide.append(self.relative(image_path))
+            if size is not None and elongation_problem(image_path, size, self.resize):
+                problems.add("image too elongated to resize", f"{self.relative(image_path)} {size[0]}x{size[1]}",
+                             plural="images too elongated to resize", hint="crop them to less elongated images")
             if size is None:
                 missing = not os.path.isfile(image_path)
                 problems.add("missing image" if missing else "unreadable image", self.relative(image_path),

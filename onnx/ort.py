@@ -226,6 +226,8 @@ def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
+# An image that resizing would make larger than this is refused (as datasets.base.MAX_RESIZED_PIXELS).
+MAX_RESIZED_PIXELS = 2 ** 26
 # Pillow modes of more than 8 bits per pixel and channel (as datasets.base.WIDE_MODES; this script stands alone).
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -242,6 +244,9 @@ def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"cannot read image {path} ({exc}): replace or remove the file") from None
     size = _resized_size(image.width, image.height, meta["resize"])
+    if size[0] * size[1] > MAX_RESIZED_PIXELS:
+        raise UsageError(f"image {path} is {image.width}x{image.height} pixels: resized it would take "
+                         f"{size[0] * size[1] / 1e6:.0f} million pixels; crop it to a less elongated image")
     if size != image.size:
         image = image.resize(size, Image.BILINEAR)
     height, width = (meta["imagesize"] * 2)[:2] if len(meta["imagesize"]) == 1 else meta["imagesize"][:2]

@@ -137,6 +137,18 @@ def test_unreadable_image(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root), "unreadable image", broken.name)
 
 
+def test_an_image_too_elongated_to_resize(capsys, results, data, dtd_root, tmp_path):
+    thin = data / "tire" / "train" / "good" / "thin.png"
+    PIL.Image.new("L", (3_000_000, 1), 128).save(thin)  # resized to 64 px high: 192,000,000 x 64 pixels (memory ran out)
+    assert_fails(capsys, results, cli_args(results, data, dtd_root), "image too elongated to resize",
+                 "thin.png 3000000x1", "crop them to less elongated images")
+    assert_fails(capsys, results, ["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5",
+                                   "--output", tmp_path / "out", thin],
+                 "thin.png is 3000000x1 pixels: resized to 64 on its shorter side it would take 12288 million pixels",
+                 "crop it to a less elongated image")
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
 def test_truncated_image_read_in_a_dataloader_worker(capsys, results, data, dtd_root):
     # The header is intact, so the problem shows when a DataLoader worker decodes the image (here while
     # testing the finished class): the worker's re-raised error must still end as one line.

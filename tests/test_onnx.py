@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime
+import PIL.Image
 import pytest
 import scipy.ndimage as ndimage
 import torch
@@ -392,6 +393,16 @@ def test_ort_refuses_a_threshold_that_is_not_a_number(exported, tiny_tire, tmp_p
         assert ort_script.main([str(exported), images, "-o", str(tmp_path / "out"), f"--threshold={value}"]) == 2
         assert "is not a finite number" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_ort_refuses_an_image_too_elongated_to_resize(exported, tmp_path, capsys):
+    import datasets.base
+
+    thin = tmp_path / "thin.png"
+    PIL.Image.new("L", (3_000_000, 1), 128).save(thin)
+    assert ort_script.main([str(exported), str(thin), "-o", str(tmp_path / "out")]) == 2
+    assert "thin.png is 3000000x1 pixels: resized it would take 12288 million pixels; crop it" in one_error_line(capsys)
+    assert ort_script.MAX_RESIZED_PIXELS == datasets.base.MAX_RESIZED_PIXELS
 
 
 def test_ort_reads_each_folder_once_and_writes_any_file_name(exported, tiny_tire, tmp_path, capsys):

@@ -144,6 +144,9 @@ def parse_backbone_name(name: str) -> tuple[str, int | None]:
     base, seed = _split_seed(name)
     if seed is None:
         raise utils.GlassError(f"bad seed suffix in backbone name '{name}': write NAME.seed-N with an integer N, e.g. resnet18.seed-3")
+    if not 0 <= seed <= utils.MAX_SEED:
+        raise utils.GlassError(f"seed suffix in backbone name '{name}' is out of range: write NAME.seed-N with N from 0 "
+                               f"to {utils.MAX_SEED}, e.g. {base}.seed-3")
     return base, seed
 
 

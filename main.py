@@ -73,7 +73,7 @@ def odd_patchsize(ctx: click.Context, param: click.Parameter, value: int) -> int
               help="CUDA device id; falls back to MPS, then CPU. -1 forces the CPU. Several ids (--gpu 0 --gpu 1) "
                    "train different classes on different GPUs in parallel processes, one class per GPU at a time "
                    "(without CUDA: one class at a time on the CPU).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, utils.MAX_SEED), default=0, show_default=True)
 @click.option("--log_group", type=str, default="group", help="Accepted for compatibility; unused.")
 @click.option("--log_project", type=str, default="project", help="Accepted for compatibility; unused.")
 @click.option("--run_name", type=str, default="test", help="Accepted for compatibility; unused.")
@@ -408,6 +408,8 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     missing = [cmd for cmd, key in (("net", "get_glass"), ("dataset", "get_dataloaders")) if key not in methods]
     if missing:
         raise GlassError(f"missing subcommand(s): {', '.join(missing)}; usage: python main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATA_PATH AUG_PATH")
+    for name in methods["get_glass"].options["backbone_names"]:  # a bad .seed-N suffix, before anything is written
+        backbones.parse_backbone_name(name)  # (not in `net`: later option mistakes answer without importing torch)
     results_path = ensure_writable(results_path)
     dataset_options = methods["get_dataloaders"].options
     if predict_images is not None:

@@ -58,8 +58,12 @@ class DeferredModule:
         return f"<deferred module {self._name!r}>"
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed NumPy accepts (seeds run from 0 to this)."""
+
+
 def fix_seeds(seed: int) -> None:
-    """Seed python, NumPy and torch (and CUDA); make cuDNN deterministic."""
+    """Seed python, NumPy and torch (and CUDA); make cuDNN deterministic; ``seed`` in 0..MAX_SEED."""
     import torch
 
     random.seed(seed)

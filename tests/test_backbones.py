@@ -47,6 +47,7 @@ def test_efficientnet_lite0_bundled_weights_classify_real_photos(offline):
     ("resnet18.seed-3", ("resnet18", 3)),
     ("wideresnet50", ("wideresnet50", None)),
     ("vit_deit_base.seed-0", ("vit_deit_base", 0)),
+    ("resnet18.seed-4294967295", ("resnet18", 4294967295)),  # NumPy's largest seed
 ])
 def test_parse_backbone_name(name, expected):
     assert backbones.parse_backbone_name(name) == expected

@@ -271,6 +271,24 @@ def test_option_values_out_of_range_are_refused_before_anything_runs(capsys, res
     assert_fails(capsys, results, cli_args(results, data, dtd_root, **extra), option, value, says, usage=True)
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--seed", "-1"], ["--seed", "-1", "0<=x<=4294967295"]),
+    (["--seed", "4294967296"], ["--seed", "4294967296", "0<=x<=4294967295"]),
+])
+def test_a_seed_numpy_refuses_is_refused_before_anything_runs(capsys, results, data, dtd_root, tmp_path, args, says):
+    fresh = tmp_path / "fresh"
+    assert_fails(capsys, results, cli_args(fresh, data, dtd_root, main=args), *says, usage=True)
+    assert not fresh.exists()  # no run.json recording a failure
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0.seed--5", "efficientnet_lite0.seed-99999999999"])
+def test_a_backbone_seed_out_of_range_is_refused_before_anything_runs(capsys, results, data, dtd_root, tmp_path, name):
+    fresh = tmp_path / "fresh"
+    assert_fails(capsys, results, cli_args(fresh, data, dtd_root, net=["-b", name]),
+                 f"seed suffix in backbone name '{name}'", "from 0 to 4294967295")
+    assert not fresh.exists()
+
+
 def test_help_shows_every_range_without_click_placeholders():
     from click.testing import CliRunner
 

@@ -27,10 +27,13 @@ VISA_CLASSES = (
 CLASSNAMES: Dict[str, Tuple[str, ...]] = {"visa": VISA_CLASSES}
 SPLIT_FILE = os.path.join("split_csv", "1cls.csv")
 SPLIT_COLUMNS = ("object", "split", "label", "image", "mask")
+SPLITS = ("train", "test")
+LABELS = ("normal", "anomaly")
 
 
 def read_split(source: str) -> List[Dict[str, str]]:
-    """The rows of ``<source>/split_csv/1cls.csv``; GlassError when it is missing or not the VisA split."""
+    """The rows of ``<source>/split_csv/1cls.csv``; GlassError when it is missing, not the VisA split, or has a
+    row that is cut short or whose split or label is not one of SPLITS or LABELS."""
     path = os.path.join(source, SPLIT_FILE)
     if not os.path.isfile(path):
         raise GlassError(
@@ -40,7 +43,7 @@ def read_split(source: str) -> List[Dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # as UTF-8, with or without Excel's BOM
             reader = csv.DictReader(handle)
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            numbered_rows = [(reader.line_num, row) for row in reader]
             columns = [c.strip() for c in reader.fieldnames or []]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise GlassError(f"cannot read {path} ({exc}): replace it with the official split file") from None
@@ -50,7 +53,22 @@ def read_split(source: str) -> List[Dict[str, str]]:
             f"{path} lacks the column(s) {', '.join(missing)}: expected {', '.join(SPLIT_COLUMNS)} (the official "
             "VisA split file)"
         )
-    return rows
+    return [_checked_row(path, line, row) for line, row in numbered_rows]
+
+
+def _checked_row(path: str, line: int, row: Dict[str | None, str | None]) -> Dict[str, str]:
+    """A split file row with its fields stripped; GlassError naming its line when it would be left out."""
+    row = {key.strip(): value for key, value in row.items() if key is not None}  # None: fields past the header's
+    if any(row[column] is None for column in SPLIT_COLUMNS):  # csv gives None for the fields a short row lacks
+        given = ",".join(value for value in row.values() if value is not None)
+        raise GlassError(f"{path}, line {line}: the row '{given}' is cut short: every row has the columns "
+                         f"{', '.join(SPLIT_COLUMNS)} (mask empty for normal images)")
+    row = {key: (value or "").strip() for key, value in row.items()}
+    for column, allowed in (("split", SPLITS), ("label", LABELS)):
+        if row[column] not in allowed:
+            raise GlassError(f"{path}, line {line}: {column} is '{row[column]}', not {' or '.join(allowed)}: correct "
+                             "the row (the official split file uses only those)")
+    return row
 
 
 class VisADataset(AnomalyDataset):

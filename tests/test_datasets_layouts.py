@@ -590,6 +590,27 @@ def test_a_visa_split_file_without_one_column_is_refused(tmp_path):
         read_split(str(tmp_path))
 
 
+@pytest.mark.parametrize("line, old, new, says", [
+    (3, ",train,", ",tset,", "line 3: split is 'tset', not train or test"),
+    (3, ",normal,", ",norml,", "line 3: label is 'norml', not normal or anomaly"),
+    (26, ",train,", ",test,", None),  # another class's row may move to the test split: accepted
+    (26, "pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,", "pcb1,train", "line 26: the row 'pcb1,train' is cut short"),
+])
+def test_a_visa_split_file_row_with_a_bad_split_or_label_is_refused_naming_it(tmp_path, line, old, new, says):
+    root = build_visa(tmp_path / "visa")
+    split = root / "split_csv" / "1cls.csv"
+    lines = split.read_text().splitlines()
+    assert old in lines[line - 1]
+    lines[line - 1] = lines[line - 1].replace(old, new)
+    split.write_text("\n".join(lines) + "\n")
+    if says is None:
+        assert len(VisADataset(root, DTD, classname="candle")) == 16
+        return
+    with pytest.raises(GlassError) as error:  # a row left out silently would train or test on less
+        VisADataset(root, DTD, classname="candle")
+    assert f"{split}, {says}" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_problem_list_of_exactly_three_examples_has_no_ellipsis():
     from datasets.base import LayoutProblems
 

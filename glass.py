@@ -520,6 +520,13 @@ def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool) ->
     )
 
 
+def whole_stride(size: int, grid: Sequence[int]) -> Optional[int]:
+    """``size`` / the side of a square feature ``grid`` when that is a whole number (the feature stride), else None."""
+    if grid[0] != grid[1] or grid[0] == 0 or size % grid[0]:
+        return None
+    return size // grid[0]
+
+
 def _kill_hook(epoch: int, step: int | str) -> None:
     """The test-only ``GLASS_TEST_KILL_AT=EPOCH:STEP`` hook: SIGKILL this process at that point (another signal
     with ``GLASS_TEST_KILL_SIGNAL=SIGTERM``, say)."""
@@ -1183,23 +1190,38 @@ class GLASS(torch.nn.Module):
             for label, now, best in zip(("IAUC", "IAP", "PAUC", "PAP", "PRO"), result, best_record)
         ) + f" E:{epoch}({int(best_record[-1])})"
 
+    def feature_grid(self) -> Tuple[int, int]:
+        """The first feature layer's patch grid (rows, columns) for an image of ``input_shape``."""
+        with torch.no_grad():
+            _, grids = self._embed(torch.zeros(1, *self.input_shape, device=self.device), evaluation=True)
+        return int(grids[0][0]), int(grids[0][1])
+
     def check_mask_grid(self, training_data) -> None:
         """Refuse, before training, a Perlin mask grid (imagesize // downsampling) unlike the feature grid."""
         dataset = getattr(training_data, "dataset", None)
         size, downsampling = getattr(dataset, "imgsize", None), getattr(dataset, "downsampling", None)
         if size is None or not downsampling:
             return
-        with torch.no_grad():
-            _, grids = self._embed(torch.zeros(1, *self.input_shape, device=self.device), evaluation=True)
-        grid = tuple(int(g) for g in grids[0])
+        grid = self.feature_grid()
         mask_side = size // downsampling
         if grid != (mask_side, mask_side):
-            stride = size / grid[0] if grid[0] else 0
-            hint = (f"use --downsampling {int(stride)}" if stride == int(stride) and grid[0] == grid[1]
+            stride = whole_stride(size, grid)
+            hint = (f"use --downsampling {stride}" if stride is not None
                     else "choose --imagesize and --downsampling so that imagesize / downsampling is that grid")
             raise GlassError(
                 f"--imagesize {size} with --downsampling {downsampling} gives a {mask_side}x{mask_side} anomaly mask grid "
                 f"but layer {self.layers_to_extract_from[0]} gives a {grid[0]}x{grid[1]} feature grid: {hint}"
+            )
+
+    def check_imagesize(self) -> None:
+        """Refuse an input size that training never has (for a bare checkpoint's options): check_mask_grid lets
+        only sizes through that are a whole number (--downsampling) of times the first feature grid."""
+        size, grid = self.input_shape[-1], self.feature_grid()
+        if whole_stride(size, grid) is None:
+            raise GlassError(
+                f"--imagesize {size} is not a multiple of the feature stride of layer {self.layers_to_extract_from[0]} "
+                f"(its feature grid is {grid[0]}x{grid[1]}), so main.py trains no such model: give the --imagesize "
+                "the checkpoint was trained with"
             )
 
     @staticmethod

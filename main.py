@@ -61,10 +61,11 @@ class FiniteRange(click.FloatRange):
 
 
 def odd_patchsize(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    """--patchsize must be odd: the patches are padded by (patchsize - 1) / 2 so that the grid keeps its size."""
-    if value % 2 == 0:
-        raise click.BadParameter(f"{value} is even: the patch grid keeps the layer's size only with an odd patch size (3)")
-    return value
+    """--patchsize must be odd (utils.check_odd_patchsize)."""
+    try:
+        return utils.check_odd_patchsize(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.group(chain=True)

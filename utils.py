@@ -58,6 +58,14 @@ class DeferredModule:
         return f"<deferred module {self._name!r}>"
 
 
+def check_odd_patchsize(patchsize: int) -> int:
+    """``patchsize`` if it is odd, else ValueError saying why: the patches are padded by (patchsize - 1) / 2 so
+    that the grid keeps its size (main.py's and pth2onnx.py's --patchsize)."""
+    if patchsize % 2 == 0:
+        raise ValueError(f"{patchsize} is even: the patch grid keeps the layer's size only with an odd patch size (3)")
+    return patchsize
+
+
 MAX_SEED = 2**32 - 1
 """The largest seed NumPy accepts (seeds run from 0 to this)."""
 

@@ -196,6 +196,7 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
         options["pretrain_embed_dimension"], options["patchsize"], class_name=args.class_name or "", dataset=args.dataset,
     )
     model = glass.build_model(config, device="cpu")
+    model.check_imagesize()
     model.load_checkpoint(args.checkpoint)
     return model, config, args.checkpoint, class_dir
 
@@ -341,6 +342,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def odd_positive_int(text: str) -> int:
+    """An argparse type: an odd whole number of at least 1 (main.py's --patchsize)."""
+    try:
+        return utils.check_odd_patchsize(positive_int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of pth2onnx.py."""
     parser = _Parser(
@@ -364,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     bare.add_argument("--imagesize", type=positive_int, help=f"side of the square model input (default {PAPER_DEFAULTS['imagesize']})")
     bare.add_argument("--resize", type=positive_int, help=f"shorter side after resizing, before the centre crop (default {PAPER_DEFAULTS['resize']})")
     bare.add_argument("--pretrain_embed_dimension", type=positive_int, help=f"per-layer embedding size (default {PAPER_DEFAULTS['pretrain_embed_dimension']})")
-    bare.add_argument("--patchsize", type=positive_int, help=f"patch neighbourhood (default {PAPER_DEFAULTS['patchsize']})")
+    bare.add_argument("--patchsize", type=odd_positive_int, help=f"patch neighbourhood, odd (default {PAPER_DEFAULTS['patchsize']})")
     bare.add_argument("--class_name", help="class name to record in the metadata")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")

@@ -330,6 +330,26 @@ def test_bare_checkpoint_options_and_files_are_checked_first(class_dir, tmp_path
     assert "cannot read checkpoint" in line and "give a ckpt_best_<epoch>.pth written by GLASS" in line
 
 
+@pytest.mark.parametrize("option, says", [
+    (["--patchsize", "4"], "argument --patchsize: 4 is even: the patch grid keeps the layer's size only with an odd "
+                           "patch size (3)"),
+    (["--imagesize", "60"], "--imagesize 60 is not a multiple of the feature stride of layer blocks.2 (its feature "
+                            "grid is 8x8)"),
+])
+def test_bare_checkpoint_options_that_main_refuses_are_refused(class_dir, tmp_path, capsys, option, says):
+    """main.py trains no model with an even --patchsize or an --imagesize off the feature stride: none is exported."""
+    bare = tmp_path / "ckpt_best_219.pth"
+    shutil.copy(next(class_dir.glob("ckpt_best_*.pth")), bare)
+    options = ["-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--imagesize", "64", "--resize", "64",
+               "--pretrain_embed_dimension", "128", "--patchsize", "3", *option]  # the last of an option counts
+    try:
+        code = pth2onnx.main(["--checkpoint", str(bare), *options, "--no_check"])
+    except SystemExit as done:  # argparse's option errors
+        code = done.code
+    assert code == 2 and says in one_error_line(capsys)
+    assert not (tmp_path / "glass.onnx").exists()
+
+
 def test_help_names_every_dataset_of_main(capsys):
     with pytest.raises(SystemExit) as done:
         pth2onnx.main(["--help"])

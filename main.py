@@ -400,6 +400,9 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     """
     methods = dict(methods)
     predict_images = methods.pop("predict", None)
+    ctx = click.get_current_context()
+    if isinstance(ctx.obj, dict):  # what cli's messages about rerunning say
+        ctx.obj["trains"] = bool(methods)
     if worker_output is not None:  # a worker process of a parallel run: one class, results to worker_output
         _run_worker(methods, results_path, worker_class, worker_gpu, worker_output, seed, test)
         return
@@ -930,14 +933,16 @@ def cli(argv: List[str] | None = None) -> int:
         LOGGER.info("Command line arguments: %s", " ".join([sys.argv[0] if argv is None else "main.py", *args]))
     if utils.keep_freed_memory():
         LOGGER.debug("glibc malloc keeps freed memory for reuse (GLASS_MALLOC=system to leave its defaults)")
+    state = {"argv": args}  # run() adds "trains": whether the command trains (or tests) classes
     try:
         with utils.termination_as_interrupt():
-            main.main(args=args, prog_name="main.py", standalone_mode=False, obj={"argv": args})
+            main.main(args=args, prog_name="main.py", standalone_mode=False, obj=state)
     except GlassError as exc:
         click.echo(f"Error: {utils.error_message(exc)}", err=True)
         return 2
     except click.exceptions.Abort as exc:  # Ctrl-C, or SIGTERM/SIGHUP (utils.termination_as_interrupt)
-        again = "rerun the same command to go on (training resumes after its last finished epoch)"
+        again = "rerun the same command to go on" + (
+            " (training resumes after its last finished epoch)" if state.get("trains", True) else "")
         if isinstance(exc.__cause__, utils.Terminated):
             click.echo(f"Terminated ({exc.__cause__}): {again}.", err=True)
             return 128 + getattr(signal, str(exc.__cause__)).value
@@ -948,7 +953,8 @@ def cli(argv: List[str] | None = None) -> int:
         click.echo(f"Error: {where}{exc.strerror or exc}: {utils.write_advice(exc)}", err=True)
         return 2
     except (RuntimeError, MemoryError) as exc:
-        message = utils.loader_failure_message(exc) or utils.out_of_memory_message(exc)  # the machine, not the code
+        trains = state.get("trains", True)
+        message = utils.loader_failure_message(exc, trains) or utils.out_of_memory_message(exc, trains)  # the machine
         if message is None:
             raise
         click.echo(f"Error: {message}", err=True)

@@ -548,16 +548,21 @@ def error_message(exc: BaseException) -> str:
 LOADER_FAILURES = re.compile(r"DataLoader worker \(pid|shared memory\(shm\)|shared memory object|</torch_")
 
 
-def loader_failure_message(exc: BaseException) -> Optional[str]:
+def rerun_advice(trains: bool) -> str:
+    """How a rerun goes on after the machine ran short: a training command resumes, another one starts again."""
+    return ("the same command then resumes training after its last finished epoch" if trains
+            else "then run the same command again")
+
+
+def loader_failure_message(exc: BaseException, trains: bool = True) -> Optional[str]:
     """The one line to print when ``exc`` says that data loading ran out of shared memory or lost a worker
-    process; None for any other error."""
+    process; None for any other error. ``trains``: whether the command trains (see :func:`rerun_advice`)."""
     text = str(exc)
     if not isinstance(exc, RuntimeError) or not LOADER_FAILURES.search(text):
         return None
     return (f"data loading failed ({error_message(exc)}): DataLoader worker processes need memory and shared memory "
             "(/dev/shm: Docker gives 64 MB unless started with --shm-size=8g, say); give the machine more, or load in "
-            "the main process with `dataset --num_workers 0` (or use fewer workers); the same command then resumes "
-            "training after its last finished epoch")
+            f"the main process with `dataset --num_workers 0` (or use fewer workers); {rerun_advice(trains)}")
 
 
 # The first sentences of torch's out-of-memory errors on CUDA, MPS and the CPU (the rest is allocator advice).
@@ -566,8 +571,9 @@ OUT_OF_MEMORY = re.compile(r"(CUDA out of memory\.(?: Tried to allocate [^ ]+ [A
                            r"|DefaultCPUAllocator: (?:can't allocate memory|not enough memory): [^.]*\.)")
 
 
-def out_of_memory_message(exc: BaseException) -> Optional[str]:
-    """The one line to print when ``exc`` is torch's out-of-memory error or a MemoryError; None for any other."""
+def out_of_memory_message(exc: BaseException, trains: bool = True) -> Optional[str]:
+    """The one line to print when ``exc`` is torch's out-of-memory error or a MemoryError; None for any other.
+    ``trains``: whether the command trains (see :func:`rerun_advice`)."""
     if isinstance(exc, MemoryError):
         what = error_message(exc) or "MemoryError"
     else:
@@ -576,8 +582,7 @@ def out_of_memory_message(exc: BaseException) -> Optional[str]:
             return None
         what = found.group(1).rstrip(".")
     return (f"out of memory ({what}): use a smaller `dataset --batch_size` or smaller images "
-            "(`dataset --resize --imagesize`; both change the results) or a device with more memory; the same "
-            "command then resumes training after its last finished epoch")
+            f"(`dataset --resize --imagesize`; both change the results) or a device with more memory; {rerun_advice(trains)}")
 
 
 PACKAGES = (

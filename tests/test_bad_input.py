@@ -471,6 +471,17 @@ def test_out_of_memory_ends_the_run_with_advice(capsys, monkeypatch, results, da
     assert json.loads((results / "run.json").read_text())["status"].startswith("failed: CUDA out of memory.")
 
 
+def test_out_of_memory_in_predict_says_to_run_it_again_not_that_training_resumes(capsys, results, data, monkeypatch):
+    def out_of_memory(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(glass.GLASS, "_predict", out_of_memory)
+    image = str(next((data / "tire" / "test" / "good").glob("*.png")))
+    message = assert_fails(capsys, results, ["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5",
+                                             image], "out of memory (CUDA out of memory", "then run the same command again")
+    assert "training" not in message
+
+
 def test_out_of_memory_messages_keep_torchs_first_sentences():
     from utils import out_of_memory_message
 

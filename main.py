@@ -144,6 +144,10 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
 
     if not backbone_names:  # checked here, before the data are: both are the reference's multiple options
         raise GlassError("no backbone given: add -b NAME to `net` (e.g. -b wideresnet50 or -b efficientnet_lite0)")
+    repeated = sorted({name for name in backbone_names if backbone_names.count(name) > 1})
+    if repeated:  # it would train the same model twice into one folder and count it twice in the Mean row
+        raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each backbone once (the same one "
+                                 "with another seed: NAME.seed-N)", param_hint="-b/--backbone_names")
     if not layers:
         name = backbones.parse_backbone_name(backbone_names[0])[0]
         example = backbones.DEFAULT_LAYERS.get(name, ["layer2", "layer3"])
@@ -928,6 +932,7 @@ def cli(argv: List[str] | None = None) -> int:
     """Entry point: user mistakes end with one line on stderr and exit code 2, no traceback."""
     utils.escape_undecodable_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)  # Python warnings (Pillow's about huge images, say) as log lines
     args = sys.argv[1:] if argv is None else list(argv)
     if "--help" not in args:
         LOGGER.info("Command line arguments: %s", " ".join([sys.argv[0] if argv is None else "main.py", *args]))

@@ -263,6 +263,7 @@ def test_zero_or_negative_sizes(capsys, results, data, dtd_root, where, option, 
     ("dataset", "--brightness", "-0.2", "x>=0"),
     ("net", "--eval_epochs", "5", "no epoch would be evaluated"),  # --meta_epochs 1
     ("dataset", "-d", "tire", "tire given more than once"),
+    ("net", "-b", "efficientnet_lite0", "efficientnet_lite0 given more than once: name each backbone once"),
     ("dataset", "-d", "../tire", "is not a class folder name"),
 ])
 def test_option_values_out_of_range_are_refused_before_anything_runs(capsys, results, data, dtd_root, where, option,

@@ -111,7 +111,8 @@ def warn_wide_images(paths: Sequence[str], what: str = "image(s)") -> None:
     if paths:
         LOGGER.warning(
             "%d %s of more than 8 bits per pixel (%s%s): read as the reference reads images, converted to 8-bit RGB "
-            "with every value above 255 clipped (mostly white); convert them to 8 bits first", len(paths), what,
+            "with every value above 255 clipped (16-bit images turn mostly white, 0..1 float ones black); convert "
+            "them to 8 bits first", len(paths), what,
             ", ".join(paths[:EXAMPLES_PER_PROBLEM]), ", ..." if len(paths) > EXAMPLES_PER_PROBLEM else "",
         )
 

@@ -239,7 +239,8 @@ def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
             if handle.mode in WIDE_MODES:
                 logging.getLogger(__name__).warning(
                     "%s has more than 8 bits per pixel (%s): converted to 8-bit RGB as training reads images, with "
-                    "every value above 255 clipped (mostly white); convert it to 8 bits first", path, handle.mode)
+                    "every value above 255 clipped (16-bit images turn mostly white, 0..1 float ones black); convert "
+                    "it to 8 bits first", path, handle.mode)
             image = handle.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"cannot read image {path} ({exc}): replace or remove the file") from None

@@ -436,8 +436,13 @@ def test_images_of_more_than_8_bits_are_read_as_the_reference_reads_them_with_a_
         MVTecDataset(root, DTD, classname="part", resize=SIZE, imagesize=SIZE)
     assert f"1 mvtec_part train image(s) of more than 8 bits per pixel (part/train/good/{wide.name}): read as the " \
            "reference reads images" in caplog.text
-    # As the reference's PIL conversion: values above 255 clip, so every pixel but the black ones turns white.
+    # As the reference's PIL conversion: values above 255 clip, so every pixel but the black ones turns white ...
     assert (np.asarray(load_image(str(wide))) == 255).mean() > 0.9
+    assert "(16-bit images turn mostly white, 0..1 float ones black)" in caplog.text
+    # ... and fractions truncate, so a float image of values in 0..1 turns black.
+    floats = root / "floats.tiff"
+    PIL.Image.fromarray((gray / 65535).astype(np.float32), mode="F").save(floats)
+    assert np.asarray(load_image(str(floats))).max() <= 1
 
 
 def test_visa_split_file_naming_missing_files(tmp_path):

@@ -946,20 +946,19 @@ class GLASS(torch.nn.Module):
             weights = {key: {k: v.cpu() for k, v in state[key].items()} for key in CHECKPOINT_KEYS if key in state}
             utils.atomic_torch_save(weights, path)
         recorded_epoch = checkpoint_epoch(recorded) if recorded is not None else -1
+        records = f"ckpt.pth records {recorded} as the best" if recorded else "ckpt.pth records no best checkpoint"
         for path in best_checkpoints_in(self.ckpt_dir):
             if os.path.basename(path) == recorded:
                 continue
             if checkpoint_epoch(path) < recorded_epoch:
                 if training:
-                    LOGGER.warning("Removing %s: ckpt.pth records %s as the best (the run was killed before removing "
-                                   "it)", path, recorded)
+                    LOGGER.warning("Removing %s: %s (the run was killed before removing it)", path, records)
                     os.remove(path)
             elif training:
-                raise GlassError(f"{path} was not written by this class's training (ckpt.pth records {recorded} as "
-                                 f"the best): move it out of {self.ckpt_dir} to train, or test it with --test test")
+                raise GlassError(f"{path} was not written by this class's training ({records}): move it out of "
+                                 f"{self.ckpt_dir} to train, or test it with --test test")
             else:
-                LOGGER.warning("Testing %s, the highest epoch in %s, although ckpt.pth records %s as the best",
-                               path, self.ckpt_dir, recorded)
+                LOGGER.warning("Testing %s, the highest epoch in %s, although %s", path, self.ckpt_dir, records)
 
     def restore_training_checkpoint(self, state: dict, path: str) -> Tuple[int, Optional[list], Optional[str]]:
         """Load weights, optimisers and counters from a ckpt.pth state; returns (epoch, best_record, best_path).

@@ -831,8 +831,8 @@ class WarningCollector(logging.Handler):
 class RunRecord:
     """``<results>/run_<timestamp>.json`` (and a copy as ``run.json``): how a run was made and how it ended.
 
-    Holds the command line, every option, the device, torch's thread count, Python, platform and package versions, the git
-    commit of this code (``unknown`` outside a git checkout), start and end times, status and results; a
+    Holds the command line, every option, the device, torch's thread count, Python, platform and package
+    versions, the git commit of this code (``unknown`` outside a git checkout), start and end times, status and results; a
     parallel run adds ``devices`` and ``workers`` (per class: device, pid, log, start, end, exit code).
     """
 

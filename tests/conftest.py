@@ -81,6 +81,21 @@ def tiny_tire(tmp_path_factory, tire_root) -> Path:
     return root
 
 
+def awkward_inputs(image: Path, root: Path) -> tuple:
+    """An input folder for predict and ort.py holding ``image`` twice, under a name that is not valid UTF-8 (cv2.imwrite
+    crashed the process on it) and under one whose heatmap name is too long for a file name, with a link back up
+    the tree (each image was found dozens of times). Returns (folder, the two image paths)."""
+    import shutil
+
+    inputs = root / "in"
+    (inputs / "deep").mkdir(parents=True)
+    not_utf8, long_name = inputs / os.fsdecode(b"caf\xe9.png"), inputs / "deep" / ("x" * 250 + ".png")
+    for path in (not_utf8, long_name):
+        shutil.copy(image, path)
+    (inputs / "deep" / "up").symlink_to(inputs, target_is_directory=True)
+    return inputs, not_utf8, long_name
+
+
 def run_main(args) -> int:
     """Run the CLI in this process (as `python main.py ARGS`); returns its exit code."""
     import main

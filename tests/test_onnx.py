@@ -3,7 +3,6 @@ import ast
 import csv
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import scipy.ndimage as ndimage
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, awkward_inputs
 
 import glass
 from datasets import LOADERS
@@ -426,14 +425,7 @@ def test_ort_refuses_an_image_too_elongated_to_resize(exported, tmp_path, capsys
 
 
 def test_ort_reads_each_folder_once_and_writes_any_file_name(exported, tiny_tire, tmp_path, capsys):
-    image = next((tiny_tire / "tire" / "test" / "good").glob("*.png"))
-    inputs = tmp_path / "in"
-    (inputs / "deep").mkdir(parents=True)
-    not_utf8 = inputs / os.fsdecode(b"caf\xe9.png")  # cv2.imwrite crashed the process on such names
-    long_name = inputs / "deep" / ("x" * 250 + ".png")  # its heatmap's name is too long for a file name
-    for path in (not_utf8, long_name):
-        shutil.copy(image, path)
-    (inputs / "deep" / "up").symlink_to(inputs, target_is_directory=True)  # a loop
+    inputs, not_utf8, long_name = awkward_inputs(next((tiny_tire / "tire" / "test" / "good").glob("*.png")), tmp_path)
     found = ort_script.collect_images([str(inputs)])
     assert found == glass.collect_images([str(inputs)]) == sorted([str(not_utf8), str(long_name)])
     assert ort_script.output_stems(found) == glass.output_stems(found)

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import awkward_inputs, run_main
 
 import glass
 import metrics
@@ -170,14 +170,7 @@ def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tm
 
 
 def test_predict_reads_each_folder_once_and_writes_any_file_name(results, tiny_tire, tmp_path, capsys):
-    image = next((tiny_tire / "tire" / "test" / "good").glob("*.png"))
-    inputs = tmp_path / "in"
-    (inputs / "deep").mkdir(parents=True)
-    not_utf8 = inputs / os.fsdecode(b"caf\xe9.png")  # cv2.imwrite crashed the process on such names
-    long_name = inputs / "deep" / ("x" * 250 + ".png")  # its heatmap's name is too long for a file name
-    shutil.copy(image, not_utf8)
-    shutil.copy(image, long_name)
-    (inputs / "deep" / "up").symlink_to(inputs, target_is_directory=True)  # a loop: each image was found 40 times
+    inputs, not_utf8, long_name = awkward_inputs(next((tiny_tire / "tire" / "test" / "good").glob("*.png")), tmp_path)
     out = tmp_path / "out"
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output", out,
                      inputs]) == 0

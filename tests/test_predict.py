@@ -3,6 +3,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import OrderedDict
 
 import cv2
@@ -11,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import awkward_inputs, run_main
+from conftest import ROOT, awkward_inputs, run_main
 
 import glass
 import metrics
@@ -189,6 +191,17 @@ def test_predict_reads_each_folder_once_and_writes_any_file_name(results, tiny_t
                      inputs]) == 2
     line = one_error_line(capsys)
     assert "cannot write" in line and "a file or folder of that name is in the way: move it or choose another --output" in line
+
+
+def test_python_warnings_are_log_lines(results, tmp_path):
+    big = tmp_path / "big.png"
+    PIL.Image.new("L", (10_000, 10_000)).save(big)  # above Pillow's decompression-bomb warning limit
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--results_path", str(results), "predict", "-d", "tire",
+                           "--threshold", "0.5", "--output", str(tmp_path / "out"), str(big)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "DecompressionBombWarning" in line]
+    assert warnings and all(" WARNING py.warnings: " in line for line in warnings), done.stderr
 
 
 def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, capsys):

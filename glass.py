@@ -37,7 +37,7 @@ import common
 import metrics
 import utils
 from datasets import LOADERS
-from datasets.base import (IMAGE_EXTENSIONS, elongation_problem, image_size, is_image, is_wide_image, load_image,
+from datasets.base import (IMAGE_EXTENSIONS, WIDE_MODES, elongation_problem, image_header, is_image, load_image,
                            warn_wide_images)
 from loss import FocalLoss
 from model import (
@@ -2015,17 +2015,20 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
         raise GlassError(f"cannot create the output folder {output_dir} ({exc.strerror}): choose another --output") from None
+    wide: List[str] = []
     for path in paths:  # header reads, before any output
-        size = image_size(path)
-        problem = None if size is None else elongation_problem(path, size, resize)
+        header = image_header(path)
+        if header is None:
+            continue  # load_image says why
+        problem = elongation_problem(path, header[0], resize)
         if problem:
             raise GlassError(problem)
+        if header[1] in WIDE_MODES:
+            wide.append(path)
     stems = output_stems(paths)
     rows: List[Dict[str, str]] = []
-    wide: List[str] = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        wide.extend(path for path in chunk if is_wide_image(path))
         crops = [geometry(load_image(path)) for path in chunk]
         scores, maps = model._predict(torch.stack([to_input(crop) for crop in crops]))
         for path, stem, crop, score, anomaly_map in zip(chunk, stems[start:], crops, scores, maps):

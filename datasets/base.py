@@ -134,10 +134,11 @@ def resized_pixels(size: Tuple[int, int], resize: Union[int, Sequence[int]]) -> 
 
 def elongation_problem(path: str, size: Tuple[int, int], resize: Union[int, Sequence[int]]) -> Optional[str]:
     """Why the image at ``path`` of ``size`` cannot be resized by ``Resize(resize)`` (None when it can)."""
-    if resized_pixels(size, resize) <= MAX_RESIZED_PIXELS:
+    pixels = resized_pixels(size, resize)
+    if pixels <= MAX_RESIZED_PIXELS:
         return None
     return (f"image {path} is {size[0]}x{size[1]} pixels: resized to {resize} on its shorter side it would take "
-            f"{resized_pixels(size, resize) / 1e6:.0f} million pixels; crop it to a less elongated image")
+            f"{pixels / 1e6:.0f} million pixels; crop it to a less elongated image")
 
 
 def image_size(path: str) -> Optional[Tuple[int, int]]:

@@ -235,7 +235,11 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
     """(3, H, W) float32 model input and the (H, W, 3) uint8 RGB crop it was made from."""
     try:
-        with Image.open(path) as handle:
+        with Image.open(path) as handle:  # the header only, until convert decodes the image
+            size = _resized_size(handle.width, handle.height, meta["resize"])
+            if size[0] * size[1] > MAX_RESIZED_PIXELS:
+                raise UsageError(f"image {path} is {handle.width}x{handle.height} pixels: resized it would take "
+                                 f"{size[0] * size[1] / 1e6:.0f} million pixels; crop it to a less elongated image")
             if handle.mode in WIDE_MODES:
                 logging.getLogger(__name__).warning(
                     "%s has more than 8 bits per pixel (%s): converted to 8-bit RGB as training reads images, with "
@@ -244,10 +248,6 @@ def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
             image = handle.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"cannot read image {path} ({exc}): replace or remove the file") from None
-    size = _resized_size(image.width, image.height, meta["resize"])
-    if size[0] * size[1] > MAX_RESIZED_PIXELS:
-        raise UsageError(f"image {path} is {image.width}x{image.height} pixels: resized it would take "
-                         f"{size[0] * size[1] / 1e6:.0f} million pixels; crop it to a less elongated image")
     if size != image.size:
         image = image.resize(size, Image.BILINEAR)
     height, width = (meta["imagesize"] * 2)[:2] if len(meta["imagesize"]) == 1 else meta["imagesize"][:2]

@@ -182,11 +182,10 @@ def short_stem(stem: str, limit: int = 255 - len("_heatmap.png") - 8) -> str:
     """``stem`` if it takes at most ``limit`` bytes, else its start and 8 hex digits of its hash, within ``limit``."""
     if len(os.fsencode(stem)) <= limit:
         return stem
-    kept, size = 0, 0
-    while size + len(os.fsencode(stem[kept])) <= limit - 9:  # whole characters only
-        size += len(os.fsencode(stem[kept]))
-        kept += 1
-    return stem[:kept] + "_" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
+    kept = stem[:limit - 9]  # whole characters, each of at least one byte
+    while len(os.fsencode(kept)) > limit - 9:
+        kept = kept[:-1]
+    return kept + "_" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
 
 
 def write_png(path: str, image: np.ndarray) -> None:

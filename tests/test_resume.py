@@ -508,13 +508,21 @@ def _tiny_config(seed=0):
                     "dsc_hidden": 16, "pre_proj": 1, "train_backbone": False, "lr": 0.0001}}
 
 
-def test_check_config_on_an_unfinished_folder(tmp_path, tiny_model_factory, caplog):
+def _folder_with_ckpt(tmp_path, tiny_model_factory, epoch, best_epoch):
+    """A tiny model (--meta_epochs 3) whose class folder is ``tmp_path``, holding a ckpt.pth of ``epoch`` that records
+    ckpt_best_<best_epoch>.pth as the best (not written); returns the model and its checkpoint weights."""
     model = tiny_model_factory(seed=1)
     model.ckpt_dir = str(tmp_path)
     weights = model.checkpoint_state()
-    # ckpt.pth of epoch 1 names ckpt_best_1.pth, not written yet (killed); the old best is still there.
-    torch.save(model.training_checkpoint(1, weights, [0.9, 0, 0.9, 0, 0, 1], str(tmp_path / "ckpt_best_1.pth")),
+    best = tmp_path / f"ckpt_best_{best_epoch}.pth"
+    torch.save(model.training_checkpoint(epoch, weights, [0.9, 0, 0.9, 0, 0, best_epoch], str(best)),
                tmp_path / "ckpt.pth")
+    return model, weights
+
+
+def test_check_config_on_an_unfinished_folder(tmp_path, tiny_model_factory, caplog):
+    # ckpt.pth of epoch 1 names ckpt_best_1.pth, not written yet (killed); the old best is still there.
+    model, weights = _folder_with_ckpt(tmp_path, tiny_model_factory, epoch=1, best_epoch=1)
     torch.save(weights, tmp_path / "ckpt_best_0.pth")
 
     # Resuming without config.json (written by an older version) records it.
@@ -533,11 +541,7 @@ def test_check_config_on_an_unfinished_folder(tmp_path, tiny_model_factory, capl
 
 
 def test_a_best_checkpoint_put_there_by_hand_is_never_removed(tmp_path, tiny_model_factory, caplog):
-    model = tiny_model_factory(seed=1)
-    model.ckpt_dir = str(tmp_path)
-    weights = model.checkpoint_state()
-    torch.save(model.training_checkpoint(2, weights, [0.9, 0, 0.9, 0, 0, 1], str(tmp_path / "ckpt_best_1.pth")),
-               tmp_path / "ckpt.pth")
+    model, weights = _folder_with_ckpt(tmp_path, tiny_model_factory, epoch=2, best_epoch=1)
     torch.save(weights, tmp_path / "ckpt_best_1.pth")
     torch.save(weights, tmp_path / "ckpt_best_5.pth")  # a higher epoch than recorded: no kill leaves one
     (tmp_path / "ckpt_best_7.pth").mkdir()  # not a checkpoint file at all
@@ -555,11 +559,7 @@ def test_a_best_checkpoint_put_there_by_hand_is_never_removed(tmp_path, tiny_mod
 
 
 def test_training_a_finished_folder_on_to_more_epochs_is_a_resume(tmp_path, tiny_model_factory, caplog):
-    model = tiny_model_factory(seed=1)  # --meta_epochs 3
-    model.ckpt_dir = str(tmp_path)
-    weights = model.checkpoint_state()
-    torch.save(model.training_checkpoint(2, weights, [0.9, 0, 0.9, 0, 0, 2], str(tmp_path / "ckpt_best_2.pth")),
-               tmp_path / "ckpt.pth")
+    model, weights = _folder_with_ckpt(tmp_path, tiny_model_factory, epoch=2, best_epoch=2)  # --meta_epochs 3
     torch.save(weights, tmp_path / "ckpt_best_2.pth")
     model.save_config(_tiny_config())
     model.meta_epochs = 4  # trained on to 4 epochs, with another seed

@@ -74,6 +74,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 KILL_HOOK_ENV = "GLASS_TEST_KILL_AT"
 ATEN = torch.ops.aten
 MEAN_REDUCTION = 1  # at::Reduction::Mean, as BCELoss() passes it to binary_cross_entropy(_backward)
+# Batch key of the synthesised images' patch embeddings when the DataLoader workers compute them (EmbeddingCollate).
+AUG_FEATURES = "aug_features"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,6 +520,23 @@ def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool) ->
         dataset, batch_size=loader.batch_size, shuffle=shuffle, num_workers=workers, pin_memory=loader.pin_memory,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
     )
+
+
+class EmbeddingCollate:
+    """A training DataLoader's ``collate_fn`` that also embeds the batch's synthesised images, in the worker.
+
+    It adds ``batch[AUG_FEATURES]``: the patch embeddings of ``batch["aug"]``, as the training step would
+    compute them, so that the main process skips that backbone pass (see :meth:`GLASS._synthesis_loader`).
+    """
+
+    def __init__(self, model: "GLASS") -> None:
+        self.model = model
+
+    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
+        batch = torch.utils.data.default_collate(items)
+        with torch.no_grad():
+            batch[AUG_FEATURES] = self.model._embed(batch["aug"].to(torch.float))[0]
+        return batch
 
 
 def whole_stride(size: int, grid: Sequence[int]) -> Optional[int]:
@@ -1111,6 +1130,7 @@ class GLASS(torch.nn.Module):
 
         center_data = self._center_loader(training_data)
         self.setup_feature_caches(center_data, val_data, training_data)
+        synthesis_data = self._synthesis_loader(training_data)
         summary = self._summary(best_record[:-1], int(best_record[-1]), best_record) if best_record is not None else ""
         # On a terminal a bar; in a log file (stderr not a terminal) one log line per epoch instead.
         live = sys.stderr.isatty()
@@ -1122,7 +1142,7 @@ class GLASS(torch.nn.Module):
         for epoch in pbar:
             self._compute_center(center_data)
             try:
-                epoch_str = self._train_discriminator(training_data, epoch, pbar, summary)
+                epoch_str = self._train_discriminator(synthesis_data, epoch, pbar, summary)
             except NonFiniteLossError as exc:
                 raise _training_stopped(name, str(exc), epoch, best_path) from None
             weights = self.checkpoint_state()
@@ -1306,6 +1326,42 @@ class GLASS(torch.nn.Module):
         if not hasattr(dataset, "plain_view") or not isinstance(training_data, torch.utils.data.DataLoader):
             return training_data
         return _loader_like(training_data, dataset.plain_view(), shuffle=False)
+
+    def _synthesis_loader(self, training_data):
+        """The discriminator steps' loader: ``training_data``, or one like it whose workers also embed the
+        synthesised images (:class:`EmbeddingCollate`) where that gives the main process's bits.
+
+        That is on the CPU with a frozen backbone, the main process at one torch thread (DataLoader
+        workers run one; another count changes the backbone's last bits) and workers started by fork
+        (they share the model without pickling it; workers at more threads hang after a fork in
+        GNU OpenMP). The step then skips one backbone pass, run meanwhile by the workers on the other
+        cores. The same sampler, so the same shuffling; a loader with its own ``collate_fn`` is kept.
+        """
+        if not self._workers_can_embed(training_data):
+            return training_data
+        LOGGER.info("The DataLoader workers embed the synthesised images (CPU, one torch thread: the same bits)")
+        loader = training_data
+        return torch.utils.data.DataLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+            collate_fn=EmbeddingCollate(self), pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor,
+            persistent_workers=loader.persistent_workers, generator=loader.generator,
+        )
+
+    def _workers_can_embed(self, training_data) -> bool:
+        """Whether :meth:`_synthesis_loader` moves the synthesised images' embedding into the workers."""
+        if type(training_data) is not torch.utils.data.DataLoader or training_data.num_workers == 0:
+            return False
+        context = training_data.multiprocessing_context
+        start_method = context.get_start_method() if context is not None else torch.multiprocessing.get_start_method()
+        return (
+            self.device.type == "cpu"
+            and not self.train_backbone
+            and torch.get_num_threads() == 1
+            and start_method == "fork"
+            and training_data.collate_fn is torch.utils.data.default_collate
+            and training_data.batch_size is not None
+        )
 
     def setup_feature_caches(self, center_data, val_data, training_data=None) -> None:
         """Cache the backbone features of the centre-pass images and of ``val_data`` (``--cache``).
@@ -1505,7 +1561,8 @@ class GLASS(torch.nn.Module):
 
         images = batch["image"].to(torch.float).to(self.device)
         aug = batch["aug"].to(torch.float).to(self.device)
-        fake_feats = self._project(self._embed(aug)[0])
+        embedded = batch[AUG_FEATURES].to(self.device) if AUG_FEATURES in batch else self._embed(aug)[0]
+        fake_feats = self._project(embedded)
         true_feats = self._project(self._true_features(batch, images))
         if self.pre_proj == 0 and not self.train_backbone:
             fake_feats.requires_grad_(True)

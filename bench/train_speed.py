@@ -170,6 +170,9 @@ def flow_classes():
         def _center_loader(self, training_data):
             return training_data  # the shuffled training loader, anomaly synthesis included
 
+        def _synthesis_loader(self, training_data):
+            return training_data  # the main process embeds the synthesised images
+
         def _compute_center(self, training_data) -> None:
             """Run the whole training loader; per batch, the mean projected feature of its images, position
             by position; the centre is the mean over the batches (random generators not isolated)."""

@@ -107,6 +107,65 @@ def test_frozen_true_half_of_the_ascent_steps_changes_no_number(tmp_path, withou
         assert_same_outcome(frozen, results)
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread in this process (the DataLoader workers' count) during the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_workers_embedding_the_synthesised_images_changes_no_number(tmp_path, odd_tire, dtd_root, one_thread,
+                                                                   monkeypatch, caplog):
+    """With one torch thread on the CPU the DataLoader workers embed each batch's synthesised images
+    (glass.EmbeddingCollate); the run equals one whose main process embeds them, lone last batch included."""
+    caplog.set_level("INFO")
+    embedded = []
+    step = glass.GLASS._train_step
+    monkeypatch.setattr(glass.GLASS, "_train_step",
+                        lambda self, batch: embedded.append(glass.AUG_FEATURES in batch) or step(self, batch))
+    workers = ("--num_workers", "2")
+    in_workers = train(tmp_path / "workers", odd_tire, dtd_root, "--cache", "off", dataset_extra=workers)
+    assert embedded == [True] * 6  # 2 epochs x batches of 8, 8 and 1 images
+    assert "The DataLoader workers embed the synthesised images" in caplog.text
+
+    embedded.clear()
+    monkeypatch.setattr(glass.GLASS, "_workers_can_embed", lambda self, data: False)
+    in_main = train(tmp_path / "main", odd_tire, dtd_root, "--cache", "off", dataset_extra=workers)
+    assert embedded == [False] * 6
+    assert_same_outcome(in_workers, in_main)
+    history = CLASS_DIR / "history.csv"
+    assert (in_workers / history).read_text() == (in_main / history).read_text()
+
+
+def test_workers_embed_only_where_they_give_the_same_bits(tiny_tire, dtd_root, one_thread):
+    """Not at more torch threads than the workers' one, not without workers, not with a trained backbone, not on
+    another device, not with a loader's own collate_fn."""
+    from datasets.mvtec import MVTecDataset
+
+    data = MVTecDataset(str(tiny_tire), str(dtd_root), classname="tire", resize=64, imagesize=64, fg=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, num_workers=2)
+    detector = glass.GLASS(torch.device("cpu"))
+    detector.train_backbone = False
+    assert detector._workers_can_embed(loader)
+    synthesis = detector._synthesis_loader(loader)
+    assert isinstance(synthesis.collate_fn, glass.EmbeddingCollate) and synthesis.sampler is loader.sampler
+    assert (synthesis.batch_size, synthesis.num_workers) == (8, 2)
+
+    assert not detector._workers_can_embed(torch.utils.data.DataLoader(data, batch_size=8, num_workers=0))
+    assert not detector._workers_can_embed(torch.utils.data.DataLoader(data, batch_size=8, num_workers=2,
+                                                                       collate_fn=lambda items: items))
+    torch.set_num_threads(2)
+    assert not detector._workers_can_embed(loader)
+    assert detector._synthesis_loader(loader) is loader
+    torch.set_num_threads(1)
+    detector.train_backbone = True
+    assert not detector._workers_can_embed(loader)
+    detector.train_backbone, detector.device = False, torch.device("meta")
+    assert not detector._workers_can_embed(loader)
+
+
 @pytest.mark.skipif(not model.onednn_linear_available(), reason="this torch build has no oneDNN Linear kernel")
 def test_onednn_trains_through_onednn_and_repeats_itself(tmp_path, odd_tire, dtd_root, monkeypatch, caplog):
     """--onednn: every ascent pass's matrix products and every Linear layer of the projection and discriminator go

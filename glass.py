@@ -1091,7 +1091,8 @@ class GLASS(torch.nn.Module):
         killed run wrote after its last ckpt.pth are purged (``purge_step``).
 
         Data flow per epoch: the centre from the training images in dataset order without synthesis
-        (:meth:`_center_loader`), the discriminator steps on the shuffled synthesising loader, the
+        (:meth:`_center_loader`), the discriminator steps on the shuffled synthesising loader (whose workers
+        also embed the synthesised images where that keeps the bits, :meth:`_synthesis_loader`), the
         evaluation on ``val_data``. With a frozen backbone, features of the un-augmented training images
         and of the test images come from the feature cache (:meth:`setup_feature_caches`); the passes
         that do not train run with the random generators isolated (:func:`isolated_rng`), so the run is

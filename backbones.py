@@ -321,13 +321,19 @@ def _weights_from_env(name: str) -> str | None:
     if not value:
         return None
     default = None
-    for item in value.split(","):
-        key, sep, path = item.strip().partition("=")
-        if sep and key in _BACKBONES:
-            if key == name:
-                return path
-        elif item.strip():
-            default = item.strip()
+    for item in (part.strip() for part in value.split(",")):
+        key, sep, path = item.partition("=")
+        if sep and key.strip() in _BACKBONES:
+            if key.strip() != name:
+                continue
+            if not path.strip():
+                raise utils.GlassError(f"{WEIGHTS_ENV} gives no file after '{item}': write {name}=<path of its weights>")
+            return path.strip()
+        if sep and "/" not in key and os.sep not in key and not os.path.exists(item):
+            raise utils.GlassError(f"{WEIGHTS_ENV}: '{key.strip()}' (in '{item}') is not a backbone name: write "
+                                   f"name=path with a name that `python backbones.py` lists, or a bare path")
+        if item:
+            default = item
     return default
 
 

@@ -40,7 +40,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, synchronize  # noqa: E402
+from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, int_range, synchronize  # noqa: E402
 from glass import FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact  # noqa: E402
 from model import Discriminator, onednn_linear_available  # noqa: E402
 
@@ -73,8 +73,8 @@ def variants(discriminator: Discriminator, true_feats: torch.Tensor) -> Dict[str
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: the profile's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int_range(1), default=None, help="timed repetitions (default: the profile's)")
+    parser.add_argument("--threads", type=int_range(0), default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the passes run (auto: CUDA, else MPS, else CPU)")
     args = parser.parse_args(argv)
     device = bench_device(args.device)

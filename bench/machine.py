@@ -6,6 +6,25 @@ import platform
 import sys
 
 DEVICE_CHOICES = ("cpu", "cuda", "mps", "auto")
+MAX_SEED = 2**32 - 1  # NumPy's seeds (utils.MAX_SEED; not imported, so that --help needs no torch)
+
+
+def int_range(low: int, high: int | None = None):
+    """An argparse ``type`` for whole numbers from ``low`` (to ``high``): others are a usage error (exit code 2)."""
+    import argparse
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {bounds}")
+        return value
+
+    convert.__name__ = "int"
+    return convert
 
 
 def cpu_model() -> str:

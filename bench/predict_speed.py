@@ -41,7 +41,7 @@ import backbones  # noqa: E402
 import glass  # noqa: E402
 import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
-from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, synchronize  # noqa: E402
+from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, int_range, synchronize  # noqa: E402
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -172,10 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--class_dir", help="a trained class folder (config.json + ckpt_best_*.pth) instead of a profile")
     parser.add_argument("--data", default=DATA_DEFAULT, help="the shared data folder (mvtec3d/ inside)")
-    parser.add_argument("--images", type=int, default=None, help="tire test images to time (profile default)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 1], help="batch sizes")
-    parser.add_argument("--repeats", type=int, default=None, help="passes over the images (median; profile default)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--images", type=int_range(1), default=None, help="tire test images to time (profile default)")
+    parser.add_argument("--batches", type=int_range(1), nargs="+", default=[8, 1], help="batch sizes")
+    parser.add_argument("--repeats", type=int_range(1), default=None, help="passes over the images (median; profile default)")
+    parser.add_argument("--threads", type=int_range(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where it runs (auto: CUDA, else MPS, else CPU)")
     parser.add_argument("--onednn", action="store_true",
                         help="build the profile's model with --onednn (a --class_dir keeps its own setting)")

@@ -57,8 +57,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from bench.machine import (DEVICE_CHOICES, bench_device, describe_machine, peak_device_memory_mb,  # noqa: E402
-                           reset_peak_device_memory)
+from bench.machine import (DEVICE_CHOICES, MAX_SEED, bench_device, describe_machine, int_range,  # noqa: E402
+                           peak_device_memory_mb, reset_peak_device_memory)
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -469,13 +469,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--data", default=DATA_DEFAULT, help="the shared data folder (mvtec3d/ and dtd/images/ inside)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (profile default)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per flow (profile default)")
-    parser.add_argument("--limit", type=int, default=None, help="training samples per epoch (profile default; cpu 392)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: main.default_num_workers())")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int_range(1), default=None, help="epochs per run (profile default)")
+    parser.add_argument("--repeats", type=int_range(1), default=None, help="runs per flow (profile default)")
+    parser.add_argument("--limit", type=int_range(1), default=None, help="training samples per epoch (profile default; cpu 392)")
+    parser.add_argument("--batch_size", type=int_range(1), default=8)
+    parser.add_argument("--threads", type=int_range(0), default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--num_workers", type=int_range(0), default=None, help="DataLoader workers (default: main.default_num_workers())")
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where both flows train (auto: CUDA, else MPS, else CPU)")
     parser.add_argument("--onednn", action="store_true",
                         help="run this flow with --onednn (its Linear layers through oneDNN; other last bits)")

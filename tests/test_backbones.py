@@ -118,6 +118,19 @@ def test_local_weights_file_from_argument_and_env(offline, monkeypatch):
     monkeypatch.setenv(backbones.WEIGHTS_ENV, str(offline / "missing.pth"))
     with pytest.raises(utils.GlassError, match="not found"):
         backbones.load("resnet18")
+    # An empty path after a name, a misspelt name: one line each, naming the entry.
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, f"resnet18=, wideresnet50={plain}")
+    with pytest.raises(utils.GlassError, match="gives no file after 'resnet18=': write resnet18=<path"):
+        backbones.load("resnet18")
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, f"resnet-18={plain}")
+    with pytest.raises(utils.GlassError, match="'resnet-18' .* is not a backbone name"):
+        backbones.load("resnet18")
+    # A bare path holding '=' is still a path.
+    odd = offline / "a=b"
+    odd.mkdir()
+    torch.save(reference.state_dict(), odd / "w.pth")
+    monkeypatch.setenv(backbones.WEIGHTS_ENV, str(odd / "w.pth"))
+    assert torch.equal(backbones.load("resnet18").conv1.weight, reference.conv1.weight)
 
 
 def test_every_name_resolves_to_a_library_model_without_building():

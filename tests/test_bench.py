@@ -42,6 +42,25 @@ def test_cpu_has_no_device_memory_peak():
     assert "timed on" not in machine.describe_machine(1, device=cpu)
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_speed.py", ["--seed", "-1"], "argument --seed: -1 is out of range: give from 0 to 4294967295"),
+    ("train_speed.py", ["--repeats", "0"], "argument --repeats: 0 is out of range: give 1 or more"),
+    ("gas_speed.py", ["--threads", "two"], "argument --threads: 'two' is not a whole number"),
+    ("predict_speed.py", ["--batches", "8", "0"], "argument --batches: 0 is out of range: give 1 or more"),
+])
+def test_bench_options_out_of_range_are_usage_errors(script, argv, message):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.splitlines()[-1].endswith(message) and "Traceback" not in run.stderr
+
+
+def test_bench_seed_range_is_the_trainers():
+    import utils
+
+    assert machine.MAX_SEED == utils.MAX_SEED
+
+
 def test_gas_speed_times_every_pass_and_finds_the_same_bits(capsys):
     assert gas_speed.main(["--repeats", "1", "--threads", "0"]) == 0  # 0: torch's threads left as they are
     out = capsys.readouterr().out

@@ -157,7 +157,7 @@ class MVTecDataset(AnomalyDataset):
             problems.add("missing training folder", self.relative(os.path.join(split_dir, self.NORMAL_FOLDERS[0])),
                          hint="put the defect-free training images there")
 
-        items, misnamed = [], False
+        items, misnamed, empty = [], False, []
         for folder in folders:
             anomaly = self.NORMAL if folder in self.NORMAL_FOLDERS else folder
             image_paths = list_images(self.image_folder(split_dir, folder))
@@ -169,6 +169,8 @@ class MVTecDataset(AnomalyDataset):
             elif train and anomaly == self.NORMAL and not image_paths:
                 problems.add("training folder without images", self.relative(self.image_folder(split_dir, folder)),
                              hint="no training images: put the defect-free images there")
+            elif not train and not image_paths:
+                empty.append(self.relative(self.image_folder(split_dir, folder)))
             if not train and anomaly != self.NORMAL and image_paths:
                 masks = self.find_masks(folder, image_paths)
             else:
@@ -177,4 +179,7 @@ class MVTecDataset(AnomalyDataset):
         if not train and not items and not misnamed:
             problems.add("test folder without images", self.relative(split_dir),
                          hint=f"expected {self.split.value}/<good|defect type>/*.png")
+        elif empty:
+            LOGGER.warning("%s: %s without images, skipped (with their masks, if any)", self.classname,
+                           ", ".join(empty))
         return items

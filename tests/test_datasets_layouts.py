@@ -391,6 +391,18 @@ def test_hidden_files_and_folders_are_not_images_or_classes(custom_part, tmp_pat
     assert {row[1] for row in test.data_to_iterate} == {"good", "cut", "hole", "combined", "contamination"}
 
 
+def test_empty_test_folders_are_skipped_with_a_warning(custom_part, caplog):
+    part = custom_part / "part"
+    (part / "test" / "scratch").mkdir()
+    mask = next((part / "ground_truth" / "cut").iterdir())
+    save(mask, part / "ground_truth" / "scratch" / mask.name)
+    (part / "test" / "stain").mkdir()
+    test = MVTecDataset(custom_part, DTD, classname="part", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert len(test) == 12
+    assert {row[1] for row in test.data_to_iterate} == {"good", "cut", "hole", "combined", "contamination"}
+    assert "part: part/test/scratch, part/test/stain without images, skipped (with their masks, if any)" in caplog.text
+
+
 def test_missing_folders_and_foreground_masks(tmp_path):
     cls = tmp_path / "part"
     (cls / "train" / "bad").mkdir(parents=True)

@@ -322,16 +322,16 @@ def _weights_from_env(name: str) -> str | None:
         return None
     default = None
     for item in (part.strip() for part in value.split(",")):
-        key, sep, path = item.partition("=")
-        if sep and key.strip() in _BACKBONES:
-            if key.strip() != name:
+        key, sep, path = (part.strip() for part in item.partition("="))
+        if sep and key in _BACKBONES:
+            if key != name:
                 continue
-            if not path.strip():
+            if not path:
                 raise utils.GlassError(f"{WEIGHTS_ENV} gives no file after '{item}': write {name}=<path of its weights>")
-            return path.strip()
+            return path
         if sep and "/" not in key and os.sep not in key and not os.path.exists(item):
-            raise utils.GlassError(f"{WEIGHTS_ENV}: '{key.strip()}' (in '{item}') is not a backbone name: write "
-                                   f"name=path with a name that `python backbones.py` lists, or a bare path")
+            raise utils.GlassError(f"{WEIGHTS_ENV}: '{key}' (in '{item}') is not a backbone name: write name=path "
+                                   f"with a name that `python backbones.py` lists, or a bare path")
         if item:
             default = item
     return default

@@ -23,7 +23,6 @@ def int_range(low: int, high: int | None = None):
             raise argparse.ArgumentTypeError(f"{value} is out of range: give {bounds}")
         return value
 
-    convert.__name__ = "int"
     return convert
 
 

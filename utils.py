@@ -577,7 +577,8 @@ def out_of_memory_message(exc: BaseException, trains: bool = True) -> Optional[s
     if isinstance(exc, MemoryError):
         what = error_message(exc) or "MemoryError"
     else:
-        found = OUT_OF_MEMORY.search(str(exc)) if isinstance(exc, RuntimeError) else None
+        # A DataLoader worker's error: its message, not its traceback (which may quote the raising line).
+        found = OUT_OF_MEMORY.search(error_message(exc)) if isinstance(exc, RuntimeError) else None
         if found is None:
             return None
         what = found.group(1).rstrip(".")

@@ -472,6 +472,26 @@ def test_out_of_memory_ends_the_run_with_advice(capsys, monkeypatch, results, da
     assert json.loads((results / "run.json").read_text())["status"].startswith("failed: CUDA out of memory.")
 
 
+def test_out_of_memory_in_a_worker_embedding_images_ends_the_run_with_advice(capsys, monkeypatch, results, data,
+                                                                          dtd_root):
+    """At one torch thread the DataLoader workers run the backbone (glass.EmbeddingCollate): their out-of-memory
+    error comes back wrapped in the worker's traceback and still ends the run with the one line."""
+    def out_of_memory(self, items):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 7340032 bytes.")
+
+    monkeypatch.setattr(glass.EmbeddingCollate, "__call__", out_of_memory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert_fails(capsys, results, cli_args(results, data, dtd_root, net=["--meta_epochs", "2"],
+                                               dataset=["--num_workers", "2"]),
+                     "out of memory (DefaultCPUAllocator: not enough memory: you tried to allocate 7340032 bytes): ",
+                     "--batch_size")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_out_of_memory_in_predict_says_to_run_it_again_not_that_training_resumes(capsys, results, data, monkeypatch):
     def out_of_memory(self, images):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")

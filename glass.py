@@ -15,6 +15,7 @@ import collections.abc
 import contextlib
 import copy
 import glob
+import hashlib
 import logging
 import math
 import os
@@ -513,11 +514,14 @@ def _check_finite_scores(scores: torch.Tensor) -> None:
         raise NonFiniteLossError("the discriminator's scores became non-finite")
 
 
-def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``dataset`` with ``loader``'s batch size, workers and memory pinning."""
+def _loader_like(loader: torch.utils.data.DataLoader, dataset, shuffle: bool = False, sampler=None,
+                 collate_fn: Optional[Callable] = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` with ``loader``'s batch size, workers and memory pinning; ``shuffle`` or a
+    ``sampler``, and a ``collate_fn`` (default: torch's), as given."""
     workers = loader.num_workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=loader.batch_size, shuffle=shuffle, num_workers=workers, pin_memory=loader.pin_memory,
+        dataset, batch_size=loader.batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+        collate_fn=collate_fn, pin_memory=loader.pin_memory,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
     )
 
@@ -1341,13 +1345,8 @@ class GLASS(torch.nn.Module):
         if not self._workers_can_embed(training_data):
             return training_data
         LOGGER.info("The DataLoader workers embed the synthesised images (CPU, one torch thread: the same bits)")
-        loader = training_data
-        return torch.utils.data.DataLoader(
-            loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
-            collate_fn=EmbeddingCollate(self), pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor,
-            persistent_workers=loader.persistent_workers, generator=loader.generator,
-        )
+        return _loader_like(training_data, training_data.dataset, sampler=training_data.sampler,
+                            collate_fn=EmbeddingCollate(self))
 
     def _workers_can_embed(self, training_data) -> bool:
         """Whether :meth:`_synthesis_loader` moves the synthesised images' embedding into the workers."""
@@ -1561,8 +1560,10 @@ class GLASS(torch.nn.Module):
         # to them and AdamW steps on their running sum (ckpt.pth keeps them for resuming).
 
         images = batch["image"].to(torch.float).to(self.device)
-        aug = batch["aug"].to(torch.float).to(self.device)
-        embedded = batch[AUG_FEATURES].to(self.device) if AUG_FEATURES in batch else self._embed(aug)[0]
+        if AUG_FEATURES in batch:  # embedded by the DataLoader workers (_synthesis_loader)
+            embedded = batch[AUG_FEATURES].to(self.device)
+        else:
+            embedded = self._embed(batch["aug"].to(torch.float).to(self.device))[0]
         fake_feats = self._project(embedded)
         true_feats = self._project(self._true_features(batch, images))
         if self.pre_proj == 0 and not self.train_backbone:
@@ -1970,8 +1971,6 @@ def output_stems(paths: Sequence[str]) -> List[str]:
 
 def short_stem(stem: str, limit: int = NAME_MAX - max(map(len, OUTPUT_SUFFIXES)) - 8) -> str:
     """``stem`` if it takes at most ``limit`` bytes, else its start and 8 hex digits of its hash, within ``limit``."""
-    import hashlib
-
     if len(os.fsencode(stem)) <= limit:
         return stem
     kept = stem[:limit - 9]  # whole characters, each of at least one byte

@@ -100,12 +100,6 @@ def image_header(path: str) -> Optional[Tuple[Tuple[int, int], str]]:
         return None
 
 
-def is_wide_image(path: str) -> bool:
-    """Whether the file's header names a mode of more than 8 bits per pixel (:data:`WIDE_MODES`)."""
-    header = image_header(path)
-    return header is not None and header[1] in WIDE_MODES
-
-
 def warn_wide_images(paths: Sequence[str], what: str = "image(s)") -> None:
     """Warn, naming them, that these images have more than 8 bits per pixel (:data:`WIDE_MODES`)."""
     if paths:

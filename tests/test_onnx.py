@@ -370,6 +370,7 @@ def test_help_and_option_mistakes_answer_without_importing_torch(arguments, code
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.splitlines()[-1] == f"exit {code} False", done.stderr
 
+
 def edited_export(exported, path, metadata=None, outputs=None):
     """A copy of ``exported`` with some metadata values replaced, or a one-node graph carrying its metadata."""
     proto = onnx.load(str(exported))

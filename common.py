@@ -397,6 +397,20 @@ class PatchEmbedder(torch.nn.Module):
         embeddings = pool_rows(torch.cat(pooled, dim=1), self.preadapt_aggregator.target_dim)
         return embeddings.transpose(1, 2).contiguous().view(-1, embeddings.shape[1]), grids
 
+    def embedding_matrices(self) -> List[torch.Tensor]:
+        """Per layer, the embedding as a matrix (target_dim, C * p * p) in float64: a patch's embedding is
+        ``sum_l matrix_l @ unfolded_l`` (each deeper layer's unfolded map aligned to the first grid, as
+        :meth:`_embed_rows` does), since both poolings are linear. For :func:`model.fuse_head`."""
+        pretrain_dim = self.preprocessing.output_dim
+        layer_sizes = [channels * self.patch_maker.patchsize ** 2 for channels in self.feature_dimensions]
+
+        def pooling(length: int, output_size: int) -> torch.Tensor:  # (output_size, length)
+            return pool_rows(torch.eye(length, dtype=torch.float64)[None], output_size)[0]
+
+        aggregate = pooling(pretrain_dim * len(layer_sizes), self.preadapt_aggregator.target_dim)
+        return [aggregate[:, i * pretrain_dim:(i + 1) * pretrain_dim] @ pooling(size, pretrain_dim)
+                for i, size in enumerate(layer_sizes)]
+
     def forward(self, images: torch.Tensor, evaluation: bool = True) -> Tuple[torch.Tensor, List[List[int]]]:
         return self.embed_layer_features(self.layer_features(images, evaluation=evaluation))
 

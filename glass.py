@@ -42,7 +42,8 @@ from datasets.base import (IMAGE_EXTENSIONS, WIDE_MODES, elongation_problem, ima
                            warn_wide_images)
 from loss import FocalLoss
 from model import (
-    Discriminator, LinearWithKnownRows, OneDNNLinearMode, Projection, onednn_linear, onednn_linear_available,
+    Discriminator, FusedHead, LinearWithKnownRows, OneDNNLinearMode, Projection, fuse_head, onednn_linear,
+    onednn_linear_available,
 )
 from utils import GlassError
 
@@ -67,7 +68,7 @@ SHAPING_KEYS = ("backbone", "layers_to_extract_from", "input_shape")
 # --svd is one of them: the trainer always sets the hypothesis from --distribution (or the resumed ckpt.pth).
 NUMERICALLY_NEUTRAL_OPTIONS = ("cache", "svd")
 SPEED_OPTION_DEFAULTS = {"cache_dtype": "float32", "amp": "off", "compile": False, "channels_last": False,
-                         "onednn": False}
+                         "onednn": False, "fuse_head": False}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Test-only hook: "EPOCH:STEP" makes the trainer SIGKILL itself just before that training step of that
 # epoch (both 0-based), "EPOCH:saved" right after that epoch's ckpt.pth is written (before its new best
@@ -602,6 +603,7 @@ class GLASS(torch.nn.Module):
         compile: bool = False,
         channels_last: bool = False,
         onednn: bool = False,
+        fuse_head: bool = False,
     ) -> None:
         """Build the feature pipeline, projection, discriminator and their optimisers.
 
@@ -609,8 +611,8 @@ class GLASS(torch.nn.Module):
         frozen-backbone feature cache (see common.py, "Feature cache"; float16 rounds the cached features); ``amp``
         (off, bf16, fp16: autocast of backbone and discriminator forwards, CUDA only), ``compile``
         (torch.compile of the discriminator, CUDA only), ``channels_last`` (backbone memory format) and
-        ``onednn`` (the projection's and discriminator's matrix products through oneDNN, CPU only). All but
-        ``cache`` change the numbers slightly.
+        ``onednn`` (the projection's and discriminator's matrix products through oneDNN, CPU only) and
+        ``fuse_head`` (inference through :class:`model.FusedHead`). All but ``cache`` change the numbers slightly.
         """
         self.backbone = backbone.to(device)
         self.layers_to_extract_from = list(layers_to_extract_from)
@@ -666,11 +668,12 @@ class GLASS(torch.nn.Module):
         self.ckpt_dir = ""
         self.logger: Optional[SummaryWriter] = None
         self.global_step = 0
-        self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn)
+        self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn, fuse_head)
 
     def _set_speed_options(self, cache: str, cache_dtype: str, amp: str, compile: bool, channels_last: bool,
-                           onednn: bool) -> None:
-        """Feature cache settings, autocast, torch.compile, channels-last and oneDNN (see :meth:`load`)."""
+                           onednn: bool, fuse_head: bool = False) -> None:
+        """Feature cache settings, autocast, torch.compile, channels-last, oneDNN and the fused inference head
+        (see :meth:`load`)."""
         if cache not in common.CACHE_MODES:
             raise GlassError(f"--cache {cache} is not one of {', '.join(common.CACHE_MODES)}")
         if cache_dtype not in common.CACHE_DTYPES:
@@ -704,6 +707,11 @@ class GLASS(torch.nn.Module):
         elif self.onednn:
             LOGGER.info("--onednn: the projection's and discriminator's matrix products run through oneDNN (other last "
                         "bits than torch's)")
+        self.fuse_head = bool(fuse_head)
+        self._fused: Optional[Tuple[tuple, FusedHead]] = None  # (weights' versions, head): see _fused_head
+        if self.fuse_head:
+            LOGGER.info("--fuse_head: evaluation and inference score layer maps through one convolution per layer "
+                        "(other last bits than the embedding, projection and discriminator step by step)")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``--amp``'s type on CUDA; nothing otherwise."""
@@ -1401,14 +1409,17 @@ class GLASS(torch.nn.Module):
         if plan.storage == "off":
             LOGGER.info("Feature cache off (%s images): %s", described, plan.reason)
             return
-        LOGGER.info("Feature cache: %s of %s images, %s, %s", "patch embeddings" if plan.content == "embeddings"
-                    else "layer maps", described, self.cache_dtype, plan.reason)
+        LOGGER.info("Feature cache: %s of %s images, %s, %s%s", "patch embeddings" if plan.content == "embeddings"
+                    else "layer maps", described, self.cache_dtype, plan.reason,
+                    " (the test images' layer maps, which --fuse_head reads)"
+                    if self.fuse_head and plan.content == "embeddings" and cache_test else "")
         if plan.storage == "disk":
             self.cache_folder = common.make_cache_folder(self.results_path)
         try:
             for kind, loader in sets:
+                content = "maps" if kind == "test" and self.fuse_head else plan.content  # what the fused head reads
                 cache = common.FeatureCache(
-                    counts[kind], plan.content, plan.storage, self.cache_dtype, layer_shapes, embedding_shape,
+                    counts[kind], content, plan.storage, self.cache_dtype, layer_shapes, embedding_shape,
                     folder=self.cache_folder, name=kind, source=loader,
                 )
                 if kind == "train":
@@ -1684,10 +1695,15 @@ class GLASS(torch.nn.Module):
     def _predict_cached(self, cache: common.FeatureCache, dataloader, keep_images: bool):
         """:meth:`predict` from the test cache's features, labels and masks."""
         scores, segmentations = [], []
+        fused = self.fuse_head and cache.content == "maps"
         for indices in tqdm.tqdm(cache.batches, desc="Inferring (cached)...", leave=False, unit="batch",
                                  disable=None):
-            features = cache.embeddings(indices, self._embed_maps, self.device)
-            batch_scores, batch_maps = self._score_features(features, cache.grids, len(indices))
+            if fused:
+                maps = [m.to(self.device) for m in cache.maps(indices)]
+                batch_scores, batch_maps = self._score_patches(self._fused_scores(maps), cache.grids, len(indices))
+            else:
+                features = cache.embeddings(indices, self._embed_maps, self.device)
+                batch_scores, batch_maps = self._score_features(features, cache.grids, len(indices))
             scores.extend(batch_scores)
             segmentations.extend(batch_maps)
         order = cache.extras["order"]
@@ -1702,8 +1718,31 @@ class GLASS(torch.nn.Module):
         """Image scores (max patch score) and smoothed anomaly maps for one batch."""
         images = images.to(torch.float).to(self.device)
         self._eval_mode()
+        if self.fuse_head:
+            maps = self._layer_features(images, evaluation=True)
+            grids = [self.patch_maker.grid(m.shape[-2:]) for m in maps]
+            return self._score_patches(self._fused_scores(maps), grids, images.shape[0])
         features, grids = self._embed(images, evaluation=True)
         return self._score_features(features, grids, images.shape[0])
+
+    @torch.no_grad()
+    def _fused_scores(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """Patch scores (B * h * w, 1) of a batch's layer maps through the fused head (``--fuse_head``), in float32."""
+        self._eval_mode()  # BatchNorm with its running averages, as the fused weights assume
+        return self._fused_head()([m.float() for m in maps]).float()
+
+    def _fused_head(self) -> FusedHead:
+        """The :class:`model.FusedHead` of the current weights, rebuilt when a weight or running average changed
+        (training steps and checkpoint loads change them in place, which bumps their versions)."""
+        parts = [self.discriminator] + ([self.pre_projection] if self.pre_proj > 0 else [])
+        tensors = [t for part in parts for t in (*part.parameters(), *part.buffers())]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._fused is None or self._fused[0] != key:
+            projection = self.pre_projection if self.pre_proj > 0 else None
+            head = fuse_head([m.to(self.device) for m in self.embedder.embedding_matrices()],
+                             self.embedder.patch_maker.patchsize, projection, self.discriminator)
+            self._fused = (key, head)
+        return self._fused[1]
 
     def _eval_mode(self) -> None:
         self.embedder.eval()
@@ -1716,7 +1755,11 @@ class GLASS(torch.nn.Module):
                         ) -> Tuple[List[float], List[np.ndarray]]:
         """Image scores and smoothed anomaly maps of a batch from its patch embeddings (B * h * w, dim)."""
         self._eval_mode()
-        patch_scores = self._discriminate(self._project(features))
+        return self._score_patches(self._discriminate(self._project(features)), grids, batchsize)
+
+    def _score_patches(self, patch_scores: torch.Tensor, grids: List[List[int]], batchsize: int
+                       ) -> Tuple[List[float], List[np.ndarray]]:
+        """Image scores and smoothed anomaly maps of a batch from its patch scores (B * h * w, 1)."""
         patch_scores = self.patch_maker.unpatch_scores(patch_scores, batchsize=batchsize)
         maps = self.anomaly_segmentor.convert_to_segmentation(patch_scores.reshape(batchsize, *grids[0]))
         image_scores = self.patch_maker.score(patch_scores).cpu().numpy()

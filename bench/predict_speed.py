@@ -8,7 +8,10 @@ the hooks stop it after the last wanted layer), on the same images. Each phase i
 
 ``predict (step-by-step embedding)`` is the same predict with the embedding as it was computed before
 (``PatchEmbedder.embed_layer_features_stepwise``); the script checks that both give the same bits
-(embeddings, scores and anomaly maps) and reports it.
+(embeddings, scores and anomaly maps) and reports it. ``predict, --fuse_head`` scores the layer maps through
+``model.FusedHead`` (embedding, projection and the discriminator's first Linear layer folded into one
+convolution per layer: ``fused head``), which changes the last bits: the script prints the largest score
+and map differences.
 
 All timings are interleaved: every repetition runs each measurement once per batch, in a rotating
 order, so that a busy machine slows them alike; medians over the repetitions.
@@ -57,7 +60,7 @@ PROFILES: Dict[str, dict] = {
                   images=8, repeats=3),
 }
 PHASES = ("backbone", "embedding", "embedding, step by step", "projection + discriminator", "upsample", "smoothing",
-          "predict", "predict (step-by-step embedding)")
+          "predict", "predict (step-by-step embedding)", "fused head (--fuse_head)", "predict, --fuse_head")
 
 
 def build(profile: dict, device: torch.device, onednn: bool = False, seed: int = 0) -> glass.GLASS:
@@ -109,6 +112,13 @@ def phase_functions(model: glass.GLASS, images: torch.Tensor) -> Dict[str, Calla
                 return fn()
         return run
 
+    def predict_fused():
+        model.fuse_head = True
+        try:
+            return model._predict(images)
+        finally:
+            model.fuse_head = False
+
     def predict_stepwise():
         embedder._rows_path_applies = lambda layer_features: False  # the embedding as it was computed before
         try:
@@ -125,6 +135,8 @@ def phase_functions(model: glass.GLASS, images: torch.Tensor) -> Dict[str, Calla
         "smoothing": lambda: [ndimage.gaussian_filter(s, sigma=segmentor.smoothing) for s in upsampled],
         "predict": lambda: model._predict(images),
         "predict (step-by-step embedding)": predict_stepwise,
+        "fused head (--fuse_head)": lambda: model._fused_scores(maps),
+        "predict, --fuse_head": predict_fused,
     }
 
 
@@ -141,6 +153,14 @@ def same_outputs(model: glass.GLASS, images: torch.Tensor) -> bool:
     same &= np.array_equal(np.asarray(scores), np.asarray(scores_s))
     same &= all(np.array_equal(a.view(np.int32), b.view(np.int32)) for a, b in zip(anomaly_maps, maps_s))
     return bool(same)
+
+
+def fused_differences(model: glass.GLASS, images: torch.Tensor) -> tuple:
+    """Largest differences of image scores and anomaly maps between ``--fuse_head`` and the exact path."""
+    scores, anomaly_maps = model._predict(images)
+    fused_scores, fused_maps = phase_functions(model, images)["predict, --fuse_head"]()
+    return (float(np.abs(np.asarray(fused_scores) - np.asarray(scores)).max()),
+            float(np.abs(np.stack(fused_maps) - np.stack(anomaly_maps)).max()))
 
 
 def measure(model: glass.GLASS, images: torch.Tensor, batch: int, repeats: int) -> Dict[str, float]:
@@ -206,6 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Model: {what}")
     identical = same_outputs(model, images[:max(args.batches)])
     print(f"Fast embedding == step-by-step embedding, bit for bit (embeddings, scores, maps): {identical}")
+    print("--fuse_head against the exact path: largest difference of image scores %.1e, of anomaly maps %.1e"
+          % fused_differences(model, images[:max(args.batches)]))
     results = {batch: measure(model, images, batch, repeats) for batch in args.batches}
     print(f"{len(images)} tire test images, median of {repeats} interleaved passes; ms per image "
           f"(share of predict; ratio to the backbone):")
@@ -222,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rest = res["predict"] - res["backbone"] - res["embedding"] - res["projection + discriminator"] \
             - res["upsample"] - res["smoothing"]
         print(f"batch {batch}: predict / backbone {res['predict'] / res['backbone']:.2f}x "
-              f"(step-by-step embedding: {res['predict (step-by-step embedding)'] / res['backbone']:.2f}x); "
+              f"(step-by-step embedding: {res['predict (step-by-step embedding)'] / res['backbone']:.2f}x; "
+              f"--fuse_head: {res['predict, --fuse_head'] / res['backbone']:.2f}x); "
               f"embedding fast / step by step {res['embedding'] / res['embedding, step by step']:.2f}x; "
               f"unaccounted {rest:.2f} ms/image")
     print(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -1739,8 +1739,8 @@ class GLASS(torch.nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._fused is None or self._fused[0] != key:
             projection = self.pre_projection if self.pre_proj > 0 else None
-            head = fuse_head([m.to(self.device) for m in self.embedder.embedding_matrices()],
-                             self.embedder.patch_maker.patchsize, projection, self.discriminator)
+            head = fuse_head(self.embedder.embedding_matrices(), self.embedder.patch_maker.patchsize, projection,
+                             self.discriminator)
             self._fused = (key, head)
         return self._fused[1]
 

@@ -74,16 +74,16 @@ class Projection(torch.nn.Module):
 
 
 def affine_front(projection: Optional[Projection], discriminator: Discriminator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The projection's Linear layers and the discriminator's first one as one affine map, in float64:
-    ``(weight (out, in), bias (out,))`` with ``first_linear(projection(x)) == x @ weight.T + bias`` up to rounding.
-    ``projection`` None: the discriminator sees the embeddings themselves (``--pre_proj 0``)."""
+    """The projection's Linear layers and the discriminator's first one as one affine map, in float64 on the CPU
+    (MPS has no float64): ``(weight (out, in), bias (out,))`` with ``first_linear(projection(x)) == x @ weight.T +
+    bias`` up to rounding. ``projection`` None: the discriminator sees the embeddings themselves (``--pre_proj 0``)."""
     linears = list(projection.layers) if projection is not None else []
     linears.append(discriminator.first_linear())
     weight, bias = None, None
     for linear in linears:
-        w = linear.weight.detach().double()
-        b = linear.bias.detach().double() if linear.bias is not None else torch.zeros(len(w), dtype=torch.float64,
-                                                                                      device=w.device)
+        w = linear.weight.detach().to("cpu", torch.float64)
+        b = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else \
+            torch.zeros(len(w), dtype=torch.float64)
         weight, bias = (w, b) if weight is None else (w @ weight, w @ bias + b)
     return weight, bias
 
@@ -122,13 +122,14 @@ class FusedHead(torch.nn.Module):
 
 def fuse_head(embedding_matrices: List[torch.Tensor], patchsize: int, projection: Optional[Projection],
               discriminator: Discriminator) -> FusedHead:
-    """A :class:`FusedHead` from each layer's embedding matrix (target_dim, C_l * p * p: unfolded patch ->
-    embedding, float64; ``PatchEmbedder.embedding_matrices``), the projection (None for none) and the
-    discriminator, as they are now: build a new one after the weights change."""
+    """A :class:`FusedHead` on the discriminator's device from each layer's embedding matrix (target_dim,
+    C_l * p * p: unfolded patch -> embedding, float64 on the CPU; ``PatchEmbedder.embedding_matrices``), the
+    projection (None for none) and the discriminator, as they are now: build a new one after the weights change."""
+    device = discriminator.first_linear().weight.device
     weight, bias = affine_front(projection, discriminator)
-    kernels = [(weight @ matrix).float().reshape(len(weight), -1, patchsize, patchsize).contiguous()
+    kernels = [(weight @ matrix).float().reshape(len(weight), -1, patchsize, patchsize).contiguous().to(device)
                for matrix in embedding_matrices]
-    return FusedHead(kernels, bias.float(), (patchsize - 1) // 2, discriminator.from_first_linear)
+    return FusedHead(kernels, bias.float().to(device), (patchsize - 1) // 2, discriminator.from_first_linear)
 
 
 class PatchMaker:

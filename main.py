@@ -131,7 +131,7 @@ def main(**kwargs):
                    "slightly). Ignored with a warning elsewhere.")
 @click.option("--fuse_head", is_flag=True,
               help="Evaluate and test through one convolution per layer that folds the patch embedding, projection and "
-                   "the discriminator's first Linear layer (about 4x faster scoring; changes the scores in the last bits). "
+                   "the discriminator's first Linear layer (scoring about 3x faster; changes the scores in the last bits). "
                    "Training is unchanged.")
 def net(backbone_names, layers_to_extract_from, compile_discriminator, **options):
     """The model: backbone(s), feature layers and GLASS hyperparameters."""

@@ -7,7 +7,7 @@ Module names match the reference so that its checkpoints
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ def affine_front(projection: Optional[Projection], discriminator: Discriminator)
     return weight, bias
 
 
-class FusedHead(torch.nn.Module):
+class FusedHead:
     """Inference from layer maps to patch scores with the linear stages folded into one convolution per layer
     (``--fuse_head``): the patch embedding (3 x 3 unfolding, alignment, both poolings), the projection and the
     discriminator's first Linear layer are linear, so together they are ``sum_l align(conv(map_l, W_l)) + b``,
@@ -103,14 +103,14 @@ class FusedHead(torch.nn.Module):
         rest: the discriminator after its first Linear layer (``Discriminator.from_first_linear``).
     """
 
-    def __init__(self, weights: Sequence[torch.Tensor], bias: torch.Tensor, padding: int, rest) -> None:
-        super().__init__()
+    def __init__(self, weights: Sequence[torch.Tensor], bias: torch.Tensor, padding: int,
+                 rest: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.weights = list(weights)
         self.bias = bias
         self.padding = padding
         self.rest = rest
 
-    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Patch scores (B * h * w, 1) of layer maps (B, C_l, h_l, w_l), rows in the embeddings' order."""
         total = F.conv2d(maps[0], self.weights[0], self.bias, padding=self.padding)
         for layer_map, weight in zip(maps[1:], self.weights[1:]):

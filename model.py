@@ -88,7 +88,7 @@ def affine_front(projection: Optional[Projection], discriminator: Discriminator)
     return weight, bias
 
 
-class FusedHead:
+class FusedHead(torch.nn.Module):
     """Inference from layer maps to patch scores with the linear stages folded into one convolution per layer
     (``--fuse_head``): the patch embedding (3 x 3 unfolding, alignment, both poolings), the projection and the
     discriminator's first Linear layer are linear, so together they are ``sum_l align(conv(map_l, W_l)) + b``,
@@ -100,20 +100,28 @@ class FusedHead:
         weights: per layer, float32 (out, C, p, p) kernels; the first layer's grid is the output grid.
         bias: (out,) float32, added once.
         padding: the patch unfolding's zero padding, (p - 1) // 2.
-        rest: the discriminator after its first Linear layer (``Discriminator.from_first_linear``).
+        rest: the discriminator after its first Linear layer (``Discriminator.from_first_linear``), kept as a
+            plain attribute (the discriminator belongs to its owner, not to this module).
+
+    Kernels and bias are buffers that are not saved with a state dict (they follow from the weights), so
+    that ``.to()`` and the ONNX exporter see them.
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], bias: torch.Tensor, padding: int,
                  rest: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.weights = list(weights)
-        self.bias = bias
+        super().__init__()
+        self.layers = len(weights)
+        for i, weight in enumerate(weights):
+            self.register_buffer(f"weight{i}", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
         self.padding = padding
         self.rest = rest
 
-    def __call__(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Patch scores (B * h * w, 1) of layer maps (B, C_l, h_l, w_l), rows in the embeddings' order."""
-        total = F.conv2d(maps[0], self.weights[0], self.bias, padding=self.padding)
-        for layer_map, weight in zip(maps[1:], self.weights[1:]):
+        weights = [getattr(self, f"weight{i}") for i in range(self.layers)]
+        total = F.conv2d(maps[0], weights[0], self.bias, padding=self.padding)
+        for layer_map, weight in zip(maps[1:], weights[1:]):
             part = F.conv2d(layer_map, weight, padding=self.padding)
             total = total + F.interpolate(part, size=total.shape[-2:], mode="bilinear", align_corners=False)
         rows = total.permute(0, 2, 3, 1).reshape(-1, total.shape[1])

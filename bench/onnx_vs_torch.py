@@ -1,7 +1,8 @@
 """onnxruntime vs PyTorch on the CPU: time per image of the whole inference path at batch 1 and 8.
 
 PyTorch runs ``GLASS._predict`` (network in torch, smoothing with scipy); onnxruntime runs the model
-exported by ``onnx/pth2onnx.py`` (everything in one graph). Both use the same number of threads.
+exported by ``onnx/pth2onnx.py`` (everything in one graph), and the one exported with ``--fuse_head`` (the
+fused head, ``model.FusedHead``: other last bits). All use the same number of threads.
 
     python bench/onnx_vs_torch.py                         # EfficientNet-Lite0 at 288 px, untrained heads
     python bench/onnx_vs_torch.py --class_dir results/models/backbone_0/mvtec_tire   # a trained class
@@ -68,19 +69,27 @@ def benchmark(model: glass.GLASS, config: dict, batches: Sequence[int], repeats:
     pth2onnx = load_pth2onnx()
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "glass.onnx")
-        pth2onnx.export(model, config, path, checkpoint=getattr(model, "checkpoint_path", ""), check=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        sessions = []
+        for fused in (False, True):
+            path = os.path.join(tmp, f"glass{'_fused' if fused else ''}.onnx")
+            pth2onnx.export(model, config, path, checkpoint=getattr(model, "checkpoint_path", ""), check=False,
+                            fuse_head=fused)
+            sessions.append(onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+        session, fused_session = sessions
         rows = []
         for batch in batches:
             images = torch.randn(batch, *config["input_shape"], generator=torch.Generator().manual_seed(batch))
             feed = {"image": images.numpy()}
             torch_s = time_per_image(lambda: model._predict(images), batch, repeats)
             ort_s = time_per_image(lambda: session.run(None, feed), batch, repeats)
-            diff = float(np.abs(session.run(None, feed)[0] - np.asarray(model._predict(images)[0])).max())
-            rows.append({"batch": batch, "torch_ms": torch_s * 1e3, "ort_ms": ort_s * 1e3, "max_abs_score": diff})
+            fused_s = time_per_image(lambda: fused_session.run(None, feed), batch, repeats)
+            reference = np.asarray(model._predict(images)[0])
+            diff = float(np.abs(session.run(None, feed)[0] - reference).max())
+            fused_diff = float(np.abs(fused_session.run(None, feed)[0] - reference).max())
+            rows.append({"batch": batch, "torch_ms": torch_s * 1e3, "ort_ms": ort_s * 1e3, "max_abs_score": diff,
+                         "fused_ort_ms": fused_s * 1e3, "fused_max_abs_score": fused_diff})
     return rows
 
 
@@ -111,9 +120,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f"Machine: {describe_machine(args.threads, extra=f'onnxruntime {onnxruntime.__version__}')}")
     print(f"Model: {what}; {args.threads} thread(s); median of {args.repeats} runs")
-    print(f"{'batch':>5}  {'PyTorch ms/img':>14}  {'onnxruntime ms/img':>18}  {'speed-up':>8}  {'max |score diff|':>16}")
+    print(f"{'batch':>5}  {'PyTorch ms/img':>14}  {'onnxruntime ms/img':>18}  {'speed-up':>8}  {'max |score diff|':>16}"
+          f"  {'fused ms/img':>12}  {'speed-up':>8}  {'max |score diff|':>16}")
     for row in rows:
-        print(f"{row['batch']:>5}  {row['torch_ms']:>14.1f}  {row['ort_ms']:>18.1f}  {row['torch_ms'] / row['ort_ms']:>7.2f}x  {row['max_abs_score']:>16.1e}")
+        print(f"{row['batch']:>5}  {row['torch_ms']:>14.1f}  {row['ort_ms']:>18.1f}  {row['torch_ms'] / row['ort_ms']:>7.2f}x"
+              f"  {row['max_abs_score']:>16.1e}  {row['fused_ort_ms']:>12.1f}  {row['torch_ms'] / row['fused_ort_ms']:>7.2f}x"
+              f"  {row['fused_max_abs_score']:>16.1e}")
     return 0
 
 

@@ -4,8 +4,10 @@
 deepest feature layer (``LayerTap``), patch neighbourhoods, alignment of the deeper layers, the two
 average-pooling reductions with fixed windows (``AdaptiveAvgPool1d``), feature adaptor, discriminator,
 image score (max patch score), bilinear upsampling and scipy's Gaussian smoothing written as two fixed
-1-D convolutions (``GaussianSmoothing``). Kept apart from the command line so that ``--help`` and
-option mistakes answer without importing torch.
+1-D convolutions (``GaussianSmoothing``). With ``fuse_head`` the layer maps go through
+``model.FusedHead`` instead (``--fuse_head``: one convolution per layer in place of the patch embedding,
+feature adaptor and the discriminator's first Linear layer). Kept apart from the command line so that
+``--help`` and option mistakes answer without importing torch.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ if REPO_ROOT not in sys.path:
 
 import common  # noqa: E402
 import glass  # noqa: E402
+from model import fuse_head as fuse_head_from  # noqa: E402
 
 SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 
@@ -128,7 +131,7 @@ class LayerTap(torch.nn.Module):
 class GlassOnnx(torch.nn.Module):
     """``GLASS._predict`` as one traceable module: (B, 3, H, W) -> image scores (B,), maps (B, H, W)."""
 
-    def __init__(self, model: glass.GLASS):
+    def __init__(self, model: glass.GLASS, fuse_head: bool = False):
         super().__init__()
         embedder = model.embedder
         self.input_shape = tuple(int(v) for v in model.input_shape)
@@ -145,10 +148,16 @@ class GlassOnnx(torch.nn.Module):
         self.projection = copy.deepcopy(model.pre_projection).eval() if model.pre_proj > 0 else torch.nn.Identity()
         self.discriminator = copy.deepcopy(model.discriminator).eval()
         self.smoothing = GaussianSmoothing(*self.input_shape[-2:], sigma=model.anomaly_segmentor.smoothing)
+        self.head = None
+        if fuse_head:
+            self.head = fuse_head_from(embedder.embedding_matrices(), self.patch_maker.patchsize,
+                                       self.projection if model.pre_proj > 0 else None, self.discriminator)
         self.eval()
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         layer_maps = self.tap(image)
+        if self.head is not None:
+            return self.scores_and_maps(self.head(layer_maps))
         pooled = []
         for i, (feature_map, pool) in enumerate(zip(layer_maps, self.layer_pools)):
             patches = self.patch_maker.patchify(feature_map)
@@ -156,7 +165,10 @@ class GlassOnnx(torch.nn.Module):
                 patches = common.align_patches(patches, self.grids[i], self.grids[0])
             pooled.append(pool(patches.reshape(-1, pool.in_len)))
         embeddings = self.aggregate(torch.stack(pooled, dim=1).reshape(-1, self.aggregate.in_len))
-        patch_scores = self.discriminator(self.projection(embeddings))
+        return self.scores_and_maps(self.discriminator(self.projection(embeddings)))
+
+    def scores_and_maps(self, patch_scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (max patch score) and smoothed anomaly maps from patch scores (B * h * w, 1)."""
         grid = patch_scores.reshape(-1, 1, *self.grids[0])
         image_score = grid.amax(dim=(1, 2, 3))
         maps = F.interpolate(grid, size=self.input_shape[-2:], mode="bilinear", align_corners=False)

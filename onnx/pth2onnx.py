@@ -201,7 +201,8 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
     return model, config, args.checkpoint, class_dir
 
 
-def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = None) -> Dict[str, str]:
+def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = None,
+                    fuse_head: bool = False) -> Dict[str, str]:
     """What ``ort.py`` needs to preprocess an image, and where the model came from (all strings)."""
     dataset = config.get("dataset", {})
     input_shape = [int(v) for v in config["input_shape"]]
@@ -221,6 +222,7 @@ def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = 
         "checkpoint": os.path.basename(checkpoint),
         "smoothing_sigma": str(SMOOTHING_SIGMA),
         "outputs": "image_score: max patch score (B,); anomaly_map: upsampled, Gaussian-smoothed patch scores (B,H,W)",
+        "head": "fused (--fuse_head)" if fuse_head else "step by step",
     }
     if threshold is not None:
         metadata["threshold"] = repr(float(threshold))
@@ -243,8 +245,10 @@ def export(
     threshold: Optional[float] = None,
     opset: int = OPSET,
     check: bool = True,
+    fuse_head: bool = False,
 ) -> Dict[str, float]:
     """Write ``model`` to ``path`` as ONNX with metadata; with ``check``, compare onnxruntime to PyTorch.
+    ``fuse_head``: the graph of ``--fuse_head`` (``model.FusedHead``), smaller and faster, other last bits.
 
     Returns ``{"max_abs_score": ..., "max_abs_map": ...}`` of the check (empty without it).
     """
@@ -254,7 +258,7 @@ def export(
 
     check_opset(opset)
     check_output(path)
-    wrapper = GlassOnnx(model)
+    wrapper = GlassOnnx(model, fuse_head=fuse_head)
     example = torch.zeros(2, *wrapper.input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     LOGGER.info("Exporting %s to %s (opset %d, dynamic batch)", checkpoint or "the model", path, opset)
@@ -275,7 +279,7 @@ def export(
     written = [entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")]
     if written != [opset]:  # torch converts to other opsets and keeps its own when that fails
         raise GlassError(f"the exporter wrote opset {', '.join(map(str, written))} instead of --opset {opset}: choose --opset {OPSET}")
-    for key, value in export_metadata(config, checkpoint, threshold).items():
+    for key, value in export_metadata(config, checkpoint, threshold, fuse_head).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = "GLASS anomaly detector: image (B,3,H,W) ImageNet-normalised -> image_score (B,), anomaly_map (B,H,W)"
@@ -379,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")
     out.add_argument("--opset", type=int, default=OPSET,
                      help="ONNX opset version (the range the installed exporter writes is checked before any work)")
+    out.add_argument("--fuse_head", action="store_true",
+                     help="export the fused head of net --fuse_head: one convolution per layer in place of the patch "
+                          "embedding, projection and the discriminator's first Linear layer (a smaller, faster graph; "
+                          "scores differ in the last bits)")
     out.add_argument("--no_check", action="store_true", help="skip comparing onnxruntime with PyTorch on two random images after export")
     return parser
 
@@ -396,7 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, config, checkpoint, class_dir = load_for_export(args)
         output = args.output or os.path.join(class_dir, DEFAULT_NAME)
         threshold = stored_threshold_value(class_dir, checkpoint)
-        diff = export(model, config, output, checkpoint=checkpoint, threshold=threshold, opset=args.opset, check=not args.no_check)
+        diff = export(model, config, output, checkpoint=checkpoint, threshold=threshold, opset=args.opset, check=not args.no_check,
+                      fuse_head=args.fuse_head)
     except GlassError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

@@ -484,3 +484,26 @@ def test_pth2onnx_embeds_the_class_threshold_and_ort_applies_it_at_or_above(trai
     [row] = ort_script.predict(str(class_dir / "glass.onnx"), [image], str(tmp_path / "b"),
                                threshold=float(row["score"]), write_images=False)
     assert row["anomalous"] == "1"  # a score at the threshold is anomalous, as in predict
+
+
+def test_fused_head_exports_a_smaller_graph_that_scores_alike(exported, class_dir, model, test_images, tmp_path):
+    """pth2onnx --fuse_head: the graph of net --fuse_head, without the patch embedding's gathers and poolings."""
+    path = tmp_path / "fused.onnx"
+    assert pth2onnx.main(["--class_dir", str(class_dir), "--fuse_head", "-o", str(path)]) == 0
+    fused, plain = onnx.load(str(path)), onnx.load(str(exported))
+    assert {entry.key: entry.value for entry in fused.metadata_props}["head"] == "fused (--fuse_head)"
+    assert {entry.key: entry.value for entry in plain.metadata_props}["head"] == "step by step"
+    assert len(fused.graph.node) < len(plain.graph.node)
+    images, _ = test_images
+    scores, maps = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": images.numpy()})
+    model.fuse_head = True
+    try:
+        fused_scores, fused_maps = model._predict(images)
+    finally:
+        model.fuse_head = False
+    exact_scores, exact_maps = model._predict(images)
+    for ref_scores, ref_maps in ((fused_scores, fused_maps), (exact_scores, exact_maps)):
+        assert np.abs(scores - np.asarray(ref_scores)).max() < TOLERANCE
+        assert np.abs(maps - np.stack(ref_maps)).max() < TOLERANCE
+    assert maps.std() > 0

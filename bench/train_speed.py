@@ -6,7 +6,8 @@ Both flows train the same model on the same data with the same options; only the
   computed once and cached, the centre from a synthesis-free pass over the cached training features,
   evaluation from the cached test features, heatmaps only when the best checkpoint is tested, GAS ascent
   steps and final pass through ``glass.FrozenTrueHalf`` (backward by hand), freed memory kept for reuse
-  (``utils.keep_freed_memory``).
+  (``utils.keep_freed_memory``), the training images decoded and resized once (``preload_images``), and at
+  one torch thread the synthesised images embedded by the DataLoader workers (``glass.EmbeddingCollate``).
 * ``reference``: :class:`ReferenceFlowGLASS`, the trainer with the reference's data flow put back
   (spec "Training", "Metrics", "Known oddities"): no cache; the centre computed every epoch by running
   the shuffled training loader, anomaly synthesis included, and the backbone on its images; every
@@ -15,7 +16,7 @@ Both flows train the same model on the same data with the same options; only the
   and synthetic features (no ``glass.FrozenTrueHalf``); pixel AUROC by scikit-learn's ``roc_auc_score`` (the same
   bits as ``metrics.roc_auc``, more slowly); PRO at the final test by a loop over the 200 thresholds
   (each binarised, dilated, its ground-truth regions labelled and measured, as the reference does);
-  glibc's default malloc settings.
+  glibc's default malloc settings; every training image decoded and resized at every epoch.
 
 Each flow runs in its own child process (so that its peak memory is its own): it trains ``--epochs``
 epochs with an evaluation after every epoch, then tests the best checkpoint. The two children take
@@ -172,6 +173,9 @@ def flow_classes():
 
         def _synthesis_loader(self, training_data):
             return training_data  # the main process embeds the synthesised images
+
+        def _preload_training_images(self, training_data) -> None:
+            pass  # the workers decode and resize every image at every epoch
 
         def _compute_center(self, training_data) -> None:
             """Run the whole training loader; per batch, the mean projected feature of its images, position

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -153,6 +154,11 @@ def load_image(path: str, mode: Optional[str] = "RGB") -> PIL.Image.Image:
             return image.convert(mode) if mode is not None else image.copy()
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise UnreadableImageError(f"cannot read image {path} ({exc}): replace or remove the file") from None
+
+
+def image_bytes(image: PIL.Image.Image) -> int:
+    """Memory the pixels of a decoded image take (8-bit bands)."""
+    return image.width * image.height * len(image.getbands())
 
 
 def mask_pixels(path: str) -> np.ndarray:
@@ -358,6 +364,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             "vflip": v_flip_p,
         }
         self.transform_img = self.image_transform(self.resize)
+        self.resized_images: Optional[List[PIL.Image.Image]] = None  # see preload_images
         self.transform_mask = transforms.Compose([
             transforms.Resize(self.resize),
             transforms.CenterCrop(self.imgsize),
@@ -541,7 +548,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         augmentation choice (NumPy), texture transform (torch), Perlin mask, beta (NumPy).
         """
         classname, anomaly, image_path, _ = self.data_to_iterate[idx]
-        image = self.transform_img(load_image(image_path))
+        image = self.image(idx)
 
         texture_path = self.anomaly_source_paths[np.random.choice(len(self.anomaly_source_paths))]
         transform_tex = self.rand_augmenter() if self.rand_aug else self.transform_img
@@ -596,7 +603,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             return item
 
         _, anomaly, image_path, mask = self.data_to_iterate[idx]
-        image = self.transform_img(load_image(image_path))
+        image = self.image(idx)
         return {
             "image": image,
             "aug": torch.tensor([1]),
@@ -613,7 +620,43 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def plain_image(self, idx: int, transform: Optional[Callable[[PIL.Image.Image], torch.Tensor]] = None) -> torch.Tensor:
         """Image ``idx`` through the image transform (or ``transform``), as its item has it, without any synthesis."""
-        return (transform or self.transform_img)(load_image(self.data_to_iterate[idx][2]))
+        if transform is None:
+            return self.image(idx)
+        return transform(load_image(self.data_to_iterate[idx][2]))
+
+    def image(self, idx: int) -> torch.Tensor:
+        """Image ``idx`` through the image transform: from its kept resized image after :meth:`preload_images`."""
+        if self.resized_images is not None:
+            return self._after_resize(self.resized_images[idx])
+        return self.transform_img(load_image(self.data_to_iterate[idx][2]))
+
+    def preload_images(self, budget_bytes: int) -> int:
+        """Decode every image once and keep it as the image transform's first step, Resize, leaves it; items then
+        start from the kept image. Resize is deterministic and draws no random number, so items keep their bits
+        and the random stream its draws (the later random transforms still draw, even at probability 0), while
+        the DataLoader workers no longer decode and resize each image at every epoch. Workers forked afterwards
+        share the kept images. Nothing is kept when they would take more than ``budget_bytes``.
+        Returns the bytes kept (0: none)."""
+        self.release_images()
+        resize = self.transform_img.transforms[0]
+        if not isinstance(resize, transforms.Resize) or not self.data_to_iterate:
+            return 0
+        first = resize(load_image(self.data_to_iterate[0][2]))
+        if image_bytes(first) * len(self.data_to_iterate) > budget_bytes:
+            return 0
+        paths = [row[2] for row in self.data_to_iterate]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
+            images = list(pool.map(lambda path: resize(load_image(path)), paths))
+        total = sum(image_bytes(image) for image in images)
+        if total > budget_bytes:  # the images differ in size
+            return 0
+        self.resized_images = images
+        self._after_resize = transforms.Compose(self.transform_img.transforms[1:])
+        return total
+
+    def release_images(self) -> None:
+        """Drop the images kept by :meth:`preload_images`."""
+        self.resized_images = None
 
     def plain_view(self) -> "PlainImages":
         """The split's images without synthesis (the trainer's centre pass and feature cache)."""

@@ -330,3 +330,57 @@ def test_predict_without_images_loads_them_on_demand(tmp_path, odd_tire, dtd_roo
     assert all(np.array_equal(lazy[0][i], kept[0][i]) for i in range(len(kept[0])))
     for a, b in zip(kept[1:], lazy[1:]):
         assert np.array_equal(a, b)
+
+
+def test_preloaded_training_images_give_the_same_items_and_draws(odd_tire, dtd_root):
+    """Decoding and resizing the training images once (preload_images) changes no item and no random draw."""
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+
+    def items(preload: bool):
+        dataset = MVTecDataset(str(odd_tire), str(dtd_root), classname="tire", resize=80, imagesize=64,
+                               split=DatasetSplit.TRAIN, distribution=2, fg=0)
+        kept = dataset.preload_images(2**30) if preload else 0
+        utils.fix_seeds(3)
+        out = [dataset[i] for i in (0, 5, 16, 5)] + [dataset.plain_image(i) for i in (2, 16)]
+        return kept, out, (torch.rand(1), np.random.rand())
+
+    kept, preloaded, draws_after = items(True)
+    assert kept == 17 * 80 * 106 * 3  # 17 RGB images resized to a shorter side of 80 (tire is 4:3)
+    not_kept, plain, plain_draws_after = items(False)
+    assert not_kept == 0
+    for a, b in zip(preloaded, plain):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+        else:
+            assert torch.equal(a, b)
+    assert torch.equal(draws_after[0], plain_draws_after[0]) and draws_after[1] == plain_draws_after[1]
+
+
+def test_preload_keeps_nothing_over_its_budget_or_for_spawned_workers(odd_tire, dtd_root, caplog):
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+
+    caplog.set_level("INFO")
+    dataset = MVTecDataset(str(odd_tire), str(dtd_root), classname="tire", resize=64, imagesize=64,
+                           split=DatasetSplit.TRAIN, distribution=2, fg=0)
+    assert dataset.preload_images(64 * 85 * 3 * 16) == 0 and dataset.resized_images is None  # room for 16 of 17
+    model = glass.GLASS(torch.device("cpu"))
+    spawned = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
+    model._preload_training_images(spawned)
+    assert dataset.resized_images is None
+    forked = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="fork")
+    model._preload_training_images(forked)
+    assert len(dataset.resized_images) == 17
+    assert "Training images decoded and resized once: 17 images" in caplog.text
+
+
+def test_a_run_with_preloaded_images_equals_one_without(tmp_path, odd_tire, dtd_root, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    workers = ["--num_workers", "2"]  # forked workers that share the kept images
+    preloaded = train(tmp_path / "preloaded", odd_tire, dtd_root, dataset_extra=workers)
+    assert "Training images decoded and resized once: 17 images" in caplog.text
+    monkeypatch.setattr(glass, "PRELOAD_MEMORY_SHARE", 0.0)
+    decoded = train(tmp_path / "decoded", odd_tire, dtd_root, dataset_extra=workers)
+    assert "Training images decoded at every epoch: kept, they would need more than" in caplog.text
+    assert_same_outcome(preloaded, decoded)

@@ -365,6 +365,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         }
         self.transform_img = self.image_transform(self.resize)
         self.resized_images: Optional[List[PIL.Image.Image]] = None  # see preload_images
+        self.foreground_masks: Optional[List[torch.Tensor]] = None  # likewise, with foreground masks
         self.transform_mask = transforms.Compose([
             transforms.Resize(self.resize),
             transforms.CenterCrop(self.imgsize),
@@ -557,7 +558,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
         except UnreadableImageError as exc:  # a shared texture: every class would meet it, so the run stops
             raise GlassError(f"{exc} (a texture of AUG_PATH)") from None
 
-        mask_fg = self._foreground(image_path)
+        mask_fg = self._foreground(image_path) if self.foreground_masks is None else \
+            self.foreground_masks[idx].to(torch.float32)
         try:
             mask_s, mask_l = perlin_mask(image.shape, self.imgsize // self.downsampling, 0, 6, mask_fg, 1)
         except ValueError as exc:
@@ -634,29 +636,33 @@ class AnomalyDataset(torch.utils.data.Dataset):
         """Decode every image once and keep it as the image transform's first step, Resize, leaves it; items then
         start from the kept image. Resize is deterministic and draws no random number, so items keep their bits
         and the random stream its draws (the later random transforms still draw, even at probability 0), while
-        the DataLoader workers no longer decode and resize each image at every epoch. Workers forked afterwards
-        share the kept images. Nothing is kept when they would take more than ``budget_bytes``.
+        the DataLoader workers no longer decode and resize each image at every epoch. With foreground masks
+        (``--fg``), each image's mask is kept too, as it is (0/1 values as bytes). Workers forked afterwards
+        share them. Nothing is kept when it would take more than ``budget_bytes``.
         Returns the bytes kept (0: none)."""
         self.release_images()
         resize = self.transform_img.transforms[0]
         if not isinstance(resize, transforms.Resize) or not self.data_to_iterate:
             return 0
         first = resize(load_image(self.data_to_iterate[0][2]))
-        if image_bytes(first) * len(self.data_to_iterate) > budget_bytes:
+        mask_bytes = self.imgsize ** 2 if self.class_fg else 0  # a byte per pixel of the crop
+        if (image_bytes(first) + mask_bytes) * len(self.data_to_iterate) > budget_bytes:
             return 0
         paths = [row[2] for row in self.data_to_iterate]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
             images = list(pool.map(lambda path: resize(load_image(path)), paths))
-        total = sum(image_bytes(image) for image in images)
+            masks = list(pool.map(lambda path: self._foreground(path).to(torch.uint8), paths)) if self.class_fg \
+                else None
+        total = sum(image_bytes(image) for image in images) + sum(mask.numel() for mask in masks or [])
         if total > budget_bytes:  # the images differ in size
             return 0
-        self.resized_images = images
+        self.resized_images, self.foreground_masks = images, masks
         self._after_resize = transforms.Compose(self.transform_img.transforms[1:])
         return total
 
     def release_images(self) -> None:
-        """Drop the images kept by :meth:`preload_images`."""
-        self.resized_images = None
+        """Drop the images (and masks) kept by :meth:`preload_images`."""
+        self.resized_images = self.foreground_masks = None
 
     def plain_view(self) -> "PlainImages":
         """The split's images without synthesis (the trainer's centre pass and feature cache)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datasets.mvtec import DatasetSplit, MVTecDataset
+import utils
 from utils import GlassError
 
 SIZE = 64
@@ -316,6 +317,28 @@ def test_foreground_masks_keep_anomalies_inside(tire_root, dtd_root, tmp_path):
         assert item["mask_s"][:, 5:].max() == 0
 
 
+def test_preloaded_images_and_foreground_masks_give_the_same_items(tire_root, dtd_root, tmp_path):
+    root = make_class(tire_root, tmp_path)
+    write_fg_masks(root, sorted((root / "tire" / "train" / "good").iterdir()))
+
+    def items(preload: bool):
+        data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=1)
+        kept = data.preload_images(2**30) if preload else 0
+        utils.fix_seeds(0)
+        return kept, data, [data.make_train_item(i) for i in (0, 1, 2, 1)]
+
+    kept, data, preloaded = items(True)
+    assert kept == 3 * (SIZE * 85 * 3 + SIZE * SIZE)  # the resized images and the cropped masks, a byte a value
+    assert [m.dtype for m in data.foreground_masks] == [torch.uint8] * 3
+    _, _, decoded = items(False)
+    for a, b in zip(preloaded, decoded):
+        for key in ("image", "aug", "mask_s", "mask_l", "mask_fg", "texture"):
+            assert torch.equal(a[key], b[key]), key
+        assert a["mask_fg"].dtype == torch.float32 and a["beta"] == b["beta"]
+    data.release_images()
+    assert data.resized_images is None and data.foreground_masks is None
+
+
 def test_foreground_flag_from_the_xlsx(tire_root, dtd_root, tmp_path):
     root = make_class(tire_root, tmp_path / "data")
     excel = tmp_path / "excel"
@@ -342,6 +365,9 @@ def test_a_foreground_mask_left_empty_by_the_centre_crop_is_a_user_error(tire_ro
     data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=1)
     with pytest.raises(GlassError, match="foreground mask .*000.png is empty after resizing and cropping"):
         data.make_train_item(0)
+    with pytest.raises(GlassError, match="foreground mask .*000.png is empty after resizing and cropping"):
+        data.preload_images(2**30)  # before training, when the trainer keeps the images
+    assert data.resized_images is None
 
 
 def test_items_are_the_files_resized_centre_cropped_and_normalised(tire_root, dtd_root):

@@ -254,18 +254,33 @@ class Aggregator(torch.nn.Module):
         return features.reshape(len(features), -1)
 
 
+def pooling_window_bounds(length: int, output_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Start and size of each window of ``F.adaptive_avg_pool1d(x, output_size)`` over ``length`` values: window
+    ``j`` is ``[floor(j * length / output_size), ceil((j + 1) * length / output_size))``, as in PyTorch's kernel."""
+    j = torch.arange(output_size)
+    start = (j * length) // output_size
+    return start, ((j + 1) * length + output_size - 1) // output_size - start
+
+
+def pooling_matrix(length: int, output_size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool1d`` from ``length`` to ``output_size`` values as a float64 matrix (output_size, length):
+    ``1 / size`` over each window (the values :func:`pool_rows` gives for an identity matrix, without building one)."""
+    start, size = pooling_window_bounds(length, output_size)
+    columns = torch.arange(length)
+    inside = (columns >= start[:, None]) & (columns < (start + size)[:, None])
+    return inside.to(torch.float64) / size.to(torch.float64)[:, None]
+
+
 @functools.lru_cache(maxsize=64)
 def _pooling_windows(length: int, output_size: int) -> Tuple[list, Optional[torch.Tensor]]:
     """The windows of ``F.adaptive_avg_pool1d(x, output_size)`` over ``length`` values, grouped by size.
 
-    Window ``j`` is ``[floor(j * length / output_size), ceil((j + 1) * length / output_size))``, as in
-    PyTorch's kernel. Returns ``[(size, outputs, [where the first values are, the second, ...]), ...]``
-    (a slice when the group's windows start at evenly spaced places, else an index tensor) and the
-    permutation that puts the groups' outputs back in order (None when they already are).
+    The windows are :func:`pooling_window_bounds`. Returns ``[(size, outputs, [where the first values are, the
+    second, ...]), ...]`` (a slice when the group's windows start at evenly spaced places, else an index tensor)
+    and the permutation that puts the groups' outputs back in order (None when they already are).
     """
+    start, size = pooling_window_bounds(length, output_size)
     j = torch.arange(output_size)
-    start = (j * length) // output_size
-    size = ((j + 1) * length + output_size - 1) // output_size - start
     groups = []
     for k in sorted(set(size.tolist())):
         outputs = (size == k).nonzero().squeeze(1)
@@ -403,12 +418,8 @@ class PatchEmbedder(torch.nn.Module):
         :meth:`_embed_rows` does), since both poolings are linear. For :func:`model.fuse_head`."""
         pretrain_dim = self.preprocessing.output_dim
         layer_sizes = [channels * self.patch_maker.patchsize ** 2 for channels in self.feature_dimensions]
-
-        def pooling(length: int, output_size: int) -> torch.Tensor:  # (output_size, length)
-            return pool_rows(torch.eye(length, dtype=torch.float64)[None], output_size)[0]
-
-        aggregate = pooling(pretrain_dim * len(layer_sizes), self.preadapt_aggregator.target_dim)
-        return [aggregate[:, i * pretrain_dim:(i + 1) * pretrain_dim] @ pooling(size, pretrain_dim)
+        aggregate = pooling_matrix(pretrain_dim * len(layer_sizes), self.preadapt_aggregator.target_dim)
+        return [aggregate[:, i * pretrain_dim:(i + 1) * pretrain_dim] @ pooling_matrix(size, pretrain_dim)
                 for i, size in enumerate(layer_sizes)]
 
     def forward(self, images: torch.Tensor, evaluation: bool = True) -> Tuple[torch.Tensor, List[List[int]]]:

@@ -293,6 +293,15 @@ def test_pool_rows_is_adaptive_avg_pool1d_bit_for_bit(length, output, dtype):
     assert same_bits(common.pool_rows(values, output), expected)
 
 
+@pytest.mark.parametrize("length,output", [(360, 512), (1008, 512), (4608, 1536), (100, 7), (7, 100), (9, 9)])
+def test_pooling_matrix_is_adaptive_avg_pool1d_of_an_identity(length, output):
+    identity = torch.eye(length, dtype=torch.float64)
+    expected = torch.nn.functional.adaptive_avg_pool1d(identity.reshape(length, 1, length), output).squeeze(1).t()
+    assert torch.equal(common.pooling_matrix(length, output), expected)
+    values = torch.randn(length, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
+    assert torch.allclose(common.pooling_matrix(length, output) @ values, common.pool_rows(values, output))
+
+
 @pytest.mark.parametrize("size,layers,dims,batch", [
     (128, ["blocks.2", "blocks.4"], (512, 512), 8),  # the CPU calibration profile
     (128, ["blocks.2", "blocks.4"], (512, 512), 1),

@@ -113,11 +113,11 @@ def phase_functions(model: glass.GLASS, images: torch.Tensor) -> Dict[str, Calla
         return run
 
     def predict_fused():
-        model.fuse_head = True
+        before, model.fuse_head = model.fuse_head, True
         try:
             return model._predict(images)
         finally:
-            model.fuse_head = False
+            model.fuse_head = before
 
     def predict_stepwise():
         embedder._rows_path_applies = lambda layer_features: False  # the embedding as it was computed before

@@ -650,7 +650,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             return 0
         paths = [row[2] for row in self.data_to_iterate]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-            images = list(pool.map(lambda path: resize(load_image(path)), paths))
+            images = [first, *pool.map(lambda path: resize(load_image(path)), paths[1:])]  # the first: decoded above
             masks = list(pool.map(lambda path: self._foreground(path).to(torch.uint8), paths)) if self.class_fg \
                 else None
         total = sum(image_bytes(image) for image in images) + sum(mask.numel() for mask in masks or [])

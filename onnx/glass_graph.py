@@ -77,16 +77,13 @@ class AdaptiveAvgPool1d(torch.nn.Module):
 
     def __init__(self, in_len: int, out_len: int):
         super().__init__()
-        starts = (np.arange(out_len) * in_len) // out_len
-        ends = -((-(np.arange(out_len) + 1) * in_len) // out_len)
-        width = int((ends - starts).max())
-        offsets = np.arange(width)
-        index = starts[:, None] + offsets[None, :]
-        valid = index < ends[:, None]
+        starts, sizes = (bound.numpy() for bound in common.pooling_window_bounds(in_len, out_len))
+        index = starts[:, None] + np.arange(int(sizes.max()))[None, :]
+        valid = index < (starts + sizes)[:, None]
         self.in_len, self.out_len = in_len, out_len
         self.register_buffer("index", torch.from_numpy(np.where(valid, index, starts[:, None])), persistent=False)
         self.register_buffer("valid", torch.from_numpy(valid.astype(np.float32)), persistent=False)
-        self.register_buffer("counts", torch.from_numpy((ends - starts).astype(np.float32)), persistent=False)
+        self.register_buffer("counts", torch.from_numpy(sizes.astype(np.float32)), persistent=False)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         windows = rows[:, self.index]  # (N, out, width)

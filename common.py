@@ -84,6 +84,13 @@ def resolve_layer(backbone: torch.nn.Module, layer_name: str) -> torch.nn.Module
     return module
 
 
+def ensure_eval(module: torch.nn.Module) -> None:
+    """``module.eval()``, skipped when every submodule already is in evaluation mode: the check costs about a
+    third of the call, which recurses through every submodule (0.45 ms for EfficientNet-Lite0, per batch)."""
+    if any(sub.training for sub in module.modules()):
+        module.eval()
+
+
 class NetworkFeatureAggregator(torch.nn.Module):
     """Runs a backbone only as far as the deepest wanted layer and returns the wanted layer outputs."""
 
@@ -350,7 +357,7 @@ class PatchEmbedder(torch.nn.Module):
             self.feature_aggregator.train()
             outputs = self.feature_aggregator(images, evaluation=False)
         else:
-            self.feature_aggregator.eval()
+            ensure_eval(self.feature_aggregator)
             with torch.no_grad():
                 outputs = self.feature_aggregator(images)
         return self.feature_aggregator.feature_maps(outputs)
@@ -433,6 +440,7 @@ class RescaleSegmentor:
         self.device = device
         self.target_size = target_size
         self.smoothing = smoothing
+        self._operators: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}  # see operators
 
     def upsample(self, patch_scores: torch.Tensor | np.ndarray) -> np.ndarray:
         """(B, h, w) scores -> (B, H, W) bilinear (align_corners False), as NumPy."""
@@ -446,6 +454,37 @@ class RescaleSegmentor:
     def convert_to_segmentation(self, patch_scores: torch.Tensor | np.ndarray) -> List[np.ndarray]:
         """(B, h, w) patch scores -> B anomaly maps at the target size: bilinear upsampling, then Gaussian smoothing."""
         return [ndimage.gaussian_filter(score, sigma=self.smoothing) for score in self.upsample(patch_scores)]
+
+    def convert_by_products(self, patch_scores: torch.Tensor) -> List[np.ndarray]:
+        """:meth:`convert_to_segmentation` as two matrix products per map (``--fuse_head``): upsampling and
+        smoothing are linear and act on rows and columns separately, so a map is ``rows @ scores @ columns.T``
+        (:meth:`operators`). Within float32 rounding of the scipy maps (about 3e-7), at a fraction of the time."""
+        with torch.no_grad():
+            rows, columns = self.operators(tuple(patch_scores.shape[-2:]))
+            maps = torch.matmul(torch.matmul(rows, patch_scores.to(self.device, torch.float32)), columns.T)
+            return list(maps.cpu().numpy())
+
+    def operators(self, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """For a (h, w) patch grid, the (H, h) and (W, w) float32 matrices on the device of bilinear upsampling
+        (align_corners False) followed by scipy's Gaussian smoothing ('reflect' borders) along each axis."""
+        if grid not in self._operators:
+            size = (self.target_size,) * 2 if isinstance(self.target_size, int) else tuple(self.target_size)
+            self._operators[grid] = tuple(
+                torch.from_numpy(smoothing_matrix(out, self.smoothing) @ upsampling_matrix(n, out)).float().to(self.device)
+                for n, out in zip(grid, size))
+        return self._operators[grid]
+
+
+def upsampling_matrix(size: int, output_size: int) -> np.ndarray:
+    """(output_size, size) float64: ``F.interpolate(..., mode="linear", align_corners=False)`` along one axis."""
+    identity = torch.eye(size, dtype=torch.float64).unsqueeze(0)  # channel j: the signal e_j
+    return F.interpolate(identity, size=output_size, mode="linear", align_corners=False)[0].T.numpy()
+
+
+def smoothing_matrix(size: int, sigma: float) -> np.ndarray:
+    """(size, size) float64: ``scipy.ndimage.gaussian_filter1d(x, sigma)`` (mode 'reflect') of a signal x of
+    ``size`` values is ``matrix @ x``."""
+    return ndimage.gaussian_filter1d(np.eye(size), sigma, axis=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -720,8 +720,9 @@ class GLASS(torch.nn.Module):
         self.fuse_head = bool(fuse_head)
         self._fused: Optional[Tuple[tuple, FusedHead]] = None  # (weights' versions, head): see _fused_head
         if self.fuse_head:
-            LOGGER.info("--fuse_head: evaluation and inference score layer maps through one convolution per layer "
-                        "(other last bits than the embedding, projection and discriminator step by step)")
+            LOGGER.info("--fuse_head: evaluation and inference score layer maps through the fused head and compute the "
+                        "anomaly maps as matrix products (other last bits than the embedding, projection, discriminator "
+                        "and scipy smoothing step by step)")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``--amp``'s type on CUDA; nothing otherwise."""
@@ -1752,18 +1753,18 @@ class GLASS(torch.nn.Module):
     def _predict(self, images: torch.Tensor) -> Tuple[List[float], List[np.ndarray]]:
         """Image scores (max patch score) and smoothed anomaly maps for one batch."""
         images = images.to(torch.float).to(self.device)
-        self._eval_mode()
-        if self.fuse_head:
+        if self.fuse_head:  # the backbone's and the heads' modes are set where they run
             maps = self._layer_features(images, evaluation=True)
             grids = [self.patch_maker.grid(m.shape[-2:]) for m in maps]
             return self._score_patches(self._fused_scores(maps), grids, images.shape[0])
+        self._eval_mode()
         features, grids = self._embed(images, evaluation=True)
         return self._score_features(features, grids, images.shape[0])
 
     @torch.no_grad()
     def _fused_scores(self, maps: List[torch.Tensor]) -> torch.Tensor:
         """Patch scores (B * h * w, 1) of a batch's layer maps through the fused head (``--fuse_head``), in float32."""
-        self._eval_mode()  # BatchNorm with its running averages, as the fused weights assume
+        self._heads_eval_mode()  # BatchNorm with its running averages, as the fused weights assume
         return self._fused_head()([m.float() for m in maps]).float()
 
     def _fused_head(self) -> FusedHead:
@@ -1775,15 +1776,18 @@ class GLASS(torch.nn.Module):
         if self._fused is None or self._fused[0] != key:
             projection = self.pre_projection if self.pre_proj > 0 else None
             head = fuse_head(self.embedder.embedding_matrices(), self.embedder.patch_maker.patchsize, projection,
-                             self.discriminator)
+                             self.discriminator, onednn=onednn_linear_available())
             self._fused = (key, head)
         return self._fused[1]
 
     def _eval_mode(self) -> None:
-        self.embedder.eval()
+        common.ensure_eval(self.embedder)
+        self._heads_eval_mode()
+
+    def _heads_eval_mode(self) -> None:
         if self.pre_proj > 0:
-            self.pre_projection.eval()
-        self.discriminator.eval()
+            common.ensure_eval(self.pre_projection)
+        common.ensure_eval(self.discriminator)
 
     @torch.no_grad()
     def _score_features(self, features: torch.Tensor, grids: List[List[int]], batchsize: int
@@ -1796,7 +1800,11 @@ class GLASS(torch.nn.Module):
                        ) -> Tuple[List[float], List[np.ndarray]]:
         """Image scores and smoothed anomaly maps of a batch from its patch scores (B * h * w, 1)."""
         patch_scores = self.patch_maker.unpatch_scores(patch_scores, batchsize=batchsize)
-        maps = self.anomaly_segmentor.convert_to_segmentation(patch_scores.reshape(batchsize, *grids[0]))
+        grid_scores = patch_scores.reshape(batchsize, *grids[0])
+        if self.fuse_head:
+            maps = self.anomaly_segmentor.convert_by_products(grid_scores)
+        else:
+            maps = self.anomaly_segmentor.convert_to_segmentation(grid_scores)
         image_scores = self.patch_maker.score(patch_scores).cpu().numpy()
         return list(image_scores), maps
 

@@ -130,9 +130,10 @@ def main(**kwargs):
                    "uses AVX-512 where MKL does not (AMD CPUs: about 2x faster products; changes the results "
                    "slightly). Ignored with a warning elsewhere.")
 @click.option("--fuse_head", is_flag=True,
-              help="Evaluate and test through one convolution per layer that folds the patch embedding, projection and "
-                   "the discriminator's first Linear layer (scoring about 3x faster; changes the scores in the last bits). "
-                   "Training is unchanged.")
+              help="Evaluate and test through a fused head that folds the patch embedding, projection and the "
+                   "discriminator's first Linear layer and BatchNorm into a grouped convolution and a matrix product per "
+                   "layer, with the anomaly maps' upsampling and smoothing as matrix products (scoring several times faster; "
+                   "changes the scores in the last bits). Training is unchanged.")
 def net(backbone_names, layers_to_extract_from, compile_discriminator, **options):
     """The model: backbone(s), feature layers and GLASS hyperparameters."""
     options["compile"] = compile_discriminator

@@ -9,9 +9,10 @@ the hooks stop it after the last wanted layer), on the same images. Each phase i
 ``predict (step-by-step embedding)`` is the same predict with the embedding as it was computed before
 (``PatchEmbedder.embed_layer_features_stepwise``); the script checks that both give the same bits
 (embeddings, scores and anomaly maps) and reports it. ``predict, --fuse_head`` scores the layer maps through
-``model.FusedHead`` (embedding, projection and the discriminator's first Linear layer folded into one
-convolution per layer: ``fused head``), which changes the last bits: the script prints the largest score
-and map differences.
+``model.FusedHead`` (embedding, projection and the discriminator's first Linear layer and BatchNorm folded
+into a grouped convolution and a matrix product per layer: ``fused head``) and computes the anomaly maps as
+matrix products (``RescaleSegmentor.convert_by_products``), which changes the last bits: the script prints
+the largest score and map differences.
 
 All timings are interleaved: every repetition runs each measurement once per batch, in a rotating
 order, so that a busy machine slows them alike; medians over the repetitions.

@@ -4,9 +4,9 @@
 deepest feature layer (``LayerTap``), patch neighbourhoods, alignment of the deeper layers, the two
 average-pooling reductions with fixed windows (``AdaptiveAvgPool1d``), feature adaptor, discriminator,
 image score (max patch score), bilinear upsampling and scipy's Gaussian smoothing written as two fixed
-1-D convolutions (``GaussianSmoothing``). With ``fuse_head`` the layer maps go through
-``model.FusedHead`` instead (``--fuse_head``: one convolution per layer in place of the patch embedding,
-feature adaptor and the discriminator's first Linear layer). Kept apart from the command line so that
+matrix products (``UpsampleAndSmooth``). With ``fuse_head`` the layer maps go through ``model.FusedHead``
+instead (``--fuse_head``: the patch embedding, feature adaptor and the discriminator's first Linear layer and
+BatchNorm folded into a grouped convolution and a matrix product per layer). Kept apart from the command line so that
 ``--help`` and option mistakes answer without importing torch.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -29,42 +28,20 @@ import common  # noqa: E402
 import glass  # noqa: E402
 from model import fuse_head as fuse_head_from  # noqa: E402
 
-SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+class UpsampleAndSmooth(torch.nn.Module):
+    """(B, h, w) patch-score grids -> (B, H, W) anomaly maps: bilinear upsampling (align_corners False), then
+    scipy's Gaussian smoothing ('reflect' borders), as two matrix products with fixed matrices
+    (``common.RescaleSegmentor.operators``, what ``--fuse_head`` computes in PyTorch)."""
 
-
-def gaussian_kernel1d(sigma: float, truncate: float = SMOOTHING_TRUNCATE) -> np.ndarray:
-    """The 1-D weights scipy's ``gaussian_filter`` uses: radius ``int(truncate * sigma + 0.5)``, sum 1."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    weights = np.exp(-0.5 / (float(sigma) ** 2) * x ** 2)
-    return weights / weights.sum()
-
-
-def reflect_indices(length: int, radius: int) -> np.ndarray:
-    """Source index of every position of a line padded by ``radius`` in scipy's 'reflect' mode.
-
-    scipy's 'reflect' repeats the edge sample (``d c b a | a b c d | d c b a``), unlike ONNX's and
-    PyTorch's 'reflect'; the index also folds correctly when ``radius`` exceeds ``length``.
-    """
-    positions = np.arange(-radius, length + radius) % (2 * length)
-    return np.where(positions >= length, 2 * length - 1 - positions, positions).astype(np.int64)
-
-
-class GaussianSmoothing(torch.nn.Module):
-    """``scipy.ndimage.gaussian_filter(map, sigma)`` on (B, 1, H, W) maps: rows then columns, 'reflect' borders."""
-
-    def __init__(self, height: int, width: int, sigma: float):
+    def __init__(self, grid: Sequence[int], size: Sequence[int], sigma: float):
         super().__init__()
-        kernel = torch.from_numpy(gaussian_kernel1d(sigma)).float()
-        radius = (len(kernel) - 1) // 2
-        self.register_buffer("kernel_h", kernel.reshape(1, 1, -1, 1), persistent=False)
-        self.register_buffer("kernel_w", kernel.reshape(1, 1, 1, -1), persistent=False)
-        self.register_buffer("index_h", torch.from_numpy(reflect_indices(height, radius)), persistent=False)
-        self.register_buffer("index_w", torch.from_numpy(reflect_indices(width, radius)), persistent=False)
+        rows, columns = (torch.from_numpy(common.smoothing_matrix(out, sigma) @ common.upsampling_matrix(n, out)).float()
+                         for n, out in zip(grid, size))
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("columns_t", columns.T.contiguous(), persistent=False)
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        maps = F.conv2d(maps.index_select(2, self.index_h), self.kernel_h)  # scipy filters axis 0 first
-        return F.conv2d(maps.index_select(3, self.index_w), self.kernel_w)
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, grids), self.columns_t)
 
 
 class AdaptiveAvgPool1d(torch.nn.Module):
@@ -138,13 +115,13 @@ class GlassOnnx(torch.nn.Module):
             maps = self.tap(torch.zeros(1, *self.input_shape))
         self.channels = [int(m.shape[1]) for m in maps]
         self.grids = [self.patch_maker.patchify(m, return_spatial_info=True)[1] for m in maps]
+        self.maps = UpsampleAndSmooth(self.grids[0], self.input_shape[-2:], model.anomaly_segmentor.smoothing)
         patch_len = self.patch_maker.patchsize ** 2
         pretrain_dim = embedder.preprocessing.output_dim
         self.layer_pools = torch.nn.ModuleList(AdaptiveAvgPool1d(c * patch_len, pretrain_dim) for c in self.channels)
         self.aggregate = AdaptiveAvgPool1d(len(self.channels) * pretrain_dim, embedder.preadapt_aggregator.target_dim)
         self.projection = copy.deepcopy(model.pre_projection).eval() if model.pre_proj > 0 else torch.nn.Identity()
         self.discriminator = copy.deepcopy(model.discriminator).eval()
-        self.smoothing = GaussianSmoothing(*self.input_shape[-2:], sigma=model.anomaly_segmentor.smoothing)
         self.head = None
         if fuse_head:
             self.head = fuse_head_from(embedder.embedding_matrices(), self.patch_maker.patchsize,
@@ -166,7 +143,5 @@ class GlassOnnx(torch.nn.Module):
 
     def scores_and_maps(self, patch_scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Image scores (max patch score) and smoothed anomaly maps from patch scores (B * h * w, 1)."""
-        grid = patch_scores.reshape(-1, 1, *self.grids[0])
-        image_score = grid.amax(dim=(1, 2, 3))
-        maps = F.interpolate(grid, size=self.input_shape[-2:], mode="bilinear", align_corners=False)
-        return image_score, self.smoothing(maps).squeeze(1)
+        grid = patch_scores.reshape(-1, *self.grids[0])
+        return grid.amax(dim=(1, 2)), self.maps(grid)

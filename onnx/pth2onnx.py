@@ -384,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--opset", type=int, default=OPSET,
                      help="ONNX opset version (the range the installed exporter writes is checked before any work)")
     out.add_argument("--fuse_head", action="store_true",
-                     help="export the fused head of net --fuse_head: one convolution per layer in place of the patch "
-                          "embedding, projection and the discriminator's first Linear layer (a smaller, faster graph; "
-                          "scores differ in the last bits)")
+                     help="export the fused head of net --fuse_head in place of the patch embedding, projection and "
+                          "the discriminator's first Linear layer and BatchNorm (a smaller, faster graph; scores differ "
+                          "in the last bits)")
     out.add_argument("--no_check", action="store_true", help="skip comparing onnxruntime with PyTorch on two random images after export")
     return parser
 

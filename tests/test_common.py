@@ -218,6 +218,30 @@ def test_segmentor_upsamples_bilinearly_with_pixel_centres_and_blurs_with_mirror
     assert np.allclose(blurred, by_hand, atol=1e-5)
 
 
+@pytest.mark.parametrize("grid, size", [((2, 2), (4, 4)), ((5, 7), (40, 56)), ((16, 16), (128, 128)), ((9, 9), (4, 6))])
+def test_segmentor_products_give_the_upsampled_and_blurred_maps(grid, size):
+    segmentor = common.RescaleSegmentor(torch.device("cpu"), target_size=size)
+    scores = torch.rand(3, *grid, generator=torch.Generator().manual_seed(1))
+    by_products, exact = np.stack(segmentor.convert_by_products(scores)), np.stack(segmentor.convert_to_segmentation(scores))
+    assert by_products.shape == exact.shape == (3, *size)
+    assert np.abs(by_products - exact).max() < 1e-6
+    assert segmentor.operators(grid)[0] is segmentor.operators(grid)[0]  # built once per grid
+    # the upsampling matrix of 2 -> 4 values (pixel centres, clamped borders), as in the test above
+    assert np.allclose(common.upsampling_matrix(2, 4), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]], atol=1e-12)
+
+
+def test_ensure_eval_sets_evaluation_mode_only_where_needed():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.BatchNorm1d(2)))
+    module.eval()
+    module[1][0].train()  # one submodule in training mode
+    common.ensure_eval(module)
+    assert not any(sub.training for sub in module.modules())
+    calls = []
+    module.eval = lambda: calls.append(1)
+    common.ensure_eval(module)
+    assert calls == []  # all in evaluation mode already: not walked again
+
+
 def test_segmentor_upsamples_and_blurs():
     segmentor = common.RescaleSegmentor(torch.device("cpu"), target_size=(32, 32))
     flat = segmentor.convert_to_segmentation(torch.full((1, 4, 4), 0.25))

@@ -1,4 +1,4 @@
-"""`--fuse_head`: inference through one convolution per layer (model.FusedHead) scores as the step-by-step path
+"""`--fuse_head`: inference through the folded linear stages (model.FusedHead) scores as the step-by-step path
 (embedding, projection, discriminator) up to rounding, follows the weights, and leaves training unchanged."""
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import backbones
+import common
 import glass
+import model as model_module
 from conftest import TINY_NET, run_main, tiny_dataset_args
 from datasets.mvtec import DatasetSplit, MVTecDataset
 from test_resume import CLASS_DIR, flatten, read_rows
@@ -51,18 +53,24 @@ def predictions(model: glass.GLASS, images: torch.Tensor, fused: bool):
     return torch.tensor(scores), torch.from_numpy(np.stack(maps))
 
 
-@pytest.mark.parametrize("layers, dims, patchsize, pre_proj, dsc_layers", [
-    (["blocks.2", "blocks.4"], (128, 128), 3, 1, 2),  # the deeper layer upsampled to the first's grid
-    (["blocks.4", "blocks.2"], (96, 80), 3, 0, 1),    # downsampled instead; no projection; the tail alone
-    (["blocks.3"], (64, 48), 5, 2, 3),                # one layer, a wider patch, two projection layers, two blocks
+@pytest.mark.parametrize("layers, dims, patchsize, pre_proj, dsc_layers, forms", [
+    # the deeper layer upsampled to the first's grid; both layers factored: 40 and 112 channels pooled to 64
+    # components each, in 8 blocks of 5 channels and 16 blocks of 7
+    (["blocks.2", "blocks.4"], (128, 128), 3, 1, 2, [(8, True), (16, True)]),
+    # downsampled instead; no projection; the tail alone (width 1: one convolution per layer is cheaper)
+    (["blocks.4", "blocks.2"], (96, 80), 3, 0, 1, [(1, False), (1, False)]),
+    # one layer, a wider patch, two projection layers, two blocks (80 channels x 25 taps pooled to 48: factored)
+    (["blocks.3"], (64, 48), 5, 2, 3, [(16, True)]),
 ])
-def test_fused_head_scores_as_the_step_by_step_path(tire_images, layers, dims, patchsize, pre_proj, dsc_layers):
+def test_fused_head_scores_as_the_step_by_step_path(tire_images, layers, dims, patchsize, pre_proj, dsc_layers, forms):
     model = build(layers, dims, patchsize, pre_proj, dsc_layers)
     model._eval_mode()
     with torch.no_grad():
         maps = model._layer_features(tire_images, evaluation=True)
         step_by_step = model._discriminate(model._project(model.embedder.embed_layer_features(maps)[0]))
     fused = model._fused_scores(maps)
+    head = model._fused_head()
+    assert [(groups, getattr(head, f"mix{i}") is not None) for i, groups in enumerate(head.groups)] == forms
     assert fused.shape == step_by_step.shape == (len(tire_images) * model.feature_grid()[0] * model.feature_grid()[1], 1)
     assert step_by_step.std() > 1e-2  # scores that vary, so that closeness says something
     assert (fused - step_by_step).abs().max() < TOLERANCE
@@ -91,6 +99,29 @@ def test_fused_head_follows_the_weights(tire_images):
     model.discriminator.body[0][1].running_var.mul_(2.0)  # a loaded checkpoint's running averages, in place
     assert torch.allclose(predictions(model, tire_images, fused=True)[0],
                           predictions(model, tire_images, fused=False)[0], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("length, rows, groups", [
+    (36, 4, 4),   # 4 channels x 9 taps, windows of 9: one channel per row
+    (36, 8, 4),   # windows of 4.5 (overlapping): two rows per channel
+    (36, 6, 2),   # windows of 6 straddle channels 0 and 1, 2 and 3: blocks of 2 channels, 3 rows
+    (36, 5, 1),   # 5 rows share no divisor with 4 channels
+    (27, 3, 3),   # 3 channels of 9 taps
+])
+def test_channel_groups_finds_the_pooling_blocks(length, rows, groups):
+    pooling = common.pooling_matrix(length, rows).reshape(rows, length // 9, 9)
+    assert model_module.channel_groups(pooling) == groups
+    assert model_module.channel_groups(torch.ones(6, 4, 9)) == 1  # every row reads every channel
+
+
+def test_fold_norm_is_the_batchnorm_in_evaluation():
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(5, 3).double(), torch.nn.BatchNorm1d(3).double()
+    norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2.0), norm.weight.data.normal_(), norm.bias.data.normal_()
+    norm.eval()
+    weight, bias = model_module.fold_norm(linear.weight.detach(), linear.bias.detach(), norm)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    assert torch.allclose(x @ weight.T + bias, norm(linear(x)), rtol=0, atol=1e-12)
 
 
 def read_predictions(folder):

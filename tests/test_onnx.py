@@ -72,13 +72,14 @@ def test_images(tiny_tire, dtd_root):
     return torch.stack([item["image"] for item in items]), [item["image_path"] for item in items]
 
 
-def test_gaussian_smoothing_equals_scipy_including_reflect_borders():
+def test_upsampling_and_smoothing_equal_torch_and_scipy_including_reflect_borders():
     rng = np.random.default_rng(0)
-    for height, width in ((64, 64), (10, 37)):  # 10 < kernel radius 16: reflection folds more than once
-        maps = rng.random((2, height, width)).astype(np.float32)
-        smoothed = glass_graph.GaussianSmoothing(height, width, sigma=4)(torch.from_numpy(maps).unsqueeze(1)).squeeze(1).numpy()
-        expected = np.stack([ndimage.gaussian_filter(m, sigma=4) for m in maps])
-        assert np.abs(smoothed - expected).max() < 1e-6
+    for grid, size in (((8, 8), (64, 64)), ((3, 5), (10, 37))):  # 10 < kernel radius 16: reflection folds more than once
+        scores = rng.random((2, *grid)).astype(np.float32)
+        maps = glass_graph.UpsampleAndSmooth(grid, size, sigma=4)(torch.from_numpy(scores)).numpy()
+        upsampled = F.interpolate(torch.from_numpy(scores).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+        expected = np.stack([ndimage.gaussian_filter(m, sigma=4) for m in upsampled.squeeze(1).numpy()])
+        assert maps.shape == (2, *size) and np.abs(maps - expected).max() < 1e-6
 
 
 @pytest.mark.parametrize("in_len,out_len", [(360, 128), (9216, 1536), (100, 7), (24, 128), (256, 128)])

@@ -133,7 +133,6 @@ class FusedHead(torch.nn.Module):
     def __init__(self, kernels: Sequence[torch.Tensor], groups: Sequence[int], mixes: Sequence[Optional[torch.Tensor]],
                  bias: torch.Tensor, padding: int, rest: Callable[[torch.Tensor], torch.Tensor], onednn: bool = False) -> None:
         super().__init__()
-        self.layers = len(kernels)
         self.groups = list(groups)
         for i, (kernel, mix) in enumerate(zip(kernels, mixes)):
             self.register_buffer(f"kernel{i}", kernel.contiguous(memory_format=torch.channels_last), persistent=False)
@@ -210,7 +209,7 @@ def fuse_head(embedding_matrices: List[torch.Tensor], patchsize: int, projection
     weights change. ``onednn``: see :class:`FusedHead`.
 
     A layer gets the factored form (grouped pooling convolution, then ``mix``) where it takes fewer
-    multiply-adds than one convolution to the discriminator's width: at the paper's profile about 6 times fewer."""
+    multiply-adds than one convolution to the discriminator's width: at the paper's profile 7 times fewer."""
     device = discriminator.first_linear().weight.device
     weight, bias = affine_front(projection, discriminator)
     rest = discriminator.from_first_linear

@@ -42,8 +42,8 @@ from datasets.base import (IMAGE_EXTENSIONS, WIDE_MODES, elongation_problem, ima
                            warn_wide_images)
 from loss import FocalLoss
 from model import (
-    Discriminator, FusedHead, LinearWithKnownRows, OneDNNLinearMode, Projection, fuse_head, onednn_linear,
-    onednn_linear_available,
+    Discriminator, FusedHead, LayerPooling, LinearWithKnownRows, OneDNNLinearMode, Projection, fuse_head,
+    layer_poolings, onednn_linear, onednn_linear_available,
 )
 from utils import GlassError
 
@@ -719,6 +719,7 @@ class GLASS(torch.nn.Module):
                         "bits than torch's)")
         self.fuse_head = bool(fuse_head)
         self._fused: Optional[Tuple[tuple, FusedHead]] = None  # (weights' versions, head): see _fused_head
+        self._poolings: Optional[List[LayerPooling]] = None  # see _fused_poolings
         if self.fuse_head:
             LOGGER.info("--fuse_head: evaluation and inference score layer maps through the fused head and compute the "
                         "anomaly maps as matrix products (other last bits than the embedding, projection, discriminator "
@@ -1775,10 +1776,19 @@ class GLASS(torch.nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._fused is None or self._fused[0] != key:
             projection = self.pre_projection if self.pre_proj > 0 else None
-            head = fuse_head(self.embedder.embedding_matrices(), self.embedder.patch_maker.patchsize, projection,
+            head = fuse_head(self._fused_poolings(), self.embedder.patch_maker.patchsize, projection,
                              self.discriminator, onednn=onednn_linear_available())
             self._fused = (key, head)
         return self._fused[1]
+
+    def _fused_poolings(self) -> List[LayerPooling]:
+        """The layers' poolings of the fused head (``model.layer_poolings``), computed once: they follow from the
+        embedding's sizes, not from the weights (seconds at the paper's profile, at every rebuild otherwise)."""
+        if self._poolings is None:
+            width = self.discriminator.first_linear().out_features
+            self._poolings = layer_poolings(self.embedder.embedding_matrices(), self.embedder.patch_maker.patchsize,
+                                            width)
+        return self._poolings
 
     def _eval_mode(self) -> None:
         common.ensure_eval(self.embedder)

@@ -8,6 +8,7 @@ Module names match the reference so that its checkpoints
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -201,15 +202,44 @@ def fold_norm(weight: torch.Tensor, bias: torch.Tensor, norm: torch.nn.BatchNorm
     return weight * scale[:, None], bias * scale + shift
 
 
-def fuse_head(embedding_matrices: List[torch.Tensor], patchsize: int, projection: Optional[Projection],
-              discriminator: Discriminator, onednn: bool = False) -> FusedHead:
-    """A :class:`FusedHead` on the discriminator's device from each layer's embedding matrix (target_dim,
-    C_l * p * p: unfolded patch -> embedding, float64 on the CPU; ``PatchEmbedder.embedding_matrices``), the
-    projection (None for none) and the discriminator in evaluation, as they are now: build a new one after the
-    weights change. ``onednn``: see :class:`FusedHead`.
+@dataclass
+class LayerPooling:
+    """One layer's share of the patch embedding in the form :func:`fuse_head` uses; it follows from the
+    embedding's sizes alone, not from any weight (:func:`layer_poolings`)."""
+    rows: torch.Tensor                # bool (target_dim,): the embedding components this layer feeds
+    groups: int                       # the grouped convolution's groups (1 for one convolution)
+    kernel: Optional[torch.Tensor]    # factored: (count, C / groups, p, p) float64, the pooling alone
+    matrix: Optional[torch.Tensor]    # one convolution instead: (count, C * p * p) float64, those rows' pooling
 
-    A layer gets the factored form (grouped pooling convolution, then ``mix``) where it takes fewer
-    multiply-adds than one convolution to the discriminator's width: at the paper's profile 7 times fewer."""
+
+def layer_poolings(embedding_matrices: List[torch.Tensor], patchsize: int, width: int) -> List[LayerPooling]:
+    """Each layer's :class:`LayerPooling` from its embedding matrix (target_dim, C_l * p * p: unfolded patch ->
+    embedding, float64 on the CPU; ``PatchEmbedder.embedding_matrices``) for a discriminator ``width`` wide.
+
+    A layer gets the factored form (grouped pooling convolution, then a matrix product to the width) where it
+    takes fewer multiply-adds than one convolution to the width: at the paper's profile 7 times fewer."""
+    taps = patchsize * patchsize
+    poolings = []
+    for matrix in embedding_matrices:
+        channels = matrix.shape[1] // taps
+        rows = matrix.ne(0).any(1)
+        pooling = matrix[rows]
+        count = len(pooling)
+        groups = channel_groups(pooling.reshape(count, channels, taps))
+        if count * (channels // groups) * taps + width * count < width * channels * taps:
+            blocks = pooling.reshape(count, groups, channels // groups, patchsize, patchsize)
+            kernel = blocks[torch.arange(count), torch.arange(count) // (count // groups)].contiguous()
+            poolings.append(LayerPooling(rows, groups, kernel, None))
+        else:
+            poolings.append(LayerPooling(rows, 1, None, pooling))
+    return poolings
+
+
+def fuse_head(poolings: List[LayerPooling], patchsize: int, projection: Optional[Projection],
+              discriminator: Discriminator, onednn: bool = False) -> FusedHead:
+    """A :class:`FusedHead` on the discriminator's device from the layers' poolings (:func:`layer_poolings`),
+    the projection (None for none) and the discriminator in evaluation, as they are now: build a new one after
+    the weights change. ``onednn``: see :class:`FusedHead`."""
     device = discriminator.first_linear().weight.device
     weight, bias = affine_front(projection, discriminator)
     rest = discriminator.from_first_linear
@@ -217,26 +247,17 @@ def fuse_head(embedding_matrices: List[torch.Tensor], patchsize: int, projection
     if norm is not None:
         weight, bias = fold_norm(weight, bias, norm)
         rest = discriminator.from_first_norm
-    width, taps = len(weight), patchsize * patchsize
-    kernels, groups, mixes = [], [], []
-    for matrix in embedding_matrices:
-        channels = matrix.shape[1] // taps
-        rows = matrix.ne(0).any(1)  # the embedding components this layer feeds
-        pooling, mix = matrix[rows], weight[:, rows]
-        count = len(pooling)
-        splits = channel_groups(pooling.reshape(count, channels, taps))
-        if count * (channels // splits) * taps + width * count < width * channels * taps:
-            blocks = pooling.reshape(count, splits, channels // splits, patchsize, patchsize)
-            kernel = blocks[torch.arange(count), torch.arange(count) // (count // splits)]
+    kernels, mixes = [], []
+    for pooling in poolings:
+        mix = weight[:, pooling.rows]
+        if pooling.kernel is not None:
+            kernels.append(pooling.kernel)
             mixes.append(mix.float().contiguous().to(device))
         else:
-            kernel = (weight @ matrix).reshape(width, channels, patchsize, patchsize)
-            splits = 1
+            kernels.append((mix @ pooling.matrix).reshape(len(weight), -1, patchsize, patchsize))
             mixes.append(None)
-        kernels.append(kernel.float().to(device))
-        groups.append(splits)
-    return FusedHead(kernels, groups, mixes, bias.float().to(device),
-                     (patchsize - 1) // 2, rest, onednn)
+    return FusedHead([kernel.float().to(device) for kernel in kernels], [p.groups for p in poolings], mixes,
+                     bias.float().to(device), (patchsize - 1) // 2, rest, onednn)
 
 
 class PatchMaker:

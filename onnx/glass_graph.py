@@ -124,7 +124,7 @@ class GlassOnnx(torch.nn.Module):
         self.discriminator = copy.deepcopy(model.discriminator).eval()
         self.head = None
         if fuse_head:
-            self.head = fuse_head_from(embedder.embedding_matrices(), self.patch_maker.patchsize,
+            self.head = fuse_head_from(model._fused_poolings(), self.patch_maker.patchsize,
                                        self.projection if model.pre_proj > 0 else None, self.discriminator)
         self.eval()
 

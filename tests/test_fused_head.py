@@ -85,7 +85,7 @@ def test_fused_head_scores_as_the_step_by_step_path(tire_images, layers, dims, p
 def test_fused_head_follows_the_weights(tire_images):
     model = build(["blocks.2", "blocks.4"], (64, 64))
     first = predictions(model, tire_images, fused=True)[0]
-    head = model._fused[1]
+    head, poolings = model._fused[1], model._fused_poolings()
     predictions(model, tire_images, fused=True)
     assert model._fused[1] is head  # unchanged weights: built once
     optimiser = torch.optim.SGD([*model.discriminator.parameters(), *model.pre_projection.parameters()], lr=0.5)
@@ -94,6 +94,7 @@ def test_fused_head_follows_the_weights(tire_images):
     optimiser.step()  # in place, as training steps
     after_step = predictions(model, tire_images, fused=True)[0]
     assert model._fused[1] is not head
+    assert model._fused_poolings() is poolings  # the weight-independent part is kept
     assert not torch.allclose(after_step, first, atol=1e-3)
     assert torch.allclose(after_step, predictions(model, tire_images, fused=False)[0], rtol=0, atol=TOLERANCE)
     model.discriminator.body[0][1].running_var.mul_(2.0)  # a loaded checkpoint's running averages, in place

@@ -472,10 +472,14 @@ class RescaleSegmentor:
         (align_corners False) followed by scipy's Gaussian smoothing ('reflect' borders) along each axis."""
         if grid not in self._operators:
             size = (self.target_size,) * 2 if isinstance(self.target_size, int) else tuple(self.target_size)
-            self._operators[grid] = tuple(
-                torch.from_numpy(smoothing_matrix(out, self.smoothing) @ upsampling_matrix(n, out)).float().to(self.device)
-                for n, out in zip(grid, size))
+            self._operators[grid] = tuple(torch.from_numpy(map_matrix(n, out, self.smoothing)).float().to(self.device)
+                                          for n, out in zip(grid, size))
         return self._operators[grid]
+
+
+def map_matrix(size: int, output_size: int, sigma: float) -> np.ndarray:
+    """(output_size, size) float64: bilinear upsampling then Gaussian smoothing along one axis of a map."""
+    return smoothing_matrix(output_size, sigma) @ upsampling_matrix(size, output_size)
 
 
 def upsampling_matrix(size: int, output_size: int) -> np.ndarray:

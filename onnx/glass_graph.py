@@ -28,6 +28,7 @@ import common  # noqa: E402
 import glass  # noqa: E402
 from model import fuse_head as fuse_head_from  # noqa: E402
 
+
 class UpsampleAndSmooth(torch.nn.Module):
     """(B, h, w) patch-score grids -> (B, H, W) anomaly maps: bilinear upsampling (align_corners False), then
     scipy's Gaussian smoothing ('reflect' borders), as two matrix products with fixed matrices
@@ -35,8 +36,7 @@ class UpsampleAndSmooth(torch.nn.Module):
 
     def __init__(self, grid: Sequence[int], size: Sequence[int], sigma: float):
         super().__init__()
-        rows, columns = (torch.from_numpy(common.smoothing_matrix(out, sigma) @ common.upsampling_matrix(n, out)).float()
-                         for n, out in zip(grid, size))
+        rows, columns = (torch.from_numpy(common.map_matrix(n, out, sigma)).float() for n, out in zip(grid, size))
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("columns_t", columns.T.contiguous(), persistent=False)
 

@@ -1754,11 +1754,12 @@ class GLASS(torch.nn.Module):
     def _predict(self, images: torch.Tensor) -> Tuple[List[float], List[np.ndarray]]:
         """Image scores (max patch score) and smoothed anomaly maps for one batch."""
         images = images.to(torch.float).to(self.device)
-        if self.fuse_head:  # the backbone's and the heads' modes are set where they run
+        # The backbone's and the heads' evaluation modes are set where they run (layer_features, _fused_scores,
+        # _score_features).
+        if self.fuse_head:
             maps = self._layer_features(images, evaluation=True)
             grids = [self.patch_maker.grid(m.shape[-2:]) for m in maps]
             return self._score_patches(self._fused_scores(maps), grids, images.shape[0])
-        self._eval_mode()
         features, grids = self._embed(images, evaluation=True)
         return self._score_features(features, grids, images.shape[0])
 
@@ -1803,7 +1804,7 @@ class GLASS(torch.nn.Module):
     def _score_features(self, features: torch.Tensor, grids: List[List[int]], batchsize: int
                         ) -> Tuple[List[float], List[np.ndarray]]:
         """Image scores and smoothed anomaly maps of a batch from its patch embeddings (B * h * w, dim)."""
-        self._eval_mode()
+        self._heads_eval_mode()  # BatchNorm with its running averages
         return self._score_patches(self._discriminate(self._project(features)), grids, batchsize)
 
     def _score_patches(self, patch_scores: torch.Tensor, grids: List[List[int]], batchsize: int

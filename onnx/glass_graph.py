@@ -116,16 +116,17 @@ class GlassOnnx(torch.nn.Module):
         self.channels = [int(m.shape[1]) for m in maps]
         self.grids = [self.patch_maker.patchify(m, return_spatial_info=True)[1] for m in maps]
         self.maps = UpsampleAndSmooth(self.grids[0], self.input_shape[-2:], model.anomaly_segmentor.smoothing)
-        patch_len = self.patch_maker.patchsize ** 2
-        pretrain_dim = embedder.preprocessing.output_dim
-        self.layer_pools = torch.nn.ModuleList(AdaptiveAvgPool1d(c * patch_len, pretrain_dim) for c in self.channels)
-        self.aggregate = AdaptiveAvgPool1d(len(self.channels) * pretrain_dim, embedder.preadapt_aggregator.target_dim)
         self.projection = copy.deepcopy(model.pre_projection).eval() if model.pre_proj > 0 else torch.nn.Identity()
         self.discriminator = copy.deepcopy(model.discriminator).eval()
         self.head = None
-        if fuse_head:
+        if fuse_head:  # the fused head replaces the patch embedding's poolings
             self.head = fuse_head_from(model._fused_poolings(), self.patch_maker.patchsize,
                                        self.projection if model.pre_proj > 0 else None, self.discriminator)
+        else:
+            patch_len = self.patch_maker.patchsize ** 2
+            pretrain_dim = embedder.preprocessing.output_dim
+            self.layer_pools = torch.nn.ModuleList(AdaptiveAvgPool1d(c * patch_len, pretrain_dim) for c in self.channels)
+            self.aggregate = AdaptiveAvgPool1d(len(self.channels) * pretrain_dim, embedder.preadapt_aggregator.target_dim)
         self.eval()
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -173,10 +173,9 @@ def select_device(gpu_ids: Sequence[int]) -> torch.device:
     return device
 
 
-# glibc's mallopt() parameters (<malloc.h>) and the largest mmap threshold it accepts on 64-bit systems.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MALLOC_KEEP_BLOCKS = 32 * 2**20
-MALLOC_KEEP_TOP = 2**30
+# glibc's mallopt() parameters (<malloc.h>); a trim threshold of -1 turns trimming off (mallopt(3)).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_NEVER_TRIM = -1
 # Environment variables by which the user sets glibc's malloc; keep_freed_memory then leaves it alone.
 _MALLOC_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
 
@@ -193,11 +192,13 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; True if done.
 
     A training step allocates and frees tensors of a few MB many times. By default glibc returns such
-    blocks to the kernel (above its adaptive mmap threshold, or by trimming the heap), so the next step
-    page-faults and zero-fills them again: at the CPU calibration profile 24,000-70,000 page faults per
-    step, 5-10 % of its time. Here blocks under 32 MiB come from the heap, and up to 1 GiB of free heap is
-    kept. No number changes; the process keeps its peak memory until it ends. Linux with glibc only; not
-    when ``GLASS_MALLOC=system`` or the user set glibc's own ``MALLOC_*_`` variables or malloc tunables.
+    blocks to the kernel (it maps blocks above its adaptive mmap threshold on their own and unmaps them
+    when freed, and trims the heap's free top), so the next step page-faults and zero-fills them again: at
+    the CPU calibration profile 24,000-70,000 page faults per step, 5-10 % of its time. Here every block
+    comes from the heap (no mmap: the threshold cannot be raised above 32 MiB, while one batch of
+    EfficientNet-Lite0 maps at 288 px takes 64 MB), and the heap is never trimmed. No number changes; the
+    process keeps its peak memory until it ends. Linux with glibc only; not when
+    ``GLASS_MALLOC=system`` or the user set glibc's own ``MALLOC_*_`` variables or malloc tunables.
     """
     if not glibc_version():
         return False
@@ -206,10 +207,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        # The threshold first: the trim setting alone turns glibc's adaptive threshold off and faults more.
-        if libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_KEEP_BLOCKS) != 1:
+        # Setting either also turns glibc's adaptive thresholds off.
+        if libc.mallopt(_M_MMAP_MAX, 0) != 1:
             return False
-        return libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP_TOP) == 1
+        return libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
     except (OSError, AttributeError):
         return False
 

@@ -16,11 +16,13 @@ import utils
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = bool(utils.glibc_version())
 
-# Ten 8 MiB blocks from glibc's malloc (as torch's CPU allocator gets them), every page written, then freed,
-# as a training step does with its activations; the page faults of 10 rounds after 2 rounds of warm-up.
-# glibc's defaults trim the freed 80 MiB off the top of the heap (more than twice its adaptive threshold,
-# which stops at 32 MiB), so every round faults them in again. (Small objects allocated between the blocks
-# would pin the heap's top at random places, so the blocks come straight from malloc.)
+# COUNT blocks of SIZE bytes from glibc's malloc (as torch's CPU allocator gets them), every page written,
+# then freed, as a training step does with its activations; the page faults of 10 rounds after 2 rounds of
+# warm-up. With glibc's defaults, ten 8 MiB blocks are trimmed off the top of the heap (80 MiB: more than
+# twice its adaptive threshold, which stops at 32 MiB), and two 64 MiB blocks (one batch of feature maps
+# at 288 px) are mapped on their own and unmapped when freed, so every round faults them in again. (Small
+# objects allocated between the blocks would pin the heap's top at random places, so the blocks come
+# straight from malloc.)
 CHURN = """
 import ctypes, resource, sys
 sys.path.insert(0, sys.argv[1])
@@ -30,10 +32,10 @@ kept = utils.keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-SIZE = 8 * 2**20
+SIZE, COUNT = int(sys.argv[2]), int(sys.argv[3])
 
 def churn():
-    blocks = [libc.malloc(SIZE) for _ in range(10)]
+    blocks = [libc.malloc(SIZE) for _ in range(COUNT)]
     for block in blocks:
         ctypes.memset(block, 1, SIZE)
     for block in blocks:
@@ -45,25 +47,26 @@ for _ in range(10):
     churn()
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-PAGES_WRITTEN = 10 * 80 * 2**20 // 4096
 
 
-def churn_faults(**env: str) -> tuple[bool, int]:
+def churn_faults(size: int, count: int, **env: str) -> tuple[bool, int]:
     environment = {key: value for key, value in os.environ.items() if key != "GLASS_MALLOC"}
-    done = subprocess.run([sys.executable, "-c", CHURN, str(ROOT)], env={**environment, **env}, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", CHURN, str(ROOT), str(size), str(count)], env={**environment, **env},
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     kept, faults = done.stdout.split()
     return kept == "True", int(faults)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc settings exist on Linux with glibc only")
-def test_freed_memory_is_reused_without_page_faults():
-    kept, faults = churn_faults()
-    assert kept and faults < PAGES_WRITTEN // 100
+@pytest.mark.parametrize("size, count", [(8 * 2**20, 10), (64 * 2**20, 2)], ids=["8MiB-blocks", "64MiB-blocks"])
+def test_freed_memory_is_reused_without_page_faults(size, count):
+    pages_written = 10 * size * count // 4096
+    kept, faults = churn_faults(size, count)
+    assert kept and faults < pages_written // 100
     # glibc's defaults hand the blocks back and fault them in again: the cost this setting removes.
-    kept, faults = churn_faults(GLASS_MALLOC="system")
-    assert not kept and faults > PAGES_WRITTEN // 2
+    kept, faults = churn_faults(size, count, GLASS_MALLOC="system")
+    assert not kept and faults > pages_written // 2
 
 
 @pytest.mark.parametrize("name, value", [

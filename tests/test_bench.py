@@ -47,6 +47,7 @@ def test_cpu_has_no_device_memory_peak():
     ("train_speed.py", ["--repeats", "0"], "argument --repeats: 0 is out of range: give 1 or more"),
     ("gas_speed.py", ["--threads", "two"], "argument --threads: 'two' is not a whole number"),
     ("predict_speed.py", ["--batches", "8", "0"], "argument --batches: 0 is out of range: give 1 or more"),
+    ("malloc_speed.py", ["--steps", "1"], "argument --steps: 1 is out of range: give 2 or more"),
 ])
 def test_bench_options_out_of_range_are_usage_errors(script, argv, message):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], capture_output=True, text=True,
@@ -99,3 +100,18 @@ def test_train_speed_runs_both_data_flows_side_by_side(tmp_path):
     assert this["training_heatmaps"] == 0
     assert this["cache_mb"] > 0 and reference["cache_mb"] == 0
     assert len(this["test_result"]) == len(reference["test_result"]) == 6
+
+
+def test_malloc_speed_compares_both_settings_on_the_same_bits():
+    """Both children train and predict (at a tiny size); the driver compares their scores and figures."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "malloc_speed.py"), "--imagesize", "64", "--dim", "64", "--dsc_hidden",
+         "64", "--steps", "2", "--predicts", "1", "--data", str(SHARED_DATA)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert "Same predicted scores with both settings: True" in run.stdout
+    for row in ("training step (s)", "page faults per step", "predict, batch 8 (ms per image)",
+                "peak resident memory (MB)"):
+        assert f"\n{row} " in run.stdout
+    import utils
+    assert ("did not apply here" in run.stdout) != bool(utils.glibc_version())

@@ -44,6 +44,7 @@ class _StepsDone(Exception):
 
 
 def faults() -> int:
+    """This process's minor page faults so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 

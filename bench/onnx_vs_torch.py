@@ -31,6 +31,7 @@ import glass  # noqa: E402
 import utils  # noqa: E402
 from utils import GlassError  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
+from bench.predict_speed import fused_predict  # noqa: E402
 
 
 def load_pth2onnx():
@@ -62,15 +63,6 @@ def time_per_image(run: Callable[[], object], batch: int, repeats: int) -> float
         run()
         times.append((time.perf_counter() - start) / batch)
     return statistics.median(times)
-
-
-def fused_predict(model: glass.GLASS, images: torch.Tensor):
-    """``model._predict`` with ``--fuse_head`` on for the call."""
-    before, model.fuse_head = model.fuse_head, True
-    try:
-        return model._predict(images)
-    finally:
-        model.fuse_head = before
 
 
 def benchmark(model: glass.GLASS, config: dict, batches: Sequence[int], repeats: int, threads: int) -> List[Dict]:

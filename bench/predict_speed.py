@@ -94,6 +94,15 @@ def tire_images(data: str, size: int, count: int) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(0, step * count, step)][:count])
 
 
+def fused_predict(model: glass.GLASS, images: torch.Tensor):
+    """``model._predict(images)`` with ``--fuse_head`` on for the call."""
+    before, model.fuse_head = model.fuse_head, True
+    try:
+        return model._predict(images)
+    finally:
+        model.fuse_head = before
+
+
 def phase_functions(model: glass.GLASS, images: torch.Tensor) -> Dict[str, Callable[[], object]]:
     """One callable per phase for the batch ``images``; each phase's input is computed once beforehand."""
     import scipy.ndimage as ndimage
@@ -113,13 +122,6 @@ def phase_functions(model: glass.GLASS, images: torch.Tensor) -> Dict[str, Calla
                 return fn()
         return run
 
-    def predict_fused():
-        before, model.fuse_head = model.fuse_head, True
-        try:
-            return model._predict(images)
-        finally:
-            model.fuse_head = before
-
     def predict_stepwise():
         embedder._rows_path_applies = lambda layer_features: False  # the embedding as it was computed before
         try:
@@ -137,7 +139,7 @@ def phase_functions(model: glass.GLASS, images: torch.Tensor) -> Dict[str, Calla
         "predict": lambda: model._predict(images),
         "predict (step-by-step embedding)": predict_stepwise,
         "fused head (--fuse_head)": lambda: model._fused_scores(maps),
-        "predict, --fuse_head": predict_fused,
+        "predict, --fuse_head": lambda: fused_predict(model, images),
     }
 
 
@@ -159,7 +161,7 @@ def same_outputs(model: glass.GLASS, images: torch.Tensor) -> bool:
 def fused_differences(model: glass.GLASS, images: torch.Tensor) -> tuple:
     """Largest differences of image scores and anomaly maps between ``--fuse_head`` and the exact path."""
     scores, anomaly_maps = model._predict(images)
-    fused_scores, fused_maps = phase_functions(model, images)["predict, --fuse_head"]()
+    fused_scores, fused_maps = fused_predict(model, images)
     return (float(np.abs(np.asarray(fused_scores) - np.asarray(scores)).max()),
             float(np.abs(np.stack(fused_maps) - np.stack(anomaly_maps)).max()))
 

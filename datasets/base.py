@@ -366,6 +366,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.transform_img = self.image_transform(self.resize)
         self.resized_images: Optional[List[PIL.Image.Image]] = None  # see preload_images
         self.foreground_masks: Optional[List[torch.Tensor]] = None  # likewise, with foreground masks
+        self._after_resize: Optional[Callable[[PIL.Image.Image], torch.Tensor]] = None  # the transform after Resize
         self.transform_mask = transforms.Compose([
             transforms.Resize(self.resize),
             transforms.CenterCrop(self.imgsize),

@@ -215,6 +215,29 @@ def keep_freed_memory() -> bool:
         return False
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (<malloc.h>, glibc 2.33 and later)."""
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def free_heap_bytes() -> Optional[int]:
+    """Bytes that glibc's malloc holds free for this process's next allocations (``mallinfo2().fordblks``:
+    freed blocks in every arena and the heaps' free tops), or None without glibc 2.33 or later.
+
+    Resident memory the system counts as used, but this process can reuse it: after
+    :func:`keep_freed_memory`, all that an earlier class of a run freed.
+    """
+    if not glibc_version():
+        return None
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype, mallinfo2.argtypes = _MallInfo2, []
+    return int(mallinfo2().fordblks)
+
+
 def torch_format_2_numpy_img(img: np.ndarray) -> np.ndarray:
     """CHW array -> HWC uint8 BGR image. Three channels are ImageNet-normalised RGB; one channel is [0, 1]."""
     img = np.asarray(img)

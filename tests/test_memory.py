@@ -1,4 +1,5 @@
-"""utils.keep_freed_memory: glibc keeps freed blocks for reuse, so repeated allocations stop page-faulting.
+"""utils.keep_freed_memory: glibc keeps freed blocks for reuse, so repeated allocations stop page-faulting;
+utils.free_heap_bytes counts them.
 
 That it changes no number is tested in test_resume.py (a run with glibc's defaults equals one with it).
 """
@@ -45,28 +46,31 @@ churn(); churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     churn()
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, utils.free_heap_bytes())
 """
 
 
-def churn_faults(size: int, count: int, **env: str) -> tuple[bool, int]:
+def churn_faults(size: int, count: int, **env: str) -> tuple[bool, int, int]:
+    """Whether keep_freed_memory took effect, the page faults of the 10 rounds, and the free heap after them."""
     environment = {key: value for key, value in os.environ.items() if key != "GLASS_MALLOC"}
     done = subprocess.run([sys.executable, "-c", CHURN, str(ROOT), str(size), str(count)], env={**environment, **env},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    kept, faults = done.stdout.split()
-    return kept == "True", int(faults)
+    kept, faults, free_heap = done.stdout.split()
+    return kept == "True", int(faults), int(free_heap)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc settings exist on Linux with glibc only")
 @pytest.mark.parametrize("size, count", [(8 * 2**20, 10), (64 * 2**20, 2)], ids=["8MiB-blocks", "64MiB-blocks"])
 def test_freed_memory_is_reused_without_page_faults(size, count):
     pages_written = 10 * size * count // 4096
-    kept, faults = churn_faults(size, count)
+    kept, faults, free_heap = churn_faults(size, count)
     assert kept and faults < pages_written // 100
+    assert free_heap >= size * count  # kept, and counted as available to this process (common.available_memory)
     # glibc's defaults hand the blocks back and fault them in again: the cost this setting removes.
-    kept, faults = churn_faults(size, count, GLASS_MALLOC="system")
+    kept, faults, free_heap = churn_faults(size, count, GLASS_MALLOC="system")
     assert not kept and faults > pages_written // 2
+    assert free_heap < size * count
 
 
 @pytest.mark.parametrize("name, value", [

@@ -542,7 +542,7 @@ def available_memory() -> Optional[int]:
     """Bytes that new allocations of this process can take, or None when unknown: the system's
     ``MemAvailable``, or the room left under a cgroup memory limit (a container's) where that is less, plus
     the heap memory this process freed and keeps for reuse (:func:`utils.free_heap_bytes`)."""
-    limits = [memory for memory in (system_available_memory(), cgroup_memory_room()) if memory is not None]
+    limits = [memory for memory in (system_available_memory(), utils.cgroup_memory_room()) if memory is not None]
     if not limits:
         return None
     return min(limits) + (utils.free_heap_bytes() or 0)
@@ -561,71 +561,6 @@ def system_available_memory() -> Optional[int]:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
-
-
-# cgroup v1 writes "no limit" as a number near 2**63.
-_CGROUP_NO_LIMIT = 2**60
-# Per cgroup version: limit file, usage file, and the memory.stat key of the reclaimable file cache.
-_CGROUP_V2_FILES = ("memory.max", "memory.current", "inactive_file")
-_CGROUP_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-
-
-def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> Optional[int]:
-    """Bytes this process's memory cgroup (v1 or v2) can still grow by before a limit stops it, or None when
-    no limit applies or none can be read.
-
-    The smallest ``limit - (usage - inactive file cache)`` over the process's cgroup and its ancestors (a
-    container's own cgroup where the host's path is not visible). ``MemAvailable`` does not see such limits:
-    in a container started with ``--memory 8g`` it reports the host's memory.
-    """
-    try:
-        with open(proc_cgroup) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    rooms = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        hierarchy, controllers, path = fields
-        if hierarchy == "0" and controllers == "":
-            base, files = mount, _CGROUP_V2_FILES
-        elif "memory" in controllers.split(","):
-            base, files = os.path.join(mount, "memory"), _CGROUP_V1_FILES
-        else:
-            continue
-        parts = [part for part in path.split("/") if part]
-        for depth in range(len(parts), -1, -1):
-            room = _cgroup_room(os.path.join(base, *parts[:depth]), *files)
-            if room is not None:
-                rooms.append(room)
-    return max(0, min(rooms)) if rooms else None
-
-
-def _cgroup_room(folder: str, limit_file: str, usage_file: str, inactive_key: str) -> Optional[int]:
-    """``limit - (usage - inactive file cache)`` of one cgroup folder; None without a limit or its files."""
-    try:
-        with open(os.path.join(folder, limit_file)) as handle:
-            text = handle.read().strip()
-        if text == "max" or int(text) >= _CGROUP_NO_LIMIT:
-            return None
-        limit = int(text)
-        with open(os.path.join(folder, usage_file)) as handle:
-            usage = int(handle.read().strip())
-    except (OSError, ValueError):
-        return None
-    inactive = 0
-    try:
-        with open(os.path.join(folder, "memory.stat")) as handle:
-            for line in handle:
-                key, _, value = line.partition(" ")
-                if key == inactive_key:
-                    inactive = int(value)
-                    break
-    except (OSError, ValueError):
-        pass
-    return limit - max(0, usage - inactive)
 
 
 def free_disk(folder: str) -> Optional[int]:

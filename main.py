@@ -39,8 +39,9 @@ METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro
 
 
 def default_num_workers() -> int:
-    """The reference's 16 workers, but never more than this machine's cores."""
-    return min(16, os.cpu_count() or 1)
+    """The reference's 16 workers, but never more than the cores this process can use (``utils.usable_cores``:
+    CPU affinity and a container's CPU quota)."""
+    return min(16, utils.usable_cores())
 
 
 class FiniteRange(click.FloatRange):
@@ -188,7 +189,7 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
 @click.option("--subdatasets", "-d", multiple=True, type=str, required=True, help="Class name(s) to run, e.g. -d bottle -d cable.")
 @click.option("--batch_size", default=8, type=click.IntRange(min=1), show_default=True)
 @click.option("--num_workers", default=default_num_workers(), type=click.IntRange(min=0), show_default=True,
-              help="DataLoader workers (reference: 16; here at most the number of cores).")
+              help="DataLoader workers (reference: 16; here at most the cores this process can use: CPU affinity, container CPU quota).")
 @click.option("--resize", default=288, type=click.IntRange(min=1), show_default=True)
 @click.option("--imagesize", default=288, type=click.IntRange(min=1), show_default=True)
 @click.option("--rotate_degrees", default=0, type=click.IntRange(min=0), show_default=True,

@@ -215,6 +215,117 @@ def keep_freed_memory() -> bool:
         return False
 
 
+# cgroup v1 writes "no limit" as a number near 2**63.
+_CGROUP_NO_LIMIT = 2**60
+# Per cgroup version: limit file, usage file, and the memory.stat key of the reclaimable file cache.
+_CGROUP_MEMORY_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                        1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_levels(controller: str, proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup"
+                  ) -> List[Tuple[str, int]]:
+    """(folder, cgroup version) of this process's cgroup for ``controller`` (``memory``, ``cpu``) and of each of
+    its ancestors, deepest first; [] when /proc/self/cgroup cannot be read. Folders may not exist: in a
+    container the host's path is often not visible, and the mount itself is the container's cgroup."""
+    try:
+        with open(proc_cgroup) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    levels = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        hierarchy, controllers, path = fields
+        if hierarchy == "0" and controllers == "":
+            base, version = mount, 2
+        elif controller in controllers.split(","):
+            base, version = os.path.join(mount, controller), 1
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        levels += [(os.path.join(base, *parts[:depth]), version) for depth in range(len(parts), -1, -1)]
+    return levels
+
+
+def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes this process's memory cgroup (v1 or v2) can still grow by before a limit stops it, or None when
+    no limit applies or none can be read.
+
+    The smallest ``limit - (usage - inactive file cache)`` over the process's cgroup and its ancestors.
+    ``MemAvailable`` does not see such limits: in a container started with ``--memory 8g`` it reports the
+    host's memory.
+    """
+    rooms = [room for folder, version in cgroup_levels("memory", proc_cgroup, mount)
+             if (room := _cgroup_memory_room(folder, *_CGROUP_MEMORY_FILES[version])) is not None]
+    return max(0, min(rooms)) if rooms else None
+
+
+def _cgroup_memory_room(folder: str, limit_file: str, usage_file: str, inactive_key: str) -> Optional[int]:
+    """``limit - (usage - inactive file cache)`` of one cgroup folder; None without a limit or its files."""
+    try:
+        with open(os.path.join(folder, limit_file)) as handle:
+            text = handle.read().strip()
+        if text == "max" or int(text) >= _CGROUP_NO_LIMIT:
+            return None
+        limit = int(text)
+        with open(os.path.join(folder, usage_file)) as handle:
+            usage = int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        with open(os.path.join(folder, "memory.stat")) as handle:
+            for line in handle:
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+                    break
+    except (OSError, ValueError):
+        pass
+    return limit - max(0, usage - inactive)
+
+
+def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> Optional[float]:
+    """The cores' worth of CPU time this process's cgroup (v1 or v2) and its ancestors allow (the smallest
+    quota / period: ``docker run --cpus 2`` gives 2.0), or None when no quota applies or none can be read."""
+    limits = [limit for folder, version in cgroup_levels("cpu", proc_cgroup, mount)
+              if (limit := _cgroup_cpu_limit(folder, version)) is not None]
+    return min(limits) if limits else None
+
+
+def _cgroup_cpu_limit(folder: str, version: int) -> Optional[float]:
+    try:
+        if version == 2:
+            with open(os.path.join(folder, "cpu.max")) as handle:
+                quota, period = handle.read().split()[:2]
+            if quota == "max":
+                return None
+        else:
+            with open(os.path.join(folder, "cpu.cfs_quota_us")) as handle:
+                quota = handle.read().strip()
+            with open(os.path.join(folder, "cpu.cfs_period_us")) as handle:
+                period = handle.read().strip()
+        quota_us, period_us = int(quota), int(period)
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cores() -> int:
+    """The cores this process can use: those it may run on (CPU affinity, e.g. ``taskset``), capped by a
+    cgroup CPU quota rounded up (a container's ``--cpus``); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
 class _MallInfo2(ctypes.Structure):
     """glibc's ``struct mallinfo2`` (<malloc.h>, glibc 2.33 and later)."""
     _fields_ = [(name, ctypes.c_size_t) for name in (

@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--imagesize", type=positive_int, default=288, help="input side of the on-the-fly model (ignored with --class_dir)")
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes to time")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per batch size (median reported)")
-    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for both PyTorch and onnxruntime")
+    parser.add_argument("--threads", type=positive_int, default=utils.usable_cores(), help="threads for both PyTorch and onnxruntime")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     utils.keep_freed_memory()  # as main.py does

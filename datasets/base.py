@@ -650,7 +650,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if (image_bytes(first) + mask_bytes) * len(self.data_to_iterate) > budget_bytes:
             return 0
         paths = [row[2] for row in self.data_to_iterate]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
+        with ThreadPoolExecutor(max_workers=min(8, utils.usable_cores())) as pool:  # decoding releases the GIL
             images = [first, *pool.map(lambda path: resize(load_image(path)), paths[1:])]  # the first: decoded above
             masks = list(pool.map(lambda path: self._foreground(path).to(torch.uint8), paths)) if self.class_fg \
                 else None

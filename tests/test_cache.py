@@ -270,57 +270,6 @@ def test_plan_limits_are_inclusive_and_exact(tmp_path, monkeypatch):
         == ("ram", "embeddings")
 
 
-def write_files(folder: Path, files: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-
-
-def test_cgroup_v2_room_is_the_tightest_limit_less_the_working_set(tmp_path):
-    """Each level from the process's cgroup up: limit less (usage less inactive file cache); the smallest wins."""
-    gib = 2**30
-    proc = tmp_path / "cgroup"
-    proc.write_text("0::/user.slice/job.scope\n")
-    mount = tmp_path / "sys"
-    write_files(mount / "user.slice", {"memory.max": f"{8 * gib}\n", "memory.current": f"{3 * gib}\n",
-                                       "memory.stat": f"anon {2 * gib}\ninactive_file {gib}\nactive_file 0\n"})
-    write_files(mount / "user.slice" / "job.scope", {"memory.max": "max\n", "memory.current": f"{gib}\n"})
-    assert common.cgroup_memory_room(str(proc), str(mount)) == 6 * gib
-    write_files(mount / "user.slice" / "job.scope", {"memory.max": f"{5 * gib}\n", "memory.current": f"{2 * gib}\n"})
-    assert common.cgroup_memory_room(str(proc), str(mount)) == 3 * gib
-    write_files(mount / "user.slice" / "job.scope", {"memory.max": f"{gib}\n", "memory.current": f"{2 * gib}\n"})
-    assert common.cgroup_memory_room(str(proc), str(mount)) == 0  # over its limit: nothing left
-
-
-def test_cgroup_v1_room_in_a_container_and_without_limits(tmp_path):
-    """cgroup v1 as Docker shows it: the host's path is not visible, the container's cgroup is the mount itself."""
-    gib = 2**30
-    proc = tmp_path / "cgroup"
-    proc.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n")
-    mount = tmp_path / "sys"
-    write_files(mount / "memory", {"memory.limit_in_bytes": f"{4 * gib}\n", "memory.usage_in_bytes": f"{gib}\n",
-                                   "memory.stat": f"cache {gib}\ntotal_inactive_file {gib // 2}\n"})
-    assert common.cgroup_memory_room(str(proc), str(mount)) == 4 * gib - gib // 2
-    write_files(mount / "memory", {"memory.limit_in_bytes": "9223372036854771712\n"})  # v1's "no limit"
-    assert common.cgroup_memory_room(str(proc), str(mount)) is None
-    assert common.cgroup_memory_room(str(tmp_path / "absent"), str(mount)) is None
-
-
-def test_available_memory_is_the_tighter_limit_plus_the_kept_heap(monkeypatch):
-    gib = 2**30
-    monkeypatch.setattr(utils, "free_heap_bytes", lambda: gib // 4)
-    monkeypatch.setattr(common, "system_available_memory", lambda: 20 * gib)
-    monkeypatch.setattr(common, "cgroup_memory_room", lambda: None)
-    assert common.available_memory() == 20 * gib + gib // 4
-    monkeypatch.setattr(common, "cgroup_memory_room", lambda: 6 * gib)  # a container on a larger host
-    assert common.available_memory() == 6 * gib + gib // 4
-    monkeypatch.setattr(common, "system_available_memory", lambda: None)
-    monkeypatch.setattr(utils, "free_heap_bytes", lambda: None)
-    assert common.available_memory() == 6 * gib
-    monkeypatch.setattr(common, "cgroup_memory_room", lambda: None)
-    assert common.available_memory() is None
-
-
 def test_cache_size_counts_every_cached_image(tmp_path, odd_tire, dtd_root, monkeypatch):
     """The size put to the plan is that of all cached images (17 training + 7 test), as the cache holds them."""
     planned = []

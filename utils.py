@@ -170,7 +170,18 @@ def select_device(gpu_ids: Sequence[int]) -> torch.device:
         device = torch.device("cpu")
         reason = "asked for with --gpu -1" if not wanted else "no CUDA or MPS device found"
         LOGGER.info("Device: cpu (%s)", reason)
+        warn_if_threads_exceed_cores(torch.get_num_threads())
     return device
+
+
+def warn_if_threads_exceed_cores(threads: int) -> None:
+    """Warn when torch runs more threads than this process has cores (a container's CPU quota, which torch's
+    default does not see): the threads then wait for each other at every operation."""
+    cores = usable_cores()
+    if threads > cores:
+        LOGGER.warning("torch runs %d threads but this process can use %d core(s) (CPU affinity or a container's CPU "
+                       "quota): OMP_NUM_THREADS=%d is likely faster (another thread count can change the last bits)",
+                       threads, cores, cores)
 
 
 # glibc's mallopt() parameters (<malloc.h>); a trim threshold of -1 turns trimming off (mallopt(3)).

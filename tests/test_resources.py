@@ -1,7 +1,8 @@
 """What the machine lends this process: memory (utils.cgroup_memory_room, common.available_memory) and cores
-(utils.cgroup_cpu_limit, utils.usable_cores), on made-up cgroup trees with known answers and on this machine."""
+(utils.cgroup_cpu_limit, utils.usable_cores, and the warning when torch runs more threads), on made-up cgroup trees with known answers and on this machine."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -97,3 +98,13 @@ def test_default_workers_follow_the_cpu_affinity():
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1"]
+
+
+def test_more_torch_threads_than_usable_cores_is_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(utils, "usable_cores", lambda: 2)
+    with caplog.at_level(logging.WARNING):
+        utils.warn_if_threads_exceed_cores(2)
+        assert caplog.text == ""
+        utils.warn_if_threads_exceed_cores(32)
+    assert "torch runs 32 threads but this process can use 2 core(s)" in caplog.text
+    assert "OMP_NUM_THREADS=2 is likely faster" in caplog.text

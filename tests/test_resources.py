@@ -20,12 +20,17 @@ def write_files(folder: Path, files: dict) -> None:
         (folder / name).write_text(text)
 
 
+def fake_cgroups(tmp_path: Path, proc_cgroup: str) -> tuple[Path, Path]:
+    """A made-up /proc/self/cgroup with ``proc_cgroup`` in it, and an empty folder to mount cgroups at."""
+    proc = tmp_path / "cgroup"
+    proc.write_text(proc_cgroup)
+    return proc, tmp_path / "sys"
+
+
 def test_cgroup_v2_memory_room_is_the_tightest_limit_less_the_working_set(tmp_path):
     """Each level from the process's cgroup up: limit less (usage less inactive file cache); the smallest wins."""
     gib = 2**30
-    proc = tmp_path / "cgroup"
-    proc.write_text("0::/user.slice/job.scope\n")
-    mount = tmp_path / "sys"
+    proc, mount = fake_cgroups(tmp_path, "0::/user.slice/job.scope\n")
     write_files(mount / "user.slice", {"memory.max": f"{8 * gib}\n", "memory.current": f"{3 * gib}\n",
                                        "memory.stat": f"anon {2 * gib}\ninactive_file {gib}\nactive_file 0\n"})
     write_files(mount / "user.slice" / "job.scope", {"memory.max": "max\n", "memory.current": f"{gib}\n"})
@@ -39,9 +44,7 @@ def test_cgroup_v2_memory_room_is_the_tightest_limit_less_the_working_set(tmp_pa
 def test_cgroup_v1_memory_room_in_a_container_and_without_limits(tmp_path):
     """cgroup v1 as Docker shows it: the host's path is not visible, the container's cgroup is the mount itself."""
     gib = 2**30
-    proc = tmp_path / "cgroup"
-    proc.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n")
-    mount = tmp_path / "sys"
+    proc, mount = fake_cgroups(tmp_path, "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n")
     write_files(mount / "memory", {"memory.limit_in_bytes": f"{4 * gib}\n", "memory.usage_in_bytes": f"{gib}\n",
                                    "memory.stat": f"cache {gib}\ntotal_inactive_file {gib // 2}\n"})
     assert utils.cgroup_memory_room(str(proc), str(mount)) == 4 * gib - gib // 2
@@ -66,9 +69,7 @@ def test_available_memory_is_the_tighter_limit_plus_the_kept_heap(monkeypatch):
 
 
 def test_cgroup_cpu_quota_v2_and_v1(tmp_path):
-    proc = tmp_path / "cgroup"
-    proc.write_text("0::/machine.slice/box\n")
-    mount = tmp_path / "sys"
+    proc, mount = fake_cgroups(tmp_path, "0::/machine.slice/box\n")
     write_files(mount / "machine.slice", {"cpu.max": "max 100000\n"})
     write_files(mount / "machine.slice" / "box", {"cpu.max": "150000 100000\n"})  # docker run --cpus 1.5
     assert utils.cgroup_cpu_limit(str(proc), str(mount)) == 1.5

@@ -307,6 +307,7 @@ def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/
 
 
 def _cgroup_cpu_limit(folder: str, version: int) -> Optional[float]:
+    """quota / period of one cgroup folder; None without a quota or its files."""
     try:
         if version == 2:
             with open(os.path.join(folder, "cpu.max")) as handle:

@@ -59,19 +59,17 @@ class Discriminator(torch.nn.Module):
         """The rest of :meth:`forward` after :meth:`first_norm` (blocks only), for inference: the first
         activation overwrites ``normed``."""
         activation = self.body[0][2]
-        x = F.leaky_relu(normed, activation.negative_slope, inplace=True)
-        for block in self.body[1:]:
-            x = block(x)
-        return self.tail(x)
+        return self._from_second_block(F.leaky_relu(normed, activation.negative_slope, inplace=True))
 
     def from_first_linear(self, pre: torch.Tensor) -> torch.Tensor:
         """The rest of :meth:`forward` after :meth:`first_linear`: ``forward(x) == from_first_linear(first_linear()(x))``."""
         if len(self.body) == 0:
             return self.tail[1](pre)
-        x = self.body[0][1:](pre)
-        for block in self.body[1:]:
-            x = block(x)
-        return self.tail(x)
+        return self._from_second_block(self.body[0][1:](pre))
+
+    def _from_second_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks after the first one, then the tail."""
+        return self.tail(self.body[1:](x))
 
 
 class Projection(torch.nn.Module):

@@ -1,8 +1,10 @@
-"""What every benchmark shares: the one-line description of the machine, and the device it times."""
+"""What every benchmark shares: the one-line description of the machine, the device it times, and the
+process's peak memory."""
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import sys
 
 DEVICE_CHOICES = ("cpu", "cuda", "mps", "auto")
@@ -83,6 +85,12 @@ def peak_device_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return float("nan")
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """The resident-set high-water mark of this process (``RUSAGE_SELF``) or of its largest waited-for child
+    (``RUSAGE_CHILDREN``), in MB."""
+    return resource.getrusage(who).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def describe_device(device) -> str:

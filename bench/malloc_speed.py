@@ -33,7 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from bench.machine import describe_machine, int_range  # noqa: E402
+from bench.machine import describe_machine, int_range, peak_rss_mb  # noqa: E402
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 SETTINGS = ("kept", "system")  # utils.keep_freed_memory as main.py calls it; glibc's defaults
@@ -115,7 +115,7 @@ def run_child(args) -> Dict[str, object]:
         "step_faults": statistics.median(f for _, f in later),
         "predict_ms_per_image": statistics.median(s for s, _ in predicts) * 1e3 / len(images),
         "predict_faults": statistics.median(f for _, f in predicts),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_rss_mb(),
         "scores": np.asarray(scores, dtype=np.float64).tolist(),
     }
 

@@ -59,7 +59,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from bench.machine import (DEVICE_CHOICES, MAX_SEED, bench_device, describe_machine, int_range,  # noqa: E402
-                           peak_device_memory_mb, reset_peak_device_memory)
+                           peak_device_memory_mb, peak_rss_mb, reset_peak_device_memory)
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -244,10 +244,6 @@ def swapped(module, name: str, value):
 
 # --------------------------------------------------------------------------------------------------
 # One run (child process)
-
-def peak_rss_mb(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # KiB on Linux
-
 
 def run_flow(args) -> Dict[str, object]:
     """Train ``args.epochs`` epochs with the flow ``args.child`` and test the best checkpoint; the clocks."""

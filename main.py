@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
@@ -69,16 +69,25 @@ def odd_patchsize(ctx: click.Context, param: click.Parameter, value: int) -> int
         raise click.BadParameter(str(exc)) from None
 
 
+def gpu_ids(ctx: click.Context, param: click.Parameter, value: Tuple[int, ...]) -> Tuple[int, ...]:
+    """``--gpu``: device ids 0 and up, or -1 alone (the CPU)."""
+    if any(gpu < -1 for gpu in value):
+        raise click.BadParameter(f"{min(value)} is not a device: give CUDA ids 0 and up, or -1 for the CPU")
+    if -1 in value and any(gpu >= 0 for gpu in value):
+        raise click.BadParameter("-1 (the CPU) cannot be combined with GPU ids: give --gpu -1 alone, or GPU ids only")
+    return value
+
+
 @click.group(chain=True)
 @click.option("--results_path", type=str, default="results", show_default=True, help="Where every output is written.")
-@click.option("--gpu", type=int, default=[0], multiple=True, show_default=True,
+@click.option("--gpu", type=int, default=[0], multiple=True, show_default=True, callback=gpu_ids,
               help="CUDA device id; falls back to MPS, then CPU. -1 forces the CPU. Several ids (--gpu 0 --gpu 1) "
                    "train different classes on different GPUs in parallel processes, one class per GPU at a time "
                    "(without CUDA: one class at a time on the CPU).")
 @click.option("--seed", type=click.IntRange(0, utils.MAX_SEED), default=0, show_default=True)
-@click.option("--log_group", type=str, default="group", help="Accepted for compatibility; unused.")
-@click.option("--log_project", type=str, default="project", help="Accepted for compatibility; unused.")
-@click.option("--run_name", type=str, default="test", help="Accepted for compatibility; unused.")
+@click.option("--log_group", type=str, show_default=True, default="group", help="Accepted for compatibility; unused.")
+@click.option("--log_project", type=str, show_default=True, default="project", help="Accepted for compatibility; unused.")
+@click.option("--run_name", type=str, show_default=True, default="test", help="Accepted for compatibility; unused.")
 @click.option("--test", type=click.Choice(["ckpt", "test"]), default="ckpt", show_default=True,
               help="ckpt: train, then test the best checkpoint; test: only test the saved best checkpoint.")
 # Set by a parallel run (several --gpu ids) on the worker processes it starts: run one class on one device and

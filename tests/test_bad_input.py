@@ -282,6 +282,18 @@ def test_a_seed_numpy_refuses_is_refused_before_anything_runs(capsys, results, d
     assert not fresh.exists()  # no run.json recording a failure
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--gpu", "-1", "--gpu", "0"], ["--gpu", "-1 (the CPU) cannot be combined with GPU ids"]),
+    (["--gpu", "1", "--gpu", "-1"], ["--gpu", "-1 (the CPU) cannot be combined with GPU ids"]),
+    (["--gpu", "-2"], ["--gpu", "-2 is not a device", "-1 for the CPU"]),
+])
+def test_gpu_ids_that_mix_the_cpu_in_or_name_no_device_are_refused_before_anything_runs(capsys, results, data,
+                                                                                         dtd_root, tmp_path, args, says):
+    fresh = tmp_path / "fresh"
+    assert_fails(capsys, results, cli_args(fresh, data, dtd_root, main=args), *says, usage=True)
+    assert not fresh.exists()
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0.seed--5", "efficientnet_lite0.seed-99999999999"])
 def test_a_backbone_seed_out_of_range_is_refused_before_anything_runs(capsys, results, data, dtd_root, tmp_path, name):
     fresh = tmp_path / "fresh"

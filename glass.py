@@ -269,6 +269,11 @@ class FrozenTrueHalf:
         return grad[rows:].mm(linear.weight)
 
 
+def judges_only(training_data) -> bool:
+    """Whether the training loader's dataset was built with ``--distribution 1`` (judge the class, train nothing)."""
+    return getattr(getattr(training_data, "dataset", None), "distribution", 0) == 1
+
+
 def final_pass_reusable(discriminator: Discriminator) -> bool:
     """Whether :meth:`FrozenTrueHalf.final_scores` covers this discriminator: its first Linear layer has a bias
     (:class:`model.LinearWithKnownRows`); without hidden blocks the tail's bias-free layer sees the input."""
@@ -676,7 +681,9 @@ class GLASS(torch.nn.Module):
         self.results_path: Optional[str] = None  # set by set_model_dir: the run's --results_path
         self.excel_dirs: List[str] = []
         self.ckpt_dir = ""
-        self.logger: Optional[SummaryWriter] = None
+        self.tb_dir = ""
+        self._writer: Optional[SummaryWriter] = None  # the class folder's TensorBoard writer (see logger)
+        self._purge_step: Optional[int] = None  # its purge_step after a resume
         self.global_step = 0
         self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn, fuse_head)
 
@@ -775,7 +782,20 @@ class GLASS(torch.nn.Module):
         self.tb_dir = os.path.join(self.ckpt_dir, "tb")
         os.makedirs(self.tb_dir, exist_ok=True)
         self.results_path = results_path
-        self.logger = SummaryWriter(log_dir=self.tb_dir)
+        self.close()
+        self._purge_step = None
+
+    @property
+    def logger(self) -> Optional[SummaryWriter]:
+        """The class folder's TensorBoard writer (None before :meth:`set_model_dir`), opened at its first use, so
+        that a run that logs nothing (judging only, a test) adds no event file."""
+        if self._writer is None and self.tb_dir:
+            self._writer = SummaryWriter(log_dir=self.tb_dir, purge_step=self._purge_step)
+        return self._writer
+
+    @logger.setter
+    def logger(self, writer) -> None:
+        self._writer = writer
 
     def save_config(self, config: dict) -> str:
         """Write ``<class folder>/config.json``: what is needed to rebuild this model for inference."""
@@ -803,10 +823,10 @@ class GLASS(torch.nn.Module):
                        "layers, patch size or image size, delete it and test again with those", path)
 
     def close(self) -> None:
-        """Close the TensorBoard writer of the class folder (a later set_model_dir opens a new one)."""
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        """Close the TensorBoard writer of the class folder (a later use opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def best_checkpoint(self) -> Optional[str]:
         """Path of ``ckpt_best_<epoch>.pth`` in the class folder, if any (the highest epoch if several)."""
@@ -1104,7 +1124,8 @@ class GLASS(torch.nn.Module):
         """Train on ``training_data``, evaluating on ``val_data`` every ``eval_epochs``.
 
         Returns the best record ``[i_auroc, i_ap, p_auroc, p_ap, p_pro, epoch]``; ``None`` when the class
-        was trained before (training is skipped); the judged flag (int) for ``--distribution 1``.
+        was trained before (training is skipped); the judged flag (int) for ``--distribution 1``, which only
+        judges, whatever the class folder holds (the reference skips a class with a best checkpoint first).
 
         Resuming: ``ckpt.pth`` is written after every epoch with the whole training state (see
         :meth:`training_checkpoint`). When it stops before the last epoch, training continues with the
@@ -1127,6 +1148,9 @@ class GLASS(torch.nn.Module):
         the same with or without the cache. Heatmaps are not written here: the test of the best
         checkpoint after training writes them once.
         """
+        if judges_only(training_data):  # whatever the class folder holds: nothing is trained or tested
+            self.svd = self.judged_distribution = self._judge_distribution(training_data, name)
+            return self.svd
         state = self.read_training_checkpoint()
         status = self.training_status(state)
         if status == "finished":
@@ -1141,8 +1165,7 @@ class GLASS(torch.nn.Module):
                 self.finished_note = f"{os.path.basename(self.best_checkpoint())} and {whose}: by the reference?"
             return None
 
-        if getattr(getattr(training_data, "dataset", None), "distribution", 0) != 1:  # not for judging only
-            self.check_mask_grid(training_data)
+        self.check_mask_grid(training_data)
         start_epoch, best_record, best_path = 0, None, None
         if status == "resume":
             started_for = int(state.get("meta_epochs", self.meta_epochs))
@@ -1153,9 +1176,7 @@ class GLASS(torch.nn.Module):
             if state is not None:
                 LOGGER.warning("%s: %s holds no training state (written by the reference?): training from the start",
                                name, TRAINING_CHECKPOINT)
-            judge_only = self._choose_distribution(training_data, name)
-            if judge_only:
-                return self.svd
+            self._choose_distribution(training_data, name)
 
         self._preload_training_images(training_data)
         center_data = self._center_loader(training_data)
@@ -1188,7 +1209,8 @@ class GLASS(torch.nn.Module):
             best_path = self._save_epoch(epoch, weights, result, best_record, best_path, new_best)
             if not live:
                 LOGGER.info("%s: %s", name, f"{epoch_str} {summary if result is not None else ''}".strip())
-        self.logger.flush()
+        if self._writer is not None:
+            self._writer.flush()
         return best_record
 
     def _resume(self, state: dict, name: str) -> Tuple[int, Optional[list], Optional[str]]:
@@ -1197,9 +1219,8 @@ class GLASS(torch.nn.Module):
         self._settle_best_checkpoint(state)
         last_epoch, best_record, best_path = self.restore_training_checkpoint(state, ckpt_path)
         LOGGER.info("%s: resuming from %s (%d of %d epochs done)", name, ckpt_path, last_epoch + 1, self.meta_epochs)
-        if self.logger is not None:  # hide what the interrupted run logged after its last checkpoint
-            self.logger.close()
-            self.logger = SummaryWriter(log_dir=self.tb_dir, purge_step=self.global_step)
+        self.close()  # the next writer hides what the interrupted run logged after its last checkpoint
+        self._purge_step = self.global_step
         return last_epoch + 1, best_record, best_path
 
     def _evaluate_epoch(self, val_data, epoch: int, name: str, best_path: Optional[str]) -> List[float]:
@@ -1279,22 +1300,18 @@ class GLASS(torch.nn.Module):
         pixel = record[2] if np.isfinite(record[2]) else 0.0
         return record[0] + pixel
 
-    def _choose_distribution(self, training_data, name: str) -> bool:
-        """Set ``self.svd`` from ``--distribution``; returns True when the run should only judge.
+    def _choose_distribution(self, training_data, name: str) -> None:
+        """Set ``self.svd`` for training from ``--distribution`` (1, judging only, is :meth:`_train`'s).
 
-        1 = judge now and stop; 2 = manifold; 3 = hypersphere; 0 = the xlsx entry; 4 = its opposite.
-        A class missing from the xlsx is judged and recorded, then trained with the judged hypothesis (0) or its
-        opposite (4), as a rerun that reads the recorded table would.
+        2 = manifold; 3 = hypersphere; 0 = the xlsx entry; 4 = its opposite. A class missing from the xlsx is
+        judged and recorded, then trained with the judged hypothesis (0) or its opposite (4), as a rerun that
+        reads the recorded table would.
         """
         choice = getattr(training_data.dataset, "distribution", 0)
         self.judged_distribution = None
-        if choice == 1:
-            self.svd = self._judge_distribution(training_data, name)
-            self.judged_distribution = self.svd
-            return True
         if choice in (2, 3):
             self.svd = 0 if choice == 2 else 1
-            return False
+            return
         dataset_name = name.split("_")[0]
         found = utils.lookup_distribution(self.excel_dirs, dataset_name, name)
         if found is None:
@@ -1308,7 +1325,6 @@ class GLASS(torch.nn.Module):
         else:
             self.svd = found[0] if choice == 0 else 1 - found[0]
         LOGGER.info("%s: %s hypothesis (svd %d)", name, "hypersphere" if self.svd else "manifold", self.svd)
-        return False
 
     def _judge_distribution(self, training_data, name: str) -> int:
         """Judge manifold vs hypersphere from the mean normalised training image (spec, "Training").

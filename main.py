@@ -498,8 +498,9 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
             model.excel_dirs = datasets_base.distribution_table_dirs(excel_dir)
             config = {**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed}
             try:
-                # Refuses a folder trained with other model options; records config.json for a new run.
-                model.check_config(config, training=test == "ckpt")
+                judging = test == "ckpt" and glass.judges_only(dataloaders["training"])  # the folder is not used
+                if not judging:  # refuses a folder trained with other model options; records config.json for a new run
+                    model.check_config(config, training=test == "ckpt")
                 if test == "ckpt":
                     outcome = model.trainer(dataloaders["training"], dataloaders["testing"], class_key)
                     if model.judged_distribution is not None:

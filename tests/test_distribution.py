@@ -202,3 +202,28 @@ def test_distribution_tables_are_searched_in_order_and_a_new_judgement_replaces_
     import pandas as pd
 
     assert sorted(pd.read_excel(utils.excel_path(str(excel), "mvtec"))["Class"]) == ["mvtec_a", "mvtec_b"]
+
+
+def _folder_contents(folder) -> dict:
+    """{relative path: bytes} of every file under ``folder``."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_judge_only_judges_a_trained_or_interrupted_class_and_leaves_its_folder_alone(tmp_path, tiny_tire, dtd_root):
+    net = [*TINY_NET[:TINY_NET.index("--meta_epochs")], "--step", "2", "--limit", "8"]
+    args = tiny_dataset_args(tiny_tire, dtd_root)
+    trained = ["--results_path", str(tmp_path), "--gpu", "-1", *net, "--meta_epochs", "1", *args]
+    _run(trained)
+    class_dir = tmp_path / "models" / "backbone_0" / "mvtec_tire"
+    before = _folder_contents(class_dir)
+    rows = (tmp_path / "results.csv").read_text()
+    args[args.index("--distribution") + 1] = "1"
+    # 1 epoch asked: the class is finished (the reference would test it); 2 epochs: training would resume.
+    for epochs in ("1", "2"):
+        said = _run(["--results_path", str(tmp_path), "--gpu", "-1", *net, "--meta_epochs", epochs, *args])
+        assert "--distribution 1 judges only: mvtec_tire " in said and "nothing trained" in said
+        assert "testing its best checkpoint" not in said and "resuming" not in said.lower()
+        assert _folder_contents(class_dir) == before
+        assert (tmp_path / "results.csv").read_text() == rows
+        assert list(_table(tmp_path)["Class"]) == ["mvtec_tire"]
+

@@ -1177,6 +1177,7 @@ class GLASS(torch.nn.Module):
                 LOGGER.warning("%s: %s holds no training state (written by the reference?): training from the start",
                                name, TRAINING_CHECKPOINT)
             self._choose_distribution(training_data, name)
+        self._settle_foreground(training_data, name)
 
         self._preload_training_images(training_data)
         center_data = self._center_loader(training_data)
@@ -1325,6 +1326,18 @@ class GLASS(torch.nn.Module):
         else:
             self.svd = found[0] if choice == 0 else 1 - found[0]
         LOGGER.info("%s: %s hypothesis (svd %d)", name, "hypersphere" if self.svd else "manifold", self.svd)
+
+    def _settle_foreground(self, training_data, name: str) -> None:
+        """``--fg 2`` for a class missing from the xlsx: foreground masks as its judgement records them (this run's
+        or, resumed, the interrupted run's), as a rerun reading the recorded table would; the reference's fg 1 when
+        the class was not judged."""
+        dataset = getattr(training_data, "dataset", None)
+        if not getattr(dataset, "foreground_pending", False):
+            return
+        try:
+            dataset.settle_foreground(1 if self.judged_distribution is None else self.judged_distribution)
+        except GlassError as exc:
+            raise ClassStoppedError(f"{name}: {exc}") from None
 
     def _judge_distribution(self, training_data, name: str) -> int:
         """Judge manifold vs hypersphere from the mean normalised training image (spec, "Training").

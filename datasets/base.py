@@ -345,6 +345,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.data_to_iterate: List[list] = self._collect_items()
         self.anomaly_source_paths: List[str] = []
         self.class_fg = 0
+        self.foreground_pending = False  # fg 2 for a class the trainer judges: see settle_foreground
         if split == DatasetSplit.TRAIN:
             self.class_fg = self._foreground_flag(excel_dir)
         self._check_files()
@@ -374,7 +375,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
         ])
         LOGGER.info(
             "%s_%s %s: %d images%s", dataset_name, classname, split.value, len(self.data_to_iterate),
-            f", {len(self.anomaly_source_paths)} textures, fg {self.class_fg}" if split == DatasetSplit.TRAIN else "",
+            f", {len(self.anomaly_source_paths)} textures, fg {'as judged' if self.foreground_pending else self.class_fg}"
+            if split == DatasetSplit.TRAIN else "",
         )
 
     def image_transform(self, resize: Union[int, List[int]]) -> transforms.Compose:
@@ -438,13 +440,18 @@ class AnomalyDataset(torch.utils.data.Dataset):
                         "mask of another size than its image", f"{self.relative(mask_path)} {mask_size[0]}x"
                         f"{mask_size[1]} vs {size[0]}x{size[1]}", plural="masks of another size than their image",
                     )
-            if self.class_fg:
-                fg_path = self.fg_mask_path(image_path)
-                if image_size(fg_path) is None:
-                    problems.add("missing or unreadable foreground mask", self.relative(fg_path),
-                                 plural="missing or unreadable foreground masks",
-                                 hint="create them (same file names as the training images) or use --fg 0")
+        if self.class_fg:
+            self._check_foreground_masks(problems)
         warn_wide_images(wide, f"{self.dataset_name}_{self.classname} {self.split.value} image(s)")
+
+    def _check_foreground_masks(self, problems: LayoutProblems) -> None:
+        """Every training image has a readable foreground mask."""
+        for _, _, image_path, _ in self.data_to_iterate:
+            fg_path = self.fg_mask_path(image_path)
+            if image_size(fg_path) is None:
+                problems.add("missing or unreadable foreground mask", self.relative(fg_path),
+                             plural="missing or unreadable foreground masks",
+                             hint="create them (same file names as the training images) or use --fg 0")
 
     def _check_test_labels(self) -> None:
         """Image AUROC needs normal and defect test images."""
@@ -497,10 +504,27 @@ class AnomalyDataset(torch.utils.data.Dataset):
         except Exception as exc:  # the reference falls back to foreground masks on any failure
             LOGGER.warning("Could not look up the foreground flag of %s (%s); using fg masks", key, exc)
             found = None
+        if found is None and self.distribution in (0, 4):  # the trainer judges the class and records the flag
+            LOGGER.info("%s is not in any %s_distribution.xlsx: fg masks as the class is judged", key, self.dataset_name)
+            self.foreground_pending = True
+            return 0
         if found is None:
             LOGGER.info("%s is not in any %s_distribution.xlsx: using fg masks", key, self.dataset_name)
             return 1
         return int(found[1])
+
+    def settle_foreground(self, flag: int) -> None:
+        """Use foreground masks or not (``flag``) for a class whose ``fg 2`` flag waited for the trainer's judgement:
+        the Foreground value the judgement records, which a rerun reading the table would use. With masks, they
+        must exist (GlassError otherwise)."""
+        self.foreground_pending = False
+        self.class_fg = int(flag)
+        if self.class_fg:
+            problems = LayoutProblems(self.source, self.classname, self.LAYOUT)
+            self._check_foreground_masks(problems)
+            if problems:
+                raise GlassError(f"{problems.describe()}: the class was judged as needing them (--fg 2)")
+        LOGGER.info("%s_%s: fg %d (as judged)", self.dataset_name, self.classname, self.class_fg)
 
     def fg_mask_path(self, image_path: str) -> str:
         """``<source>/fg_mask/<class>/<image file name>``."""

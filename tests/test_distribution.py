@@ -227,3 +227,40 @@ def test_judge_only_judges_a_trained_or_interrupted_class_and_leaves_its_folder_
         assert (tmp_path / "results.csv").read_text() == rows
         assert list(_table(tmp_path)["Class"]) == ["mvtec_tire"]
 
+
+def test_fg_2_for_a_class_missing_from_the_table_follows_the_foreground_flag_its_judgement_records(tmp_path, tiny_tire,
+                                                                                                    dtd_root):
+    # The class with foreground masks (the left half of each image), so that using them or not changes training.
+    root = tmp_path / "data"
+    shutil.copytree(tiny_tire / "tire", root / "tire")
+    (root / "fg_mask" / "tire").mkdir(parents=True)
+    for path in (root / "tire" / "train" / "good").iterdir():
+        width, height = PIL.Image.open(path).size
+        mask = np.zeros((height, width), np.uint8)
+        mask[:, : width // 2] = 255
+        PIL.Image.fromarray(mask).save(root / "fg_mask" / "tire" / path.name)
+    net = [*TINY_NET[:TINY_NET.index("--meta_epochs")], "--meta_epochs", "1", "--step", "2", "--limit", "8"]
+
+    def run(results, distribution: str, fg: str) -> dict:
+        args = tiny_dataset_args(root, dtd_root)
+        args[args.index("--distribution") + 1] = distribution
+        args[args.index("--fg") + 1] = fg
+        _run(["--results_path", str(results), "--gpu", "-1", *net, *args])
+        return _checkpoint(results) if distribution != "1" else {}
+
+    judged = tmp_path / "judged"
+    run(judged, "1", "2")
+    flag = int(_table(judged)["Foreground"][0])
+    # Judged in the run, then trained: as the rerun below, which reads the table the judgement recorded.
+    in_run = run(tmp_path / "in_run", "0", "2")
+    assert in_run["judged_distribution"] == flag
+    rerun = tmp_path / "rerun"
+    shutil.copytree(judged / "datasets", rerun / "datasets")
+    from_table = run(rerun, "0", "2")
+    forced_other = run(tmp_path / "other_fg", "3" if flag else "2", str(1 - flag))
+    same = other = True
+    for part in ("discriminator", "pre_projection"):
+        for key, value in in_run[part].items():
+            same &= torch.equal(value, from_table[part][key])
+            other &= torch.equal(value, forced_other[part][key])
+    assert same and not other  # the other foreground flag trains another model

@@ -348,9 +348,22 @@ def test_foreground_flag_from_the_xlsx(tire_root, dtd_root, tmp_path):
     data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=str(excel))
     assert data.class_fg == 0
     assert data[0]["aug"].shape == (3, SIZE, SIZE)
-    # Not listed anywhere -> foreground masks (the reference's fallback), which this class lacks.
+    # Not listed anywhere, with a hypothesis forced -> foreground masks (the reference's fallback), which this
+    # class lacks.
     with pytest.raises(GlassError, match="--fg 0"):
-        MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=None)
+        MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=None,
+                     distribution=2)
+    # Not listed, --distribution 0 or 4: the trainer judges the class, and the Foreground flag it records decides.
+    for distribution in (0, 4):
+        data = MVTecDataset(root, dtd_root, classname="tire", resize=SIZE, imagesize=SIZE, fg=2, excel_dir=None,
+                            distribution=distribution)
+        assert data.foreground_pending and data.class_fg == 0
+        data.settle_foreground(0)
+        assert not data.foreground_pending and data.class_fg == 0
+        assert data[0]["aug"].shape == (3, SIZE, SIZE)
+        with pytest.raises(GlassError, match=r"3 missing or unreadable foreground masks \(fg_mask/tire/000.png.*"
+                                             r"judged as needing them \(--fg 2\)"):
+            data.settle_foreground(1)
 
 
 def test_a_foreground_mask_left_empty_by_the_centre_crop_is_a_user_error(tire_root, dtd_root, tmp_path):

@@ -2044,8 +2044,9 @@ THRESHOLD_NAME = "threshold.json"
 PREDICTION_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
 
 
-def collect_images(inputs: Sequence[str]) -> List[str]:
-    """Image files named by ``inputs``: files, folders (searched recursively) and glob patterns, in order."""
+def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None) -> List[str]:
+    """Image files named by ``inputs``: files, folders (searched recursively) and glob patterns, in order. Heatmaps
+    and overlays that an earlier run wrote to ``output_dir`` are not inputs, unless named one by one."""
     found: List[str] = []
     for item in inputs:
         if os.path.isdir(item):
@@ -2056,11 +2057,19 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise GlassError(f"{item} matched no file: give image files, folders or glob patterns such as 'dir/*.png'")
+        if output_dir is not None and matches != [item]:
+            matches = [m for m in matches if not is_earlier_output(m, output_dir)]
         images = [m for m in matches if os.path.isfile(m) and is_image(os.path.basename(m))]
         if not images:
             raise GlassError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         found.extend(images)
     return list(dict.fromkeys(found))
+
+
+def is_earlier_output(path: str, output_dir: str) -> bool:
+    """Whether ``path`` is a heatmap or overlay in ``output_dir`` (or below it), where predictions are written."""
+    inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(output_dir)]) == os.path.realpath(output_dir)
+    return inside and path.endswith(OUTPUT_SUFFIXES)
 
 
 def files_below(folder: str) -> List[str]:

@@ -338,10 +338,13 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
         name = trained_name if trained_name is not None and not name_given else dataset_name
         return name, os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{name}_{subdataset}")
 
+    def output_dir(results_path: str, dataset_name: str) -> str:
+        return output or os.path.join(results_path, "predict", f"{dataset_name}_{subdataset}")
+
     def check_before_training(results_path: str, trained_name: str, trained_classes: Sequence[str]) -> None:
         """Chained after training: the inputs and the class, checked before the training starts."""
-        glass.collect_images(inputs)
         name, class_dir = class_folder(results_path, trained_name)
+        glass.collect_images(inputs, output_dir(results_path, name))
         if not (name == trained_name and subdataset in trained_classes) and not os.path.isdir(class_dir):
             raise GlassError(f"predict -d {subdataset}: neither trained by this run ({trained_name}: "
                              f"{', '.join(trained_classes)}) nor in {class_dir}: name one of the classes")
@@ -351,7 +354,8 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
         if not os.path.isdir(class_dir):
             raise GlassError(f"no trained class folder {class_dir}{glass.trained_there(class_dir)}: check --results_path, "
                              "-d and --dataset, or train the class first")
-        paths = glass.collect_images(inputs)
+        out_dir = output_dir(results_path, dataset_name)
+        paths = glass.collect_images(inputs, out_dir)
         model, config = glass.load_trained(class_dir, device=device)
         model.fuse_head = fuse_head
 
@@ -371,7 +375,6 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
             return loader
 
         record = glass.choose_threshold(model, class_dir, make_test_loader, threshold, calibrate)
-        out_dir = output or os.path.join(results_path, "predict", f"{dataset_name}_{subdataset}")
         rows = glass.predict_images(model, config, paths, out_dir, record["threshold"], batch_size)
         flagged = sum(row["anomalous"] == "1" for row in rows)
         click.echo(f"{dataset_name}_{subdataset}: {flagged} of {len(rows)} image(s) anomalous at threshold "

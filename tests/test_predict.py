@@ -171,6 +171,48 @@ def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tm
     assert found == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), str(tmp_path / "sub" / "c.bmp")]
 
 
+def test_collect_images_leaves_out_the_heatmaps_and_overlays_of_the_output_folder(tmp_path):
+    names = ("a.png", "b_heatmap.png", "out/a_heatmap.png", "out/a_overlay.png", "out/c.png", "out/sub/d_overlay.png")
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    out = tmp_path / "out"
+    for module in (glass, ort_script()):
+        assert module.collect_images([str(tmp_path)]) == [str(tmp_path / name) for name in sorted(names)]
+        kept = [str(tmp_path / name) for name in ("a.png", "b_heatmap.png", "out/c.png")]
+        assert module.collect_images([str(tmp_path)], str(out)) == kept
+        assert module.collect_images([str(tmp_path / "**" / "*.png")], str(out)) == kept
+        # The output folder is the input folder: only its own heatmaps and overlays are left out.
+        assert module.collect_images([str(out)], str(out)) == [str(out / "c.png")]
+        # A file named on its own is an input, wherever it is.
+        assert module.collect_images([str(out / "a_overlay.png")], str(out)) == [str(out / "a_overlay.png")]
+
+
+def ort_script():
+    """onnx/ort.py as a module (it has its own copy of collect_images, to run without torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ort_script", ROOT / "onnx" / "ort.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rerun_of_predict_does_not_score_its_own_outputs(results, tiny_tire, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in sorted((tiny_tire / "tire" / "test" / "good").glob("*.png"))[:2]:
+        shutil.copy(path, inputs)
+    for out in (inputs / "out", inputs):  # below the inputs, and the input folder itself
+        for _ in range(2):
+            assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output", out,
+                             inputs]) == 0
+            rows = read_csv(out / "predictions.csv")
+            assert sorted(os.path.basename(row["image"]) for row in rows) == sorted(p.name for p in inputs.glob("*.png")
+                                                                                   if not p.stem.endswith(("_heatmap", "_overlay")))
+            assert len(rows) == 2
+
+
 def test_predict_reads_each_folder_once_and_writes_any_file_name(results, tiny_tire, tmp_path, capsys):
     inputs, not_utf8, long_name = awkward_inputs(next((tiny_tire / "tire" / "test" / "good").glob("*.png")), tmp_path)
     out = tmp_path / "out"

@@ -500,30 +500,36 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
             model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), class_key, results_path=results_path)
             model.excel_dirs = datasets_base.distribution_table_dirs(excel_dir)
             config = {**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed}
-            try:
-                judging = test == "ckpt" and glass.judges_only(dataloaders["training"])  # the folder is not used
-                if not judging:  # refuses a folder trained with other model options; records config.json for a new run
-                    model.check_config(config, training=test == "ckpt")
-                if test == "ckpt":
-                    outcome = model.trainer(dataloaders["training"], dataloaders["testing"], class_key)
-                    if model.judged_distribution is not None:
-                        judged[class_key] = model.judged_distribution
-                    if isinstance(outcome, int):  # --distribution 1: judged only
-                        continue
-                    if outcome is None:
-                        say(f"{class_key}: already trained ({model.finished_note}), testing its best checkpoint "
-                            f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
-                result = list(model.tester(dataloaders["testing"], class_key))
-                model.record_missing_config(config)
-            except (glass.ClassStoppedError, datasets_base.UnreadableImageError) as exc:  # the other classes still run
-                message = utils.error_message(exc)
-                message = message if message.startswith(f"{class_key}: ") else f"{class_key}: {message}"
-                if log_lone_stop or len(list_of_dataloaders) > 1 or len(models) > 1:
-                    LOGGER.error("%s", message)
-                add_stopped(message)
-                continue
-            finally:
-                model.close()
+            with utils.file_lock(os.path.join(model.ckpt_dir, CLASS_LOCK), wait=False) as held:
+                try:
+                    if not held:
+                        raise glass.ClassStoppedError(
+                            f"another run is training or testing {model.ckpt_dir}: wait for it to end, or use another "
+                            "--results_path")
+                    # Refuses a folder trained with other model options; records config.json for a new run (judging
+                    # only does not use the folder).
+                    if not (test == "ckpt" and glass.judges_only(dataloaders["training"])):
+                        model.check_config(config, training=test == "ckpt")
+                    if test == "ckpt":
+                        outcome = model.trainer(dataloaders["training"], dataloaders["testing"], class_key)
+                        if model.judged_distribution is not None:
+                            judged[class_key] = model.judged_distribution
+                        if isinstance(outcome, int):  # --distribution 1: judged only
+                            continue
+                        if outcome is None:
+                            say(f"{class_key}: already trained ({model.finished_note}), testing its best checkpoint "
+                                f"(to train it again, delete {model.ckpt_dir} or use another --results_path)")
+                    result = list(model.tester(dataloaders["testing"], class_key))
+                    model.record_missing_config(config)
+                except (glass.ClassStoppedError, datasets_base.UnreadableImageError) as exc:  # the others still run
+                    message = utils.error_message(exc)
+                    message = message if message.startswith(f"{class_key}: ") else f"{class_key}: {message}"
+                    if log_lone_stop or len(list_of_dataloaders) > 1 or len(models) > 1:
+                        LOGGER.error("%s", message)
+                    add_stopped(message)
+                    continue
+                finally:
+                    model.close()
             add_result(index, class_key, class_key if len(models) == 1 else f"{class_key}/backbone_{i}", result)
     return judged
 
@@ -536,12 +542,17 @@ def metrics_line(name: str, result: Sequence[float]) -> str:
     )
 
 
+RESULTS_LOCK = ".results.lock"  # <results>/.results.lock: held while results.csv and the summaries are rewritten
+CLASS_LOCK = ".lock"  # <class folder>/.lock: held by the run that trains or tests the class
+
+
 class ResultsTable:
     """The rows of ``results.csv`` (in ``-d`` order, whichever class finishes first), rewritten with
     ``summary.md`` and ``summary.csv`` after every tested class; the summary is printed at the end.
 
     Rows that earlier runs wrote for classes this run does not test are kept, first, and count in the Mean
-    (the reference rewrites the table with the run's classes only, losing the others' rows).
+    (the reference rewrites the table with the run's classes only, losing the others' rows). The table is read
+    again before each rewrite, under a lock, so that runs sharing the results folder keep each other's rows.
     """
 
     def __init__(self, results_path: str, n_classes: int, record: "RunRecord") -> None:
@@ -576,11 +587,13 @@ class ResultsTable:
         click.echo(metrics_line(row_name, result))
         rows = [entry for slot in self.slots for entry in slot]
         names = {name for name, _ in rows}
-        rows = [entry for entry in self.earlier if entry[0] not in names] + rows
-        utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
-                                              row_names=[name for name, _ in rows])
-        with utils.never_fatal(utils.SUMMARY_MD):
-            utils.write_summary(self.results_path)
+        with utils.file_lock(os.path.join(self.results_path, RESULTS_LOCK)):
+            self.earlier = self._earlier_rows()  # with the rows that another run on this folder wrote meanwhile
+            rows = [entry for entry in self.earlier if entry[0] not in names] + rows
+            utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
+                                                  row_names=[name for name, _ in rows])
+            with utils.never_fatal(utils.SUMMARY_MD):
+                utils.write_summary(self.results_path)
         self.record.add_result(record_name, result)
 
     def finish(self) -> None:

@@ -384,6 +384,33 @@ def make_writable_folder(path: str) -> None:
     os.remove(probe)
 
 
+@contextlib.contextmanager
+def file_lock(path: str, wait: bool = True) -> Iterator[bool]:
+    """Hold an advisory lock (``flock``) on the file ``path`` (created if missing) inside the block, so that runs
+    sharing a results folder take turns. Yields True when held; with ``wait`` False, False at once when another
+    process holds it. Where locks are not available (no ``fcntl``, a file system without them) the block runs
+    unlocked (True). The lock goes with the process: a killed run leaves none behind."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    fd = None
+    held = True
+    if fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            held = False
+        except OSError:  # no such file can be made there, or no locks on this file system: go on unlocked
+            pass
+    try:
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def atomic_write(path: str, write: Callable[[str], None], option: str = "--results_path") -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file intact.
 

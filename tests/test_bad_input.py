@@ -702,6 +702,17 @@ def test_gpu_ids_select_the_first_wanted_cuda_device_and_minus_one_the_cpu(monke
         utils.select_device([2])
 
 
+def test_a_class_folder_that_another_run_is_using_stops_that_class(capsys, results, data, dtd_root):
+    import main
+    import utils
+
+    with utils.file_lock(str(results / CLASS_DIR / main.CLASS_LOCK)) as held:  # as a run training it holds it
+        assert held
+        assert_fails(capsys, results, cli_args(results, data, dtd_root), "mvtec_tire: another run is training or testing",
+                     "wait for it to end")
+    assert run_main(cli_args(results, data, dtd_root)) == 0  # the lock goes with the run that held it
+
+
 def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

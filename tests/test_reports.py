@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import glass
 import main
 import utils
-from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
+from conftest import ROOT, TINY_NET, copy_class_subset, run_main, tiny_dataset_args
 
 CLASS_DIR = Path("models") / "backbone_0"
 METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro"]
@@ -645,6 +645,28 @@ def test_results_table_replaces_an_earlier_row_of_the_same_class(tmp_path):
     assert [row["Row Names"] for row in rows] == ["mvtec_b", "mvtec_a", "Mean"]
     assert float(rows[1]["image_auroc"]) == 0.9
     assert float(rows[2]["image_auroc"]) == pytest.approx((0.2 + 0.9) / 2)
+
+
+def test_results_table_keeps_the_rows_another_run_on_the_folder_wrote_meanwhile(tmp_path):
+    ours = main.ResultsTable(str(tmp_path), 2, _Record())
+    theirs = main.ResultsTable(str(tmp_path), 1, _Record())  # started at the same time: no results.csv yet
+    ours.add(0, "mvtec_a", "mvtec_a", [0.1] * 5 + [1])
+    theirs.add(0, "mvtec_b", "mvtec_b", [0.2] * 5 + [2])
+    ours.add(1, "mvtec_c", "mvtec_c", [0.3] * 5 + [3])
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["Row Names"] for row in rows] == ["mvtec_b", "mvtec_a", "mvtec_c", "Mean"]
+    assert float(rows[-1]["image_auroc"]) == pytest.approx(0.2)
+
+
+def test_file_lock_is_held_by_one_process_at_a_time_and_released_with_it(tmp_path):
+    path = str(tmp_path / ".lock")
+    other = [sys.executable, "-c", "import sys, utils\nwith utils.file_lock(sys.argv[1], wait=False) as held:\n"
+             "    print(held)", path]
+    with utils.file_lock(path) as held:
+        assert held
+        assert subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stdout.strip() == "False"
+    assert subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stdout.strip() == "True"
 
 
 def test_atomic_write_gives_new_files_the_usual_mode_and_keeps_an_existing_files_mode(tmp_path):

@@ -445,13 +445,21 @@ class AnomalyDataset(torch.utils.data.Dataset):
         warn_wide_images(wide, f"{self.dataset_name}_{self.classname} {self.split.value} image(s)")
 
     def _check_foreground_masks(self, problems: LayoutProblems) -> None:
-        """Every training image has a readable foreground mask."""
+        """Every training image has a readable foreground mask of its size."""
         for _, _, image_path, _ in self.data_to_iterate:
             fg_path = self.fg_mask_path(image_path)
-            if image_size(fg_path) is None:
+            fg_size = image_size(fg_path)
+            if fg_size is None:
                 problems.add("missing or unreadable foreground mask", self.relative(fg_path),
                              plural="missing or unreadable foreground masks",
                              hint="create them (same file names as the training images) or use --fg 0")
+                continue
+            size = image_size(image_path)
+            if size is not None and fg_size != size:
+                problems.add(
+                    "foreground mask of another size than its image", f"{self.relative(fg_path)} {fg_size[0]}x"
+                    f"{fg_size[1]} vs {size[0]}x{size[1]}", plural="foreground masks of another size than their image",
+                    hint="they are resized and cropped as their images are, so they must match them")
 
     def _check_test_labels(self) -> None:
         """Image AUROC needs normal and defect test images."""

@@ -414,6 +414,15 @@ def test_missing_folders_and_foreground_masks(tmp_path):
     save(first(TIRE / "train" / "good", 1)[0], cls / "train" / "good" / "000.png")
     with pytest.raises(GlassError, match=r"1 missing or unreadable foreground mask \(fg_mask/part/000.png; .*--fg 0\)"):
         MVTecDataset(tmp_path, DTD, classname="part", fg=1)
+    # A foreground mask is resized and cropped as its image is: of another size, it would not cover the object.
+    (tmp_path / "fg_mask" / "part").mkdir(parents=True)
+    width, height = PIL.Image.open(cls / "train" / "good" / "000.png").size
+    PIL.Image.new("L", (50, 50), 255).save(tmp_path / "fg_mask" / "part" / "000.png")
+    with pytest.raises(GlassError, match=rf"1 foreground mask of another size than its image \(fg_mask/part/000.png "
+                                         rf"50x50 vs {width}x{height}; they are resized and cropped"):
+        MVTecDataset(tmp_path, DTD, classname="part", fg=1)
+    PIL.Image.new("L", (width, height), 255).save(tmp_path / "fg_mask" / "part" / "000.png")
+    assert MVTecDataset(tmp_path, DTD, classname="part", fg=1).class_fg == 1
 
 
 def test_data_of_another_layout_or_a_class_folder_gets_the_right_hint(tmp_path):

@@ -1718,7 +1718,7 @@ class GLASS(torch.nn.Module):
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="eval")
         largest = float(np.nanmax(masks_gt, initial=0.0)) if not np.isfinite(result[2]) and len(masks_gt) else 0.0
         if largest > 0:  # masks, but none with a pixel that counts as defective
-            LOGGER.warning("%s: no pixel of the resized masks is fully defective (largest value %.2f: defects thinner "
+            LOGGER.warning("%s: no pixel of the resized masks is fully defective (largest value %.3g, below 1: defects thinner "
                            "than a pixel at this --resize/--imagesize), so there are no pixel metrics (n/a)", name,
                            largest)
         self._write_heatmaps(images, segmentations, masks_gt, name, "eval")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -198,7 +199,8 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
 @click.option("--subdatasets", "-d", multiple=True, type=str, required=True, help="Class name(s) to run, e.g. -d bottle -d cable.")
 @click.option("--batch_size", default=8, type=click.IntRange(min=1), show_default=True)
 @click.option("--num_workers", default=default_num_workers(), type=click.IntRange(min=0), show_default=True,
-              help="DataLoader workers (reference: 16; here at most the cores this process can use: CPU affinity, container CPU quota).")
+              help="DataLoader workers (the reference's default: 16; here min(16, the cores this process can use: CPU "
+                   "affinity, container CPU quota)).")
 @click.option("--resize", default=288, type=click.IntRange(min=1), show_default=True)
 @click.option("--imagesize", default=288, type=click.IntRange(min=1), show_default=True)
 @click.option("--rotate_degrees", default=0, type=click.IntRange(min=0), show_default=True,
@@ -239,6 +241,11 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
     if repeated:
         raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each class once",
                                  param_hint="-d/--subdatasets")
+    cores = utils.usable_cores()
+    if num_workers > cores:  # said once, instead of torch's warning at every loader
+        LOGGER.warning("--num_workers %d is more than the %d core(s) this process can use: the workers share them with "
+                       "training (torch suggests at most %d)", num_workers, cores, cores)
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
     if options["resize"] < options["imagesize"]:
         LOGGER.warning("--resize %d is smaller than --imagesize %d: the centre crop pads the images with a zero border "
                        "(as the reference does); give --resize >= --imagesize to crop inside the image",
@@ -407,7 +414,7 @@ def ensure_writable(path: str) -> str:
     """Create the results folder, or explain why it cannot be written."""
     if not utils.is_utf8(os.path.abspath(path)):
         raise GlassError(f"--results_path {os.path.abspath(path)} is not valid UTF-8, and TensorBoard writes only to such "
-                         "paths: choose a folder whose path is")
+                         "paths: choose a folder whose path is valid UTF-8")
     try:
         utils.make_writable_folder(path)
     except OSError as exc:

@@ -99,6 +99,19 @@ def test_missing_texture_path(capsys, results, data, tmp_path):
     assert_fails(capsys, results, cli_args(results, data, tmp_path / "no_dtd"), "AUG_PATH", "does not exist", usage=True)
 
 
+def test_more_workers_than_cores_is_one_warning_line(capsys, caplog, results, data, dtd_root, monkeypatch):
+    import utils
+
+    monkeypatch.setattr(utils, "usable_cores", lambda: 2)
+    args = cli_args(results, data, dtd_root, dataset=["--num_workers", "6"])
+    args[args.index("tire")] = "bottle"  # stops after the options are read
+    with caplog.at_level("WARNING"):
+        assert_fails(capsys, results, args, "class 'bottle' not found")
+    said = [record.getMessage() for record in caplog.records if "num_workers" in record.getMessage()]
+    assert said == ["--num_workers 6 is more than the 2 core(s) this process can use: the workers share them with "
+                    "training (torch suggests at most 2)"]
+
+
 def test_texture_folder_without_images(capsys, results, data, tmp_path):
     (tmp_path / "empty_dtd" / "banded").mkdir(parents=True)
     assert_fails(capsys, results, cli_args(results, data, tmp_path / "empty_dtd"), "holds no images", "DTD")
@@ -722,7 +735,7 @@ def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):
 def test_names_that_are_not_valid_utf8_are_refused_before_training(capsys, results, data, dtd_root, tmp_path):
     odd = os.fsdecode(b"r\xe9sults")  # TensorBoard failed on such paths with a UnicodeEncodeError traceback
     assert_fails(capsys, results, cli_args(tmp_path / odd, data, dtd_root), "is not valid UTF-8",
-                 "TensorBoard writes only to such paths: choose a folder whose path is")
+                 "TensorBoard writes only to such paths: choose a folder whose path is valid UTF-8")
     assert not (tmp_path / odd).exists()
     args = cli_args(tmp_path / "fresh", data, dtd_root)
     args[args.index("tire")] = os.fsdecode(b"t\xefre")

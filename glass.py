@@ -2053,6 +2053,8 @@ def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None) -> L
             matches = files_below(item)
         elif os.path.isfile(item):
             matches = [item]
+        elif os.path.islink(item) and not os.path.exists(item):
+            raise GlassError(f"{item} is a broken link (to {os.readlink(item)}, which does not exist): fix or remove it")
         else:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:

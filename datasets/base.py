@@ -65,15 +65,30 @@ def is_image(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
 
 
-def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
-    """Sorted paths of the image files directly in ``folder`` (none if it does not exist)."""
+def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, broken_links: bool = False) -> List[str]:
+    """Sorted paths of the image files directly in ``folder`` (none if it does not exist); with ``broken_links``, links
+    named as images that point nowhere too (for the layout check to name them)."""
     if not os.path.isdir(folder):
         return []
     return [
-        os.path.join(folder, name)
-        for name in sorted(os.listdir(folder))
-        if is_image(name, extensions) and os.path.isfile(os.path.join(folder, name))
+        path for path in (os.path.join(folder, name) for name in sorted(os.listdir(folder)) if is_image(name, extensions))
+        if os.path.isfile(path) or (broken_links and is_broken_link(path))
     ]
+
+
+def is_broken_link(path: str) -> bool:
+    """Whether ``path`` is a symbolic link to nothing."""
+    return os.path.islink(path) and not os.path.exists(path)
+
+
+def missing_file_problem(kind: str, path: str) -> Tuple[str, str]:
+    """(kind of problem, hint) for an image or mask file (``kind``) that cannot be read: a broken link, missing, or
+    unreadable."""
+    if is_broken_link(path):
+        return f"{kind} that is a broken link", f"the link points to {os.readlink(path)}, which does not exist: fix or remove it"
+    if not os.path.isfile(path):
+        return f"missing {kind}", ""
+    return f"unreadable {kind}", "replace or remove them"
 
 
 def subfolders(folder: str) -> List[str]:
@@ -427,14 +442,13 @@ class AnomalyDataset(torch.utils.data.Dataset):
                 problems.add("image too elongated to resize", f"{self.relative(image_path)} {size[0]}x{size[1]}",
                              plural="images too elongated to resize", hint="crop them to less elongated images")
             if size is None:
-                missing = not os.path.isfile(image_path)
-                problems.add("missing image" if missing else "unreadable image", self.relative(image_path),
-                             hint="" if missing else "replace or remove them")
+                what, hint = missing_file_problem("image", image_path)
+                problems.add(what, self.relative(image_path), hint=hint)
             for mask_path in ([mask] if isinstance(mask, str) else list(mask or ())):
                 mask_size = image_size(mask_path)
                 if mask_size is None:
-                    problems.add("missing mask" if not os.path.isfile(mask_path) else "unreadable mask",
-                                 self.relative(mask_path))
+                    what, hint = missing_file_problem("mask", mask_path)
+                    problems.add(what, self.relative(mask_path), hint=hint if is_broken_link(mask_path) else "")
                 elif size is not None and mask_size != size:
                     problems.add(
                         "mask of another size than its image", f"{self.relative(mask_path)} {mask_size[0]}x"

@@ -31,7 +31,7 @@ class LOCODataset(MVTecDataset):
         masks: List[Mask] = []
         for image_path in image_paths:
             stem = os.path.splitext(os.path.basename(image_path))[0]
-            files = tuple(list_images(os.path.join(gt_dir, stem)))
+            files = tuple(list_images(os.path.join(gt_dir, stem), broken_links=True))
             masks.append(files or None)
         if not any(masks):
             self.layout_problems.add(

@@ -65,7 +65,7 @@ def match_masks(image_paths: Sequence[str], mask_folder: str) -> Tuple[List[Opti
     ``<stem>.png`` and ``<stem>.<any>``. A missing folder means no masks.
     """
     by_stem: Dict[str, List[str]] = {}
-    for path in list_images(mask_folder):
+    for path in list_images(mask_folder, broken_links=True):
         by_stem.setdefault(_stem(path), []).append(path)
 
     def best(stem: str) -> Optional[str]:
@@ -160,7 +160,7 @@ class MVTecDataset(AnomalyDataset):
         items, misnamed, empty = [], False, []
         for folder in folders:
             anomaly = self.NORMAL if folder in self.NORMAL_FOLDERS else folder
-            image_paths = list_images(self.image_folder(split_dir, folder))
+            image_paths = list_images(self.image_folder(split_dir, folder), broken_links=True)
             if not image_paths and os.path.isdir(os.path.join(self.image_folder(split_dir, folder), "rgb")):
                 misnamed = True
                 problems.add("folder with its images in rgb/", self.relative(self.image_folder(split_dir, folder)),

@@ -425,6 +425,23 @@ def test_missing_folders_and_foreground_masks(tmp_path):
     assert MVTecDataset(tmp_path, DTD, classname="part", fg=1).class_fg == 1
 
 
+def test_broken_links_to_images_and_masks_are_named(tmp_path):
+    cls = tmp_path / "part"
+    for i, path in enumerate(first(TIRE / "train" / "good", 2)):
+        save(path, cls / "train" / "good" / f"{i:03d}.png")
+    (cls / "train" / "good" / "002.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(GlassError, match=r"1 image that is a broken link \(part/train/good/002.png; the link points to "
+                                         r".*gone.png, which does not exist: fix or remove it\)"):
+        MVTecDataset(tmp_path, DTD, classname="part")
+    save(first(TIRE / "test" / "good", 1)[0], cls / "test" / "good" / "000.png")
+    cut = sorted((TIRE / "test" / "cut").iterdir())[0]
+    save(cut, cls / "test" / "cut" / "000.png")
+    (cls / "ground_truth" / "cut").mkdir(parents=True)
+    (cls / "ground_truth" / "cut" / "000_mask.png").symlink_to(tmp_path / "gone_mask.png")
+    with pytest.raises(GlassError, match=r"1 mask that is a broken link \(part/ground_truth/cut/000_mask.png; the link"):
+        MVTecDataset(tmp_path, DTD, classname="part", split=DatasetSplit.TEST)
+
+
 def test_data_of_another_layout_or_a_class_folder_gets_the_right_hint(tmp_path):
     mvtec3d, loco = build_mvtec3d(tmp_path / "mvtec3d"), build_loco(tmp_path / "loco")
     with pytest.raises(GlassError) as error:  # MVTec 3D-AD data named mvtec

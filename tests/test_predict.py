@@ -188,6 +188,14 @@ def test_collect_images_leaves_out_the_heatmaps_and_overlays_of_the_output_folde
         assert module.collect_images([str(out / "a_overlay.png")], str(out)) == [str(out / "a_overlay.png")]
 
 
+def test_a_broken_link_given_as_input_is_named_as_one(tmp_path):
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    ort = ort_script()
+    for module, error in ((glass, glass.GlassError), (ort, ort.UsageError)):
+        with pytest.raises(error, match=r"gone.png is a broken link \(to .*nowhere.png, which does not exist\)"):
+            module.collect_images([str(tmp_path / "gone.png")])
+
+
 def ort_script():
     """onnx/ort.py as a module (it has its own copy of collect_images, to run without torch)."""
     import importlib.util

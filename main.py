@@ -311,7 +311,7 @@ def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **o
 
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--subdataset", "-d", required=True, help="Trained class to use, e.g. -d bottle.")
+@click.option("--subdataset", "-d", required=True, multiple=True, help="Trained class to use, e.g. -d bottle (one).")
 @click.option("--dataset", "dataset_name", default="mvtec", show_default=True,
               help="Dataset name used at training; the model is <results_path>/models/backbone_<i>/<dataset>_<class>.")
 @click.option("--backbone_index", default=0, type=click.IntRange(min=0), show_default=True, help="Which backbone_<i> folder.")
@@ -329,7 +329,15 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     Chained after `net ... dataset NAME ...`, it scores with the class just trained (NAME unless --dataset is given).
     """
     context = click.get_current_context()
-    # In a chain, click reads everything after the first input as inputs, options included.
+    if len(subdataset) > 1:
+        raise GlassError(f"predict scores one class, not {', '.join(subdataset)}: give -d once, and run predict again "
+                         "for another class")
+    subdataset = subdataset[0]
+    # In a chain, click reads everything after the first input as inputs, options and commands included.
+    command = next((arg for arg in inputs if arg in main.commands and not os.path.exists(arg)), None)
+    if command is not None:
+        raise GlassError(f"{command} comes after predict's images: predict comes last, once (e.g. net ... dataset ... "
+                         f"predict -d {subdataset} IMAGES)")
     options = {opt: param for param in context.command.params for opt in param.opts}
     options.update({name: None for name in context.help_option_names})
     late = next((arg for arg in inputs if arg.split("=", 1)[0] in options and not os.path.exists(arg)), None)

@@ -278,6 +278,11 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert run_main(["--results_path", results, "predict", "-d", "tire", tmp_path / "empty"]) == 2
     assert "holds no images" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "-d", "bottle", image]) == 2
+    assert "predict scores one class, not tire, bottle: give -d once" in one_error_line(capsys)
+    for late in (["net", "-b", "resnet18"], ["predict", "-d", "tire", image]):  # swallowed as images by click
+        assert run_main(["--results_path", results, "predict", "-d", "tire", image, *late]) == 2
+        assert f"{late[0]} comes after predict's images: predict comes last, once" in one_error_line(capsys)
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--calibrate", image]) == 2
     assert "not both" in one_error_line(capsys)
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "nan", image]) == 2

@@ -2185,7 +2185,12 @@ def choose_threshold(model: GLASS, class_dir: str, make_test_loader: Callable[[]
         if os.path.isfile(path):
             LOGGER.info("%s was not chosen for %s: choosing the threshold again", path, checkpoint)
     record = calibrate_threshold(model, make_test_loader())
-    utils.atomic_write(path, lambda tmp: utils.write_json(tmp, record))
+    try:
+        utils.atomic_write(path, lambda tmp: utils.write_json(tmp, record))
+    except GlassError as exc:  # the threshold is chosen all the same: predict goes on with it
+        LOGGER.warning("%s; so the threshold %.6f chosen now is not kept (the next predict chooses it again, or give "
+                       "--threshold %.6f)", exc, record["threshold"], record["threshold"])
+        return record
     LOGGER.info("Threshold %.6f written to %s", record["threshold"], path)
     return record
 

@@ -444,7 +444,7 @@ def write_advice(exc: Optional[OSError], option: str = "--results_path") -> str:
         return f"free some disk space or choose another {option}{resumes}"
     if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
         return f"a file or folder of that name is in the way: move it or choose another {option}"
-    return "check that path and its permissions"
+    return f"check that path and its permissions, or choose another {option}"
 
 
 def is_utf8(text: str) -> bool:

@@ -166,6 +166,9 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
     if class_dir is None and args.checkpoint is None:
         raise GlassError("nothing to export: give --results_path R -d CLASS, --class_dir DIR or --checkpoint FILE (see --help)")
     if args.checkpoint is not None:
+        if os.path.isdir(args.checkpoint):
+            raise GlassError(f"checkpoint {args.checkpoint} is a folder: give a ckpt_best_<epoch>.pth in it, or the folder "
+                             "as --class_dir")
         if not os.path.isfile(args.checkpoint):
             raise GlassError(f"checkpoint {args.checkpoint} does not exist: give the path of a ckpt_best_<epoch>.pth")
         glass.read_checkpoint_file(args.checkpoint, "cpu", fix="give a ckpt_best_<epoch>.pth written by GLASS")
@@ -183,6 +186,9 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
         return model, config, model.checkpoint_path, class_dir
     if args.checkpoint is None:
         if glass.best_checkpoint_in(class_dir) is None:
+            if os.path.isdir(os.path.join(class_dir, "models")):
+                raise GlassError(f"{class_dir} is a results folder, not a class folder: give --results_path {class_dir} "
+                                 "-d CLASS (and --dataset if it is not mvtec)")
             raise GlassError(f"no ckpt_best_*.pth in {class_dir}: train this class first")
         raise GlassError(f"no {glass.CONFIG_NAME} in {class_dir}: point at a class folder written by main.py, or give --checkpoint with the model options")
     options = {key: (PAPER_DEFAULTS[key] if value is None else value) for key, value in model_options.items()}
@@ -291,7 +297,7 @@ def export(
         if check:
             diff.update(check_export(wrapper, tmp))
 
-    utils.atomic_write(path, write_and_check)
+    utils.atomic_write(path, write_and_check, option="-o")
     return diff
 
 

@@ -222,6 +222,13 @@ def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_i
     (untrained / "tb").mkdir(parents=True)
     assert pth2onnx.main(["--class_dir", str(untrained)]) == 2
     assert f"no ckpt_best_*.pth in {untrained}: train this class first" in capsys.readouterr().err
+    # The results folder given as the class folder, and a class folder given as the checkpoint.
+    assert pth2onnx.main(["--class_dir", str(results)]) == 2
+    assert f"{results} is a results folder, not a class folder: give --results_path {results} -d CLASS" in \
+        capsys.readouterr().err
+    assert pth2onnx.main(["--checkpoint", str(class_dir)]) == 2
+    assert f"checkpoint {class_dir} is a folder: give a ckpt_best_<epoch>.pth in it, or the folder as --class_dir" in \
+        capsys.readouterr().err
 
 
 def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path):

@@ -114,6 +114,20 @@ def test_threshold_from_option_file_or_recalibration(results, tiny_tire, tmp_pat
     assert json.loads(threshold_file.read_text())["threshold"] == calibrated["threshold"]
 
 
+def test_a_threshold_that_cannot_be_kept_is_used_all_the_same(tmp_path, monkeypatch, caplog):
+    def cannot_write(path, write, option="--results_path"):
+        raise utils.GlassError(f"cannot write {path} (Read-only file system): check that path and its permissions")
+
+    monkeypatch.setattr(utils, "atomic_write", cannot_write)
+    record = {"threshold": 0.375, "method": "F1-best on the test set"}
+    monkeypatch.setattr(glass, "calibrate_threshold", lambda model, loader: record)
+    with caplog.at_level("WARNING"):
+        assert glass.choose_threshold(object(), str(tmp_path), lambda: None, None, False) == record
+    assert "(Read-only file system): check that path and its permissions; so the threshold 0.375000 chosen now is not " \
+           "kept (the next predict chooses it again, or give --threshold 0.375000)" in caplog.text
+    assert not (tmp_path / "threshold.json").exists()
+
+
 @pytest.mark.parametrize("content, says", [
     ('{"threshold": "abc", "checkpoint": "CKPT"}', "the threshold 'abc' is not a finite number"),
     ('{"threshold": NaN, "checkpoint": "CKPT"}', "the threshold nan is not a finite number"),

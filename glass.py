@@ -978,6 +978,11 @@ class GLASS(torch.nn.Module):
                 LOGGER.warning("Testing %s on images prepared otherwise than at its training (%s): its metrics, which "
                                "replace the class's row in results.csv, are not those of its training setup",
                                os.path.basename(self.ckpt_dir), "; ".join(view))
+            moved = [d for d in changed if d.startswith("dataset.data_path:")]
+            if (status == "finished" or not training) and moved:
+                LOGGER.warning("Testing %s, trained on the data in %s, on the test images in %s (the same images moved, "
+                               "or another dataset?)", os.path.basename(self.ckpt_dir),
+                               saved.get("dataset", {}).get("data_path"), config.get("dataset", {}).get("data_path"))
         if training and (status == "new" or (status == "resume" and not os.path.isfile(path))):
             self.save_config(config)
         if status == "resume" and not training:

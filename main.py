@@ -420,6 +420,10 @@ def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch
 
 def ensure_writable(path: str) -> str:
     """Create the results folder, or explain why it cannot be written."""
+    if not path:
+        raise GlassError("--results_path is empty: give a folder, e.g. --results_path results")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise GlassError(f"--results_path {path} is a file: choose a folder")
     if not utils.is_utf8(os.path.abspath(path)):
         raise GlassError(f"--results_path {os.path.abspath(path)} is not valid UTF-8, and TensorBoard writes only to such "
                          "paths: choose a folder whose path is valid UTF-8")

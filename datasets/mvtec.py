@@ -105,6 +105,9 @@ class MVTecDataset(AnomalyDataset):
                     f"(train/, test/): give its parent folder as DATA_PATH and -d {os.path.basename(os.path.abspath(self.source))}"
                 )
             known = self.CLASSNAMES.get(self.dataset_name, ())
+            if "," in self.classname:
+                raise GlassError(f"class '{self.classname}' not found in {self.source}: give each class with its own -d "
+                                 f"(-d {' -d '.join(name.strip() for name in self.classname.split(','))})")
             raise GlassError(
                 f"class '{self.classname}' not found in {self.source}: available classes are "
                 f"{', '.join(found) if found else '(none)'}"

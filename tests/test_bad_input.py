@@ -121,6 +121,19 @@ def test_class_folder_missing(capsys, results, data, dtd_root):
     args = cli_args(results, data, dtd_root)
     args[args.index("tire")] = "bottle"
     assert_fails(capsys, results, args, "class 'bottle' not found", "available classes are tire")
+    args[args.index("bottle")] = "tire,bottle"
+    assert_fails(capsys, results, args, "class 'tire,bottle' not found", "give each class with its own -d (-d tire -d bottle)")
+
+
+def test_testing_a_class_on_data_elsewhere_than_its_training_data_says_so(capsys, caplog, results, data, dtd_root):
+    trained_on = json.loads((results / CLASS_DIR / "config.json").read_text())["dataset"]["data_path"]
+    with caplog.at_level("WARNING"):
+        assert run_main(cli_args(results, Path(trained_on), dtd_root, main=["--test", "test"])) == 0
+    assert "trained on the data in" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # data: a copy of the training data
+        assert run_main(cli_args(results, data, dtd_root, main=["--test", "test"])) == 0
+    assert f"Testing mvtec_tire, trained on the data in {trained_on}, on the test images in {data}" in caplog.text
 
 
 def test_empty_train_good(capsys, results, data, dtd_root):
@@ -730,6 +743,8 @@ def test_results_path_not_writable(capsys, results, data, dtd_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert_fails(capsys, results, cli_args(blocker / "results", data, dtd_root), "cannot write to --results_path")
+    assert_fails(capsys, results, cli_args(blocker, data, dtd_root), f"--results_path {blocker} is a file: choose a folder")
+    assert_fails(capsys, results, cli_args("", data, dtd_root), "--results_path is empty: give a folder")
 
 
 def test_names_that_are_not_valid_utf8_are_refused_before_training(capsys, results, data, dtd_root, tmp_path):

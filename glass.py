@@ -2219,15 +2219,20 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
     except OSError as exc:
         raise GlassError(f"cannot create the output folder {output_dir} ({exc.strerror}): choose another --output") from None
     wide: List[str] = []
+    unreadable: List[str] = []
     for path in paths:  # header reads, before any output
         header = image_header(path)
         if header is None:
-            continue  # load_image says why
+            unreadable.append(path)
+            continue
         problem = elongation_problem(path, header[0], resize)
         if problem:
             raise GlassError(problem)
         if header[1] in WIDE_MODES:
             wide.append(path)
+    if len(unreadable) > 1:  # all of them at once (load_image says why for one)
+        shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        raise GlassError(f"{len(unreadable)} images cannot be read ({shown}): replace them, or leave them out of the inputs")
     stems = output_stems(paths)
     rows: List[Dict[str, str]] = []
     for start in range(0, len(paths), batch_size):

@@ -172,6 +172,9 @@ def load_for_export(args: argparse.Namespace) -> Tuple[glass.GLASS, dict, str, s
         if not os.path.isfile(args.checkpoint):
             raise GlassError(f"checkpoint {args.checkpoint} does not exist: give the path of a ckpt_best_<epoch>.pth")
         glass.read_checkpoint_file(args.checkpoint, "cpu", fix="give a ckpt_best_<epoch>.pth written by GLASS")
+        if os.path.basename(args.checkpoint) == glass.TRAINING_CHECKPOINT:
+            LOGGER.warning("%s holds the weights of the last epoch trained, not of the best one (ckpt_best_<epoch>.pth): "
+                           "exporting them, as asked", args.checkpoint)
     if class_dir is None:
         class_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     elif not os.path.isdir(class_dir):

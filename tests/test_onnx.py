@@ -229,6 +229,10 @@ def test_bare_reference_checkpoint_exports_with_options(class_dir, model, test_i
     assert pth2onnx.main(["--checkpoint", str(class_dir)]) == 2
     assert f"checkpoint {class_dir} is a folder: give a ckpt_best_<epoch>.pth in it, or the folder as --class_dir" in \
         capsys.readouterr().err
+    # The last epoch's training state exports as asked, with a word that it is not the best checkpoint.
+    caplog.clear()
+    assert pth2onnx.main(["--checkpoint", str(class_dir / "ckpt.pth"), "-o", str(tmp_path / "last.onnx"), "--no_check"]) == 0
+    assert "ckpt.pth holds the weights of the last epoch trained, not of the best one" in caplog.text
 
 
 def test_stored_threshold_of_the_same_checkpoint_goes_into_the_metadata(tmp_path):

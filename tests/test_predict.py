@@ -292,6 +292,17 @@ def test_predict_mistakes_are_one_line_errors(results, tiny_tire, tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert run_main(["--results_path", results, "predict", "-d", "tire", tmp_path / "empty"]) == 2
     assert "holds no images" in one_error_line(capsys)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        (broken / name).write_bytes(b"not an image")
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output",
+                     tmp_path / "broken_out", broken / "a.png"]) == 2
+    assert f"cannot read image {broken / 'a.png'} (" in one_error_line(capsys)
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--threshold", "0.5", "--output",
+                     tmp_path / "broken_out", image, broken]) == 2
+    assert (f"4 images cannot be read ({broken / 'a.png'}, {broken / 'b.png'}, {broken / 'c.png'}, ...): replace them, "
+            "or leave them out of the inputs") in one_error_line(capsys)
     assert run_main(["--results_path", results, "predict", "-d", "tire", "-d", "bottle", image]) == 2
     assert "predict scores one class, not tire, bottle: give -d once" in one_error_line(capsys)
     for late in (["net", "-b", "resnet18"], ["predict", "-d", "tire", image]):  # swallowed as images by click

@@ -269,6 +269,15 @@ def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(tensor.transpose(2, 0, 1), dtype=np.float32), crop
 
 
+def readable_header(path: str) -> bool:
+    """Whether Pillow can read the image file's header."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def heatmap_image(anomaly_map: np.ndarray) -> np.ndarray:
     """BGR jet colouring of a map whose values are anomaly probabilities (0..1, not rescaled per image)."""
     levels = np.round(np.clip(anomaly_map, 0.0, 1.0) * 255).astype(np.uint8)
@@ -316,6 +325,10 @@ def predict(
     check_graph(session, meta, model_path)
     threshold = meta["threshold"] if threshold is None else threshold
     paths = collect_images(inputs, output)
+    unreadable = [path for path in paths if not readable_header(path)]
+    if len(unreadable) > 1:  # all of them at once (preprocess says why for one)
+        shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        raise UsageError(f"{len(unreadable)} images cannot be read ({shown}): replace them, or leave them out of the inputs")
     stems = output_stems(paths)
     try:
         os.makedirs(output, exist_ok=True)

@@ -437,6 +437,18 @@ def test_ort_refuses_an_image_too_elongated_to_resize(exported, tmp_path, capsys
     assert ort_script.MAX_RESIZED_PIXELS == datasets.base.MAX_RESIZED_PIXELS
 
 
+def test_ort_names_unreadable_images_as_predict_does(exported, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.png"):
+        (broken / name).write_bytes(b"not an image")
+    assert ort_script.main([str(exported), str(broken / "a.png"), "-o", str(tmp_path / "out")]) == 2
+    assert f"cannot read image {broken / 'a.png'} (" in one_error_line(capsys)
+    assert ort_script.main([str(exported), str(broken), "-o", str(tmp_path / "out")]) == 2
+    assert (f"2 images cannot be read ({broken / 'a.png'}, {broken / 'b.png'}): replace them, or leave them out of "
+            "the inputs") in one_error_line(capsys)
+
+
 def test_ort_reads_each_folder_once_and_writes_any_file_name(exported, tiny_tire, tmp_path, capsys):
     inputs, not_utf8, long_name = awkward_inputs(next((tiny_tire / "tire" / "test" / "good").glob("*.png")), tmp_path)
     found = ort_script.collect_images([str(inputs)])

@@ -571,14 +571,13 @@ class ResultsTable:
 
     Rows that earlier runs wrote for classes this run does not test are kept, first, and count in the Mean
     (the reference rewrites the table with the run's classes only, losing the others' rows). The table is read
-    again before each rewrite, under a lock, so that runs sharing the results folder keep each other's rows.
+    before each rewrite, under a lock, so that runs sharing the results folder keep each other's rows.
     """
 
     def __init__(self, results_path: str, n_classes: int, record: "RunRecord") -> None:
         self.results_path = results_path
         self.record = record
         self.slots: List[List[tuple]] = [[] for _ in range(n_classes)]  # (row name, metrics) per class
-        self.earlier = self._earlier_rows()
 
     def _earlier_rows(self) -> List[tuple]:
         """(row name, metrics) of the results.csv already in the results folder, Mean left out."""
@@ -607,8 +606,8 @@ class ResultsTable:
         rows = [entry for slot in self.slots for entry in slot]
         names = {name for name, _ in rows}
         with utils.file_lock(os.path.join(self.results_path, RESULTS_LOCK)):
-            self.earlier = self._earlier_rows()  # with the rows that another run on this folder wrote meanwhile
-            rows = [entry for entry in self.earlier if entry[0] not in names] + rows
+            earlier = self._earlier_rows()  # with the rows that another run on this folder wrote meanwhile
+            rows = [entry for entry in earlier if entry[0] not in names] + rows
             utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
                                                   row_names=[name for name, _ in rows])
             with utils.never_fatal(utils.SUMMARY_MD):

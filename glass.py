@@ -2075,8 +2075,10 @@ def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None) -> L
 
 def is_earlier_output(path: str, output_dir: str) -> bool:
     """Whether ``path`` is a heatmap or overlay in ``output_dir`` (or below it), where predictions are written."""
-    inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(output_dir)]) == os.path.realpath(output_dir)
-    return inside and path.endswith(OUTPUT_SUFFIXES)
+    if not path.endswith(OUTPUT_SUFFIXES):
+        return False
+    output = os.path.realpath(output_dir)
+    return os.path.commonpath([os.path.realpath(path), output]) == output
 
 
 def files_below(folder: str) -> List[str]:

@@ -81,14 +81,14 @@ def is_broken_link(path: str) -> bool:
     return os.path.islink(path) and not os.path.exists(path)
 
 
-def missing_file_problem(kind: str, path: str) -> Tuple[str, str]:
+def missing_file_problem(kind: str, path: str, unreadable_hint: str = "replace or remove them") -> Tuple[str, str]:
     """(kind of problem, hint) for an image or mask file (``kind``) that cannot be read: a broken link, missing, or
     unreadable."""
     if is_broken_link(path):
         return f"{kind} that is a broken link", f"the link points to {os.readlink(path)}, which does not exist: fix or remove it"
     if not os.path.isfile(path):
         return f"missing {kind}", ""
-    return f"unreadable {kind}", "replace or remove them"
+    return f"unreadable {kind}", unreadable_hint
 
 
 def subfolders(folder: str) -> List[str]:
@@ -447,8 +447,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
             for mask_path in ([mask] if isinstance(mask, str) else list(mask or ())):
                 mask_size = image_size(mask_path)
                 if mask_size is None:
-                    what, hint = missing_file_problem("mask", mask_path)
-                    problems.add(what, self.relative(mask_path), hint=hint if is_broken_link(mask_path) else "")
+                    what, hint = missing_file_problem("mask", mask_path, unreadable_hint="")
+                    problems.add(what, self.relative(mask_path), hint=hint)
                 elif size is not None and mask_size != size:
                     problems.add(
                         "mask of another size than its image", f"{self.relative(mask_path)} {mask_size[0]}x"

@@ -72,19 +72,19 @@ def rand_perlin_2d_np(
     idx_c = (np.arange(padded_c) // cell_c)[:cols]
 
     angles = 2 * math.pi * np.random.rand(res_r + 1, res_c + 1)
-    gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
+    cos_g, sin_g = np.cos(angles), np.sin(angles)  # each corner's gradient (x, y)
 
     fr = frac_r[:, None]
     fc = frac_c[None, :]
 
     def corner(dr: int, dc: int) -> np.ndarray:
         """Dot product of each pixel's offset from corner (+dr, +dc) with that corner's gradient."""
-        grad = gradients[(idx_r + dr)[:, None], (idx_c + dc)[None, :]]
-        return (fr - dr) * grad[..., 0] + (fc - dc) * grad[..., 1]
+        rows_at, cols_at = idx_r + dr, idx_c + dc
+        return (fr - dr) * cos_g[rows_at][:, cols_at] + (fc - dc) * sin_g[rows_at][:, cols_at]
 
     n00, n10, n01, n11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
-    t_r = fade(np.broadcast_to(fr, (rows, cols)))
-    t_c = fade(np.broadcast_to(fc, (rows, cols)))
+    # The fade weights depend on the row (column) alone: computed once per row (column), broadcast by the blend.
+    t_r, t_c = fade(fr), fade(fc)
     return math.sqrt(2) * _lerp(_lerp(n00, n10, t_r), _lerp(n01, n11, t_r), t_c)
 
 

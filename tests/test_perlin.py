@@ -44,6 +44,43 @@ def test_noise_matches_the_textbook_formula():
     assert np.abs(noise).max() <= 1.0
 
 
+def gathered_perlin(shape, res):
+    """The noise as this module computed it before its speed-up: the corner gradients gathered as (x, y) pairs
+    for every pixel and the fade curve evaluated at every pixel. The faster version must give its bits."""
+    rows, cols = shape
+    cell_r, cell_c = math.ceil(rows / res[0]), math.ceil(cols / res[1])
+    padded_r, padded_c = cell_r * res[0], cell_c * res[1]
+    frac_r = (np.arange(padded_r) * (res[0] / padded_r) % 1)[:rows]
+    frac_c = (np.arange(padded_c) * (res[1] / padded_c) % 1)[:cols]
+    idx_r = (np.arange(padded_r) // cell_r)[:rows]
+    idx_c = (np.arange(padded_c) // cell_c)[:cols]
+    angles = 2 * math.pi * np.random.rand(res[0] + 1, res[1] + 1)
+    gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
+    fr, fc = frac_r[:, None], frac_c[None, :]
+
+    def corner(dr, dc):
+        grad = gradients[(idx_r + dr)[:, None], (idx_c + dc)[None, :]]
+        return (fr - dr) * grad[..., 0] + (fc - dc) * grad[..., 1]
+
+    n00, n10, n01, n11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
+    t_r = perlin._fade(np.broadcast_to(fr, (rows, cols)))
+    t_c = perlin._fade(np.broadcast_to(fc, (rows, cols)))
+    lerp = lambda a, b, w: (b - a) * w + a
+    return math.sqrt(2) * lerp(lerp(n00, n10, t_r), lerp(n01, n11, t_r), t_c)
+
+
+@pytest.mark.parametrize("shape,res", [((128, 128), (1, 1)), ((128, 128), (32, 4)), ((128, 128), (2, 16)),
+                                       ((288, 288), (32, 32)), ((30, 45), (4, 8)), ((127, 200), (16, 2))])
+def test_noise_keeps_the_bits_of_the_per_pixel_gather(shape, res):
+    np.random.seed(11)
+    fast = rand_perlin_2d_np(shape, res)
+    after_fast = np.random.rand()
+    np.random.seed(11)
+    slow = gathered_perlin(shape, res)
+    np.testing.assert_array_equal(fast, slow)
+    assert np.random.rand() == after_fast  # the same draws from the generator
+
+
 def test_non_divisible_shape_is_the_crop_of_the_next_multiple():
     np.random.seed(0)
     small = rand_perlin_2d_np((30, 45), (4, 8))

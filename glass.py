@@ -1184,7 +1184,7 @@ class GLASS(torch.nn.Module):
             self._choose_distribution(training_data, name)
         self._settle_foreground(training_data, name)
 
-        self._preload_training_images(training_data)
+        self._preload_training_images(training_data, epochs=self.meta_epochs - start_epoch)
         center_data = self._center_loader(training_data)
         self.setup_feature_caches(center_data, val_data, training_data)
         synthesis_data = self._synthesis_loader(training_data)
@@ -1420,9 +1420,10 @@ class GLASS(torch.nn.Module):
             and training_data.batch_size is not None
         )
 
-    def _preload_training_images(self, training_data) -> None:
+    def _preload_training_images(self, training_data, epochs: int) -> None:
         """Decode and resize the training images once, here, before any DataLoader worker starts
-        (``preload_images`` of the dataset): the same items, with less work for the workers at every epoch.
+        (``preload_images`` of the dataset): the same items, with less work for the workers at every epoch. The
+        textures too (``preload_textures``) when the ``epochs`` still to train draw more textures than there are.
 
         Only where the workers are forked (they then share the images; spawned workers would get a pickled copy
         each) or absent, and within :data:`PRELOAD_MEMORY_SHARE` of the available memory.
@@ -1441,6 +1442,17 @@ class GLASS(torch.nn.Module):
         else:
             LOGGER.info("Training images decoded at every epoch: kept, they would need more than %s",
                         common.gigabytes(budget))
+        textures = len(getattr(dataset, "anomaly_source_paths", []))
+        draws = epochs * min(len(dataset), self.limit + (training_data.batch_size or 1))  # an epoch stops past --limit
+        if not textures or draws < textures:
+            return
+        kept_textures = dataset.preload_textures(budget - kept)
+        if kept_textures:
+            LOGGER.info("Textures decoded and resized once: %d textures, %s in memory", len(dataset.resized_textures),
+                        common.gigabytes(kept_textures))
+        else:
+            LOGGER.info("Textures decoded at every draw: kept, they would need more than %s",
+                        common.gigabytes(budget - kept))
 
     def setup_feature_caches(self, center_data, val_data, training_data=None) -> None:
         """Cache the backbone features of the centre-pass images and of ``val_data`` (``--cache``).

@@ -174,8 +174,8 @@ def flow_classes():
         def _synthesis_loader(self, training_data):
             return training_data  # the main process embeds the synthesised images
 
-        def _preload_training_images(self, training_data) -> None:
-            pass  # the workers decode and resize every image at every epoch
+        def _preload_training_images(self, training_data, epochs: int) -> None:
+            pass  # the workers decode and resize every image and texture at every draw
 
         def _compute_center(self, training_data) -> None:
             """Run the whole training loader; per batch, the mean projected feature of its images, position

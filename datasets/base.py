@@ -383,6 +383,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.resized_images: Optional[List[PIL.Image.Image]] = None  # see preload_images
         self.foreground_masks: Optional[List[torch.Tensor]] = None  # likewise, with foreground masks
         self._after_resize: Optional[Callable[[PIL.Image.Image], torch.Tensor]] = None  # the transform after Resize
+        self.resized_textures: Dict[str, PIL.Image.Image] = {}  # see preload_textures
+        self._texture_augmentations: Optional[List[Callable]] = None  # built at the first rand_augmenter call
         self.transform_mask = transforms.Compose([
             transforms.Resize(self.resize),
             transforms.CenterCrop(self.imgsize),
@@ -569,17 +571,19 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def rand_augmenter(self) -> transforms.Compose:
         """Texture transform with three distinct random augmentations between resize and crop."""
-        candidates = [
-            transforms.ColorJitter(contrast=(0.8, 1.2)),
-            transforms.ColorJitter(brightness=(0.8, 1.2)),
-            transforms.ColorJitter(saturation=(0.8, 1.2), hue=(-0.2, 0.2)),
-            transforms.RandomHorizontalFlip(p=1),
-            transforms.RandomVerticalFlip(p=1),
-            transforms.RandomGrayscale(p=1),
-            transforms.RandomAutocontrast(p=1),
-            transforms.RandomEqualize(p=1),
-            transforms.RandomAffine(degrees=(-45, 45)),
-        ]
+        if self._texture_augmentations is None:  # built once: they draw their random numbers when applied
+            self._texture_augmentations = [
+                transforms.ColorJitter(contrast=(0.8, 1.2)),
+                transforms.ColorJitter(brightness=(0.8, 1.2)),
+                transforms.ColorJitter(saturation=(0.8, 1.2), hue=(-0.2, 0.2)),
+                transforms.RandomHorizontalFlip(p=1),
+                transforms.RandomVerticalFlip(p=1),
+                transforms.RandomGrayscale(p=1),
+                transforms.RandomAutocontrast(p=1),
+                transforms.RandomEqualize(p=1),
+                transforms.RandomAffine(degrees=(-45, 45)),
+            ]
+        candidates = self._texture_augmentations
         chosen = np.random.choice(np.arange(len(candidates)), 3, replace=False)
         return transforms.Compose([
             transforms.Resize(self.resize),
@@ -588,6 +592,21 @@ class AnomalyDataset(torch.utils.data.Dataset):
             transforms.ToTensor(),
             transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         ])
+
+    def _texture_resize(self) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+        """The first step of the texture transform, the same for every texture: Resize (``rand_aug``) or the
+        image transform's first step."""
+        return transforms.Resize(self.resize) if self.rand_aug else self.transform_img.transforms[0]
+
+    def _texture(self, path: str, transform: transforms.Compose) -> torch.Tensor:
+        """Texture ``path`` through ``transform``: from its kept resized picture after :meth:`preload_textures`."""
+        kept = self.resized_textures.get(path)
+        try:
+            if kept is not None:
+                return transforms.Compose(transform.transforms[1:])(kept)
+            return transform(load_image(path))
+        except UnreadableImageError as exc:  # a shared texture: every class would meet it, so the run stops
+            raise GlassError(f"{exc} (a texture of AUG_PATH)") from None
 
     def make_train_item(self, idx: int) -> Dict[str, Any]:
         """A training item with its intermediate pieces (``texture``, ``mask_l``, ``mask_fg``).
@@ -600,10 +619,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
         texture_path = self.anomaly_source_paths[np.random.choice(len(self.anomaly_source_paths))]
         transform_tex = self.rand_augmenter() if self.rand_aug else self.transform_img
-        try:
-            texture = transform_tex(load_image(texture_path))
-        except UnreadableImageError as exc:  # a shared texture: every class would meet it, so the run stops
-            raise GlassError(f"{exc} (a texture of AUG_PATH)") from None
+        texture = self._texture(texture_path, transform_tex)
 
         mask_fg = self._foreground(image_path) if self.foreground_masks is None else \
             self.foreground_masks[idx].to(torch.float32)
@@ -708,8 +724,39 @@ class AnomalyDataset(torch.utils.data.Dataset):
         return total
 
     def release_images(self) -> None:
-        """Drop the images (and masks) kept by :meth:`preload_images`."""
+        """Drop the images (and masks) kept by :meth:`preload_images` and the textures kept by :meth:`preload_textures`."""
         self.resized_images = self.foreground_masks = None
+        self.resized_textures = {}
+
+    def preload_textures(self, budget_bytes: int) -> int:
+        """Decode every texture once and keep it as the texture transform's first step, Resize, leaves it; the
+        textures drawn for the items then start from the kept picture, with the same bits and the same random
+        draws (as :meth:`preload_images`). A texture that cannot be read is not kept: the item that draws it
+        stops the run as before. Nothing is kept when it would take more than ``budget_bytes``.
+        Returns the bytes kept (0: none)."""
+        self.resized_textures = {}
+        resize = self._texture_resize()
+        if not isinstance(resize, transforms.Resize) or not self.anomaly_source_paths:
+            return 0
+
+        def resized(path: str) -> Optional[PIL.Image.Image]:
+            try:
+                return resize(load_image(path))
+            except UnreadableImageError:
+                return None
+
+        paths = self.anomaly_source_paths
+        first = resized(paths[0])
+        if first is not None and image_bytes(first) * len(paths) > budget_bytes:  # the estimate; textures differ in size
+            return 0
+        with ThreadPoolExecutor(max_workers=min(8, utils.usable_cores())) as pool:  # decoding releases the GIL
+            pictures = [first, *pool.map(resized, paths[1:])]
+        kept = {path: picture for path, picture in zip(paths, pictures) if picture is not None}
+        total = sum(image_bytes(picture) for picture in kept.values())
+        if total > budget_bytes:
+            return 0
+        self.resized_textures = kept
+        return total
 
     def plain_view(self) -> "PlainImages":
         """The split's images without synthesis (the trainer's centre pass and feature cache)."""

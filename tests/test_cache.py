@@ -10,9 +10,11 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ import common
 import glass
 import model
 import utils
+from common import GlassError
 from conftest import TINY_NET, copy_class_subset, run_main, tiny_dataset_args
 from test_resume import CLASS_DIR, assert_same_outcome
 
@@ -358,6 +361,78 @@ def test_preloaded_training_images_give_the_same_items_and_draws(odd_tire, dtd_r
     assert torch.equal(draws_after[0], plain_draws_after[0]) and draws_after[1] == plain_draws_after[1]
 
 
+@pytest.fixture(scope="module")
+def few_textures(tmp_path_factory, dtd_root) -> Path:
+    """A texture folder of 6 real DTD images in 2 categories, one of them an unreadable file."""
+    root = tmp_path_factory.mktemp("few_textures")
+    for category in sorted(p for p in dtd_root.iterdir() if p.is_dir())[:2]:
+        (root / category.name).mkdir()
+        for path in sorted(category.glob("*.jpg"))[:3]:
+            shutil.copyfile(path, root / category.name / path.name)
+    (root / category.name / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("rand_aug, seed", [(1, 5), (0, 11)])  # seeds whose draws take each readable texture
+def test_preloaded_textures_give_the_same_items_and_draws(odd_tire, few_textures, rand_aug, seed):
+    """Decoding and resizing the textures once (preload_textures) changes no item and no random draw; the
+    unreadable texture is not kept and still stops the item that draws it."""
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+
+    def items(preload: bool):
+        dataset = MVTecDataset(str(odd_tire), str(few_textures), classname="tire", resize=80, imagesize=64,
+                               split=DatasetSplit.TRAIN, distribution=2, fg=0, rand_aug=rand_aug)
+        kept = dataset.preload_textures(2**30) if preload else 0
+        utils.fix_seeds(seed)
+        out = [dataset.make_train_item(i) for i in (0, 5, 16, 5, 3, 9, 1, 0, 2, 4, 7, 11)]
+        return kept, dataset, out, (torch.rand(1), np.random.rand())
+
+    kept, dataset, preloaded, draws_after = items(True)
+    sizes = [PIL.Image.open(path).size for path in sorted(few_textures.glob("*/*_0*.jpg"))]
+    assert len(sizes) == 6 and len(dataset.resized_textures) == 6
+    assert kept == sum(80 * int(80 * max(size) / min(size)) * 3 for size in sizes)  # RGB, shorter side 80
+    assert not any(path.endswith("zz_broken.jpg") for path in dataset.resized_textures)
+    _, _, plain, plain_draws_after = items(False)
+    assert {item["texture_path"] for item in plain} == set(dataset.resized_textures)  # every kept one drawn
+    for a, b in zip(preloaded, plain):
+        for key in ("aug", "texture", "mask_l", "image"):
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+        assert a["texture_path"] == b["texture_path"] and a["beta"] == b["beta"]
+    assert torch.equal(draws_after[0], plain_draws_after[0]) and draws_after[1] == plain_draws_after[1]
+    broken = dataset.anomaly_source_paths.index(str(few_textures / sorted(os.listdir(few_textures))[-1] / "zz_broken.jpg"))
+    dataset.anomaly_source_paths = [dataset.anomaly_source_paths[broken]]
+    with pytest.raises(GlassError, match="zz_broken.jpg.*a texture of AUG_PATH"):
+        dataset.make_train_item(0)
+
+
+def test_a_run_with_preloaded_textures_equals_one_without(tmp_path, odd_tire, few_textures, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    readable = tmp_path / "textures"
+    shutil.copytree(few_textures, readable)
+    next(readable.glob("*/zz_broken.jpg")).unlink()
+    workers = ["--num_workers", "2"]  # forked workers that share the kept textures
+    preloaded = train(tmp_path / "preloaded", odd_tire, readable, dataset_extra=workers)
+    assert "Textures decoded and resized once: 6 textures" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(glass, "PRELOAD_MEMORY_SHARE", 0.0)
+    decoded = train(tmp_path / "decoded", odd_tire, readable, dataset_extra=workers)
+    assert "Textures decoded at every draw: kept, they would need more than" in caplog.text
+    assert_same_outcome(preloaded, decoded)
+
+
+def test_textures_are_kept_only_when_the_run_draws_more_than_there_are(odd_tire, dtd_root, few_textures):
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+
+    model = glass.GLASS(torch.device("cpu"))
+    model.limit = 100
+    for textures, epochs, kept in ((dtd_root, 2, False), (few_textures, 1, True), (dtd_root, 40, True)):
+        dataset = MVTecDataset(str(odd_tire), str(textures), classname="tire", resize=64, imagesize=64,
+                               split=DatasetSplit.TRAIN, distribution=2, fg=0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+        model._preload_training_images(loader, epochs=epochs)  # 17 images: 17 draws an epoch
+        assert bool(dataset.resized_textures) == kept, (textures, epochs)
+
+
 def test_preload_keeps_nothing_over_its_budget_or_for_spawned_workers(odd_tire, dtd_root, caplog):
     from datasets.mvtec import DatasetSplit, MVTecDataset
 
@@ -366,11 +441,12 @@ def test_preload_keeps_nothing_over_its_budget_or_for_spawned_workers(odd_tire, 
                            split=DatasetSplit.TRAIN, distribution=2, fg=0)
     assert dataset.preload_images(64 * 85 * 3 * 16) == 0 and dataset.resized_images is None  # room for 16 of 17
     model = glass.GLASS(torch.device("cpu"))
+    model.limit = 100
     spawned = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
-    model._preload_training_images(spawned)
+    model._preload_training_images(spawned, epochs=1)
     assert dataset.resized_images is None
     forked = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="fork")
-    model._preload_training_images(forked)
+    model._preload_training_images(forked, epochs=1)
     assert len(dataset.resized_images) == 17
     assert "Training images decoded and resized once: 17 images" in caplog.text
 

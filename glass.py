@@ -779,8 +779,8 @@ class GLASS(torch.nn.Module):
         """Checkpoints go to ``<model_dir>/<class_key>/`` (``class_key``: ``<dataset>_<class>``, as ``mvtec_bottle``),
         TensorBoard logs to its ``tb/``; judgement images, heatmaps, plots and a disk cache under ``results_path``."""
         self.ckpt_dir = os.path.join(model_dir, class_key)
-        self.tb_dir = os.path.join(self.ckpt_dir, "tb")
-        os.makedirs(self.tb_dir, exist_ok=True)
+        self.tb_dir = os.path.join(self.ckpt_dir, "tb")  # made by the writer at its first use (logger)
+        os.makedirs(self.ckpt_dir, exist_ok=True)
         self.results_path = results_path
         self.close()
         self._purge_step = None

@@ -418,6 +418,8 @@ def test_test_only_without_a_checkpoint_names_the_class_after_testing_the_others
     record = json.loads((results / "run.json").read_text())  # the stopped class is recorded as it stops
     assert [message.split(":")[0] for message in record["stopped"]] == ["mvtec_tire2"]
     assert record["status"].startswith("failed: mvtec_tire2: no ckpt_best_*.pth")
+    untouched = results / "models" / "backbone_0" / "mvtec_tire2"  # nothing in it but the class lock
+    assert [path.name for path in untouched.iterdir()] == [".lock"]
 
 
 def test_test_only_of_a_lone_class_without_a_checkpoint_says_so_once(capsys, caplog, results, data, dtd_root):

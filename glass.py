@@ -74,6 +74,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # this share of the available memory, or this many bytes when it cannot be read.
 PRELOAD_MEMORY_SHARE = 0.1
 PRELOAD_UNKNOWN_MEMORY_BYTES = 256 * 2**20
+# A best checkpoint holds the projection and the discriminator only, as the reference's: with --train_backbone the
+# backbone it was trained with is not in it (ckpt.pth keeps the last epoch's, for resuming).
+BACKBONE_NOT_SAVED = ("%s with the pretrained backbone: the class was trained with --train_backbone, whose backbone "
+                      "the best checkpoint does not hold (as the reference's), so the scores differ from training's")
 # Test-only hook: "EPOCH:STEP" makes the trainer SIGKILL itself just before that training step of that
 # epoch (both 0-based), "EPOCH:saved" right after that epoch's ckpt.pth is written (before its new best
 # checkpoint), so that tests can interrupt a run at a known point. Never set it in normal use.
@@ -650,6 +654,7 @@ class GLASS(torch.nn.Module):
         self.meta_epochs = meta_epochs
         self.lr = lr
         self.train_backbone = train_backbone
+        self.backbone_trained_here = False  # the backbone holds this process's training (--train_backbone)
         if train_backbone:
             self.backbone_opt = torch.optim.AdamW(self.backbone.parameters(), lr)
 
@@ -1043,6 +1048,7 @@ class GLASS(torch.nn.Module):
         try:
             if self.train_backbone:
                 self.backbone.load_state_dict(state["backbone"])
+                self.backbone_trained_here = True
                 self.backbone_opt.load_state_dict(state["backbone_opt"])
                 parameters = dict(self.backbone.named_parameters())
                 for name, grad in state["backbone_grad"].items():
@@ -1197,6 +1203,7 @@ class GLASS(torch.nn.Module):
             set_rng_state(state["rng"])
             del state
         for epoch in pbar:
+            self.backbone_trained_here = self.train_backbone
             self._compute_center(center_data)
             try:
                 epoch_str = self._train_discriminator(synthesis_data, epoch, pbar, summary)
@@ -1731,6 +1738,8 @@ class GLASS(torch.nn.Module):
                 "the run that trained it"
             )
         self.load_checkpoint(path)
+        if self.train_backbone and not self.backbone_trained_here:
+            LOGGER.warning(BACKBONE_NOT_SAVED, f"{name}: testing {os.path.basename(path)}")
         images, scores, segmentations, labels_gt, masks_gt = self.predict(test_data)
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="eval")
         largest = float(np.nanmax(masks_gt, initial=0.0)) if not np.isfinite(result[2]) and len(masks_gt) else 0.0
@@ -2051,6 +2060,8 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
         raise GlassError(f"no ckpt_best_*.pth in {class_dir}: train this class first")
     model.load_checkpoint(path)
     model.checkpoint_path = path
+    if config.get("net", {}).get("train_backbone"):
+        LOGGER.warning(BACKBONE_NOT_SAVED, f"{os.path.basename(path)} of {class_dir}")
     return model, config
 
 

@@ -212,6 +212,19 @@ def test_cache_is_bypassed_when_the_features_change(tmp_path, odd_tire, dtd_root
     assert "Feature cache: patch embeddings of 7 test images" in caplog.text
 
 
+def test_a_train_backbone_class_warns_that_its_best_checkpoint_holds_no_backbone(tmp_path, odd_tire, dtd_root, caplog):
+    caplog.set_level("WARNING")
+    short = ["--meta_epochs", "1", "--limit", "1", "--train_backbone"]
+    train(tmp_path, odd_tire, dtd_root, *short)  # the test after training uses the trained backbone: no warning
+    assert "with the pretrained backbone" not in caplog.text
+    assert run_main(["--results_path", tmp_path, "--test", "test", *NET, *short, *tiny_dataset_args(odd_tire, dtd_root)]) == 0
+    assert "mvtec_tire: testing ckpt_best_0.pth with the pretrained backbone: the class was trained with " \
+           "--train_backbone" in caplog.text
+    caplog.clear()
+    glass.load_trained(str(tmp_path / CLASS_DIR))
+    assert "ckpt_best_0.pth of" in caplog.text and "with the pretrained backbone" in caplog.text
+
+
 def test_speed_flags_parse_and_run_on_the_cpu(tmp_path, odd_tire, dtd_root, caplog):
     caplog.set_level("INFO")
     train(tmp_path, odd_tire, dtd_root, "--meta_epochs", "1", "--limit", "1", "--amp", "bf16", "--compile",

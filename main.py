@@ -120,7 +120,7 @@ def main(**kwargs):
 @click.option("--p", type=FiniteRange(0, 1), default=0.5, show_default=True, help="Hard-sample mining quantile of the LAS loss.")
 @click.option("--lr", type=FiniteRange(min=0, min_open=True), default=0.0001, show_default=True,
               help="Learning rate (projection; twice this for the discriminator).")
-@click.option("--svd", type=click.IntRange(0, 1), default=0, show_default=True, help="Kept for the reference's scripts and ignored: dataset --distribution chooses manifold (0) or hypersphere (1).")
+@click.option("--svd", type=click.IntRange(0, 1), default=0, show_default=True, help="Kept for the reference's scripts and ignored: the hypothesis (manifold or hypersphere) comes from dataset --distribution (2 manifold, 3 hypersphere, 0 the table or a judgement).")
 @click.option("--step", type=click.IntRange(min=0), default=20, show_default=True, help="Gradient-ascent steps of GAS.")
 @click.option("--limit", type=click.IntRange(min=0), default=392, show_default=True, help="Training samples per epoch (stops after more than this).")
 @click.option("--cache", type=click.Choice(["auto", "ram", "disk", "off"]), default="auto", show_default=True,

@@ -30,6 +30,32 @@ def test_training_writes_checkpoints_logs_and_results(trained_tire):
     assert len(heatmaps) == 18  # one per test image
 
 
+def test_the_results_row_is_the_metrics_of_the_best_checkpoint_s_predictions(trained_tire, tiny_tire, dtd_root):
+    """The five numbers of results.csv, recomputed from the best checkpoint's scores and maps of the test images
+    with scikit-learn and the PRO loop written out in test_metrics (not with the project's metrics code)."""
+    import numpy as np
+    import sklearn.metrics as skm
+
+    import glass
+    import main
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+    from test_metrics import slow_pro
+
+    model, _ = glass.load_trained(str(trained_tire / "models" / "backbone_0" / "mvtec_tire"))
+    test_set = MVTecDataset(str(tiny_tire), str(dtd_root), classname="tire", split=DatasetSplit.TEST, resize=64,
+                            imagesize=64)
+    _, scores, maps, labels, masks = model.predict(main.make_loader(test_set, 8, 0, shuffle=False))
+    scores, maps, masks = np.asarray(scores).ravel(), np.asarray(maps), np.asarray(masks)[:, 0]
+    pixels = (masks.ravel() >= 1).astype(int)  # the reference counts a pixel as defective where its mask is 1
+    expected = [skm.roc_auc_score(labels, scores), skm.average_precision_score(labels, scores),
+                skm.roc_auc_score(pixels, maps.ravel()), skm.average_precision_score(pixels, maps.ravel()),
+                slow_pro((masks >= 1).astype(np.uint8), maps)]
+    row = read_results(trained_tire)[0]
+    got = [float(row[key]) for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro")]
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert 0 < sum(labels) < len(labels) and 0 < pixels.sum() < pixels.size  # both kinds, so every metric means something
+
+
 def test_test_only_run_reproduces_the_best_epoch(trained_tire, tiny_tire, dtd_root):
     before = read_results(trained_tire)
     best = next((trained_tire / "models" / "backbone_0" / "mvtec_tire").glob("ckpt_best_*.pth"))

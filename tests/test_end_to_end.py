@@ -56,6 +56,21 @@ def test_the_results_row_is_the_metrics_of_the_best_checkpoint_s_predictions(tra
     assert 0 < sum(labels) < len(labels) and 0 < pixels.sum() < pixels.size  # both kinds, so every metric means something
 
 
+def test_glass_finds_the_demo_defects(tmp_path):
+    """A detector, not only a pipeline: on the demo's brick class (real photographs with painted-in defects, exact masks;
+    README quick start) two short epochs at the demo's profile separate defective from good images and pixels."""
+    from datasets import demo
+
+    demo.build_demo_dataset(tmp_path, classes=["brick"], n_train=24, n_test_good=8, n_test_defect=8, n_textures=12)
+    net = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "512",
+           "--target_embed_dimension", "512", "--dsc_hidden", "512", "--meta_epochs", "2", "--step", "20", "--limit", "64"]
+    dataset = ["dataset", "--distribution", "2", "--fg", "0", "--resize", "128", "--imagesize", "128", "--num_workers", "0",
+               "-d", "brick", "mvtec", str(tmp_path / "demo"), str(tmp_path / "textures")]
+    assert run_main(["--results_path", tmp_path / "results", *net, *dataset]) == 0
+    row = read_results(tmp_path / "results")[0]
+    assert float(row["image_auroc"]) >= 0.9 and float(row["pixel_auroc"]) >= 0.9 and float(row["pixel_pro"]) >= 0.5, row
+
+
 def test_test_only_run_reproduces_the_best_epoch(trained_tire, tiny_tire, dtd_root):
     before = read_results(trained_tire)
     best = next((trained_tire / "models" / "backbone_0" / "mvtec_tire").glob("ckpt_best_*.pth"))

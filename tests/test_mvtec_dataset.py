@@ -471,3 +471,27 @@ def test_corrupt_image_names_the_file(tire_root, dtd_root, tmp_path):
     index = [row[2] for row in data.data_to_iterate].index(str(bad))
     with pytest.raises(GlassError, match="cannot read image .*cut/001.png"):
         data[index]
+
+
+def test_dataset_options_reach_the_loaders(tmp_path, tire_root, dtd_root):
+    """Every `dataset` option, each at a value other than its default, arrives where it acts; the training loader
+    shuffles, the test loader keeps the file order."""
+    import main
+
+    root = tmp_path / "data"
+    make_class(tire_root, root, n_train=4)
+    args = ["--distribution", "3", "--mean", "0.4", "--std", "0.05", "--fg", "0", "--rand_aug", "0", "--downsampling", "4",
+            "--rotate_degrees", "5", "--translate", "0.1", "--scale", "0.2", "--brightness", "0.3", "--contrast", "0.4",
+            "--saturation", "0.6", "--gray", "0.7", "--hflip", "0.8", "--vflip", "0.9", "--resize", "72", "--imagesize", "64",
+            "--batch_size", "3", "--num_workers", "0", "-d", "tire", "mvtec", str(root), str(dtd_root)]
+    _, get_dataloaders = main.dataset.invoke(main.dataset.make_context("dataset", args))
+    [loaders] = get_dataloaders("ckpt", None)
+    train, test = loaders["training"], loaders["testing"]
+    data = train.dataset
+    assert (data.distribution, data.mean, data.std, data.fg, data.rand_aug, data.downsampling) == (3, 0.4, 0.05, 0, 0, 4)
+    assert data.augmentation == {"rotate_degrees": 5, "translate": 0.1, "scale": 0.2, "brightness": 0.3, "contrast": 0.4,
+                                 "saturation": 0.6, "gray": 0.7, "hflip": 0.8, "vflip": 0.9}
+    assert (data.resize, data.imgsize, test.dataset.resize, test.dataset.imgsize) == (72, 64, 72, 64)
+    assert (train.batch_size, train.num_workers, test.batch_size) == (3, 0, 3)
+    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(test.sampler, torch.utils.data.SequentialSampler)

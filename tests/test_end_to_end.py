@@ -90,3 +90,42 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path, tiny_tire, dtd_root, 
     args = [*TINY_NET, *tiny_dataset_args(tiny_tire, dtd_root)]
     assert run_main(["--results_path", tmp_path, *args]) == 0
     assert read_results(tmp_path) == read_results(trained_tire)
+
+
+def _checkpoint(results) -> dict:
+    import torch
+
+    return torch.load(results / "models" / "backbone_0" / "mvtec_tire" / "ckpt.pth", weights_only=True)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return all(torch.equal(a[part][key], b[part][key]) for part in ("discriminator", "pre_projection") for key in a[part])
+
+
+def test_seeds_change_the_run(tmp_path, tiny_tire, dtd_root, trained_tire):
+    """--seed and a backbone's NAME.seed-N each give another run than the default seed 0 (trained_tire)."""
+    dataset = tiny_dataset_args(tiny_tire, dtd_root)
+    assert run_main(["--results_path", tmp_path / "seed1", "--seed", "1", *TINY_NET, *dataset]) == 0
+    seeded = [arg if arg != "efficientnet_lite0" else "efficientnet_lite0.seed-1" for arg in TINY_NET]
+    assert run_main(["--results_path", tmp_path / "backbone_seed1", *seeded, *dataset]) == 0
+    base, seed1, backbone_seed1 = _checkpoint(trained_tire), _checkpoint(tmp_path / "seed1"), _checkpoint(tmp_path / "backbone_seed1")
+    assert not _same_weights(base, seed1) and not _same_weights(base, backbone_seed1)
+    # The backbone's seed is set after the model is built (as in the reference): the initial weights come from --seed,
+    # the training's random stream from N. So the two differ from each other too.
+    assert not _same_weights(seed1, backbone_seed1)
+
+
+def test_eval_epochs_evaluates_every_nth_epoch_only(tmp_path, tiny_tire, dtd_root):
+    net = [arg if arg != "2" else "3" for arg in TINY_NET] + ["--eval_epochs", "2"]  # --meta_epochs 3
+    assert "--meta_epochs" in net and net[net.index("--meta_epochs") + 1] == "3"
+    assert run_main(["--results_path", tmp_path, *net, *tiny_dataset_args(tiny_tire, dtd_root)]) == 0
+    class_dir = tmp_path / "models" / "backbone_0" / "mvtec_tire"
+    with open(class_dir / "history.csv") as handle:
+        history = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in history] == ["0", "1", "2"]
+    assert [bool(row["image_auroc"]) for row in history] == [False, True, False]  # after epochs 2 only (1-based)
+    assert [path.name for path in class_dir.glob("ckpt_best_*.pth")] == ["ckpt_best_1.pth"]
+    tb = EventAccumulator(str(class_dir / "tb")).Reload()
+    assert [event.step for event in tb.Scalars("i-auroc")] == [1]

@@ -139,7 +139,7 @@ def test_fuse_head_leaves_training_unchanged_and_scores_alike(trained_tire, tiny
     config = json.loads((results / CLASS_DIR / "config.json").read_text())
     assert config["net"]["fuse_head"] is True
     # The same training (ckpt.pth: weights, optimisers, generators, all bit for bit), evaluated through the fused
-    # head: only the recorded best metrics differ, in their last digits.
+    # head: only the recorded best metrics may differ, in their last digits (no image or pixel changes its rank).
     fused_state, exact_state = (dict(flatten(torch.load(folder / CLASS_DIR / "ckpt.pth", weights_only=True)))
                                 for folder in (results, trained_tire))
     assert fused_state.keys() == exact_state.keys()
@@ -147,14 +147,14 @@ def test_fuse_head_leaves_training_unchanged_and_scores_alike(trained_tire, tiny
         if isinstance(value, torch.Tensor):
             assert torch.equal(fused_state[key], value), key
         elif key.startswith("/best_record"):
-            assert fused_state[key] == pytest.approx(value, abs=0.02), key
+            assert fused_state[key] == pytest.approx(value, abs=1e-4), key
         else:
             assert fused_state[key] == value, key
     fused_rows, exact_rows = read_rows(results), read_rows(trained_tire)
     assert [row["Row Names"] for row in fused_rows] == [row["Row Names"] for row in exact_rows] == ["mvtec_tire", "Mean"]
     for key, value in exact_rows[0].items():
         if key not in ("Row Names", "epoch", "best_epoch"):
-            assert float(fused_rows[0][key]) == pytest.approx(float(value), abs=0.02), key
+            assert float(fused_rows[0][key]) == pytest.approx(float(value), abs=1e-4), key
 
     # predict --fuse_head on a copy of the exact run's class: the same decisions, scores within rounding.
     copy = tmp_path / "copy"

@@ -35,9 +35,12 @@ def band(points, anchors, low, high, length=None):
 
 
 def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict:
-    """One training step as the spec describes it, on fresh modules holding ``model``'s weights."""
+    """One training step as the spec describes it, on fresh modules holding ``model``'s weights (no projection with
+    ``--pre_proj 0``: the discriminator sees the embeddings themselves)."""
     projection = torch.nn.Linear(DIM, DIM)
-    projection.load_state_dict({"weight": model.pre_projection.layers[0].weight, "bias": model.pre_projection.layers[0].bias})
+    if model.pre_proj > 0:
+        projection.load_state_dict({"weight": model.pre_projection.layers[0].weight,
+                                    "bias": model.pre_projection.layers[0].bias})
     discriminator = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.BatchNorm1d(HIDDEN),
                                         torch.nn.LeakyReLU(0.2), torch.nn.Linear(HIDDEN, 1, bias=False),
                                         torch.nn.Sigmoid())
@@ -50,7 +53,10 @@ def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict
     projection.train()
     discriminator.train()
 
-    true, fake = projection(true_emb), projection(fake_emb)
+    if model.pre_proj > 0:
+        true, fake = projection(true_emb), projection(fake_emb)
+    else:
+        true, fake = true_emb.clone().requires_grad_(True), fake_emb.clone().requires_grad_(True)
     labels = mask_s.reshape(-1, 1)
     centre = model.c.repeat(BATCH, 1, 1).reshape(-1, DIM)
     outside, inside = labels[:, 0] == 0, labels[:, 0] == 1
@@ -90,7 +96,8 @@ def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict
     hard_scores, hard_labels = fake_scores[hard].unsqueeze(1), labels[hard].unsqueeze(1)
     loss = bce_loss + focal_loss(torch.cat([1 - hard_scores, hard_scores], dim=1), hard_labels)
     loss.backward()
-    proj_opt.step()
+    if model.pre_proj > 0:
+        proj_opt.step()
     dsc_opt.step()
 
     fake_scores = fake_scores.detach()
@@ -118,13 +125,15 @@ def backbone():
 
 
 @pytest.mark.parametrize("data_seed", [7, 8])  # the step's inputs: two draws, as a rounding difference may hide in one
-@pytest.mark.parametrize("svd, mining, steps", [(0, 1, 6), (1, 1, 6), (0, 0, 6), (1, 1, 0)])
-def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypatch, svd, mining, steps, data_seed):
+@pytest.mark.parametrize("svd, mining, steps, pre_proj", [(0, 1, 6, 1), (1, 1, 6, 1), (0, 0, 6, 1), (1, 1, 0, 1), (0, 1, 6, 0)])
+def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypatch, svd, mining, steps, pre_proj,
+                                                             data_seed):
     torch.manual_seed(3)
     model = glass.GLASS(torch.device("cpu"))
     model.load(backbone=backbone, layers_to_extract_from=["blocks.2", "blocks.4"], device=torch.device("cpu"),
                input_shape=(3, 64, 64), pretrain_embed_dimension=DIM, target_embed_dimension=DIM, dsc_hidden=HIDDEN,
-               step=steps, lr=LR, noise=NOISE, radius=RADIUS, p=P, mining=mining, svd=svd, dsc_margin=MARGIN)
+               step=steps, lr=LR, noise=NOISE, radius=RADIUS, p=P, mining=mining, svd=svd, dsc_margin=MARGIN,
+               pre_proj=pre_proj)
     model.svd = svd
     generator = torch.Generator().manual_seed(data_seed)
     true_emb = torch.randn(BATCH * GRID * GRID, DIM, generator=generator)
@@ -136,19 +145,21 @@ def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypat
     monkeypatch.setattr(model, "_true_features", lambda batch, images: true_emb)
     batch = {"image": torch.zeros(BATCH, 3, 64, 64), "aug": torch.zeros(BATCH, 3, 64, 64), "mask_s": mask_s}
 
-    initial = model.pre_projection.layers[0].weight.detach().clone()
+    initial = model.discriminator.body.block1[0].weight.detach().clone()
     expected = spec_step(model, true_emb, fake_emb, mask_s, seed=11)
-    model.pre_projection.train()
+    if pre_proj > 0:
+        model.pre_projection.train()
     model.discriminator.train()
     torch.manual_seed(11)
     stats = model._train_step(batch)
 
     # The same bits: the trainer's frozen true half and hand-written backward reproduce the plain passes.
     assert stats == expected["stats"]
-    linear = model.pre_projection.layers[0]
-    for name, parameter in (("weight", linear.weight), ("bias", linear.bias)):
-        assert torch.equal(parameter, expected["projection"][name]), name
-        assert torch.equal(parameter.grad, expected["projection_grads"][name]), name
+    if pre_proj > 0:
+        linear = model.pre_projection.layers[0]
+        for name, parameter in (("weight", linear.weight), ("bias", linear.bias)):
+            assert torch.equal(parameter, expected["projection"][name]), name
+            assert torch.equal(parameter.grad, expected["projection_grads"][name]), name
     own = model.discriminator.state_dict()
     own_grads = {name: p.grad for name, p in model.discriminator.named_parameters()}
     for key, value in expected["discriminator"].items():
@@ -157,7 +168,7 @@ def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypat
         if key in expected["discriminator_grads"]:
             assert torch.equal(own_grads[ours], expected["discriminator_grads"][key]), key
     # The step moved the weights (so the comparison above compares trained weights, not the initial ones).
-    assert not torch.allclose(linear.weight, initial, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(model.discriminator.body.block1[0].weight, initial, rtol=1e-5, atol=1e-8)
 
 
 def test_model_selection_adds_image_and_pixel_auroc():

@@ -453,3 +453,19 @@ def test_a_threshold_of_true_is_not_a_number(tmp_path):
     (tmp_path / "threshold.json").write_text('{"threshold": true}')
     with pytest.raises(utils.GlassError, match="the threshold True is not a finite number"):
         glass.read_threshold_file(str(tmp_path / "threshold.json"))
+
+
+def test_backbone_index_chooses_the_backbone_folder(trained_tire, tiny_tire, tmp_path, capsys):
+    """`predict --backbone_index 1` reads models/backbone_1/ (a run with several -b); the default index 0 reads
+    backbone_0, which this results folder lacks."""
+    results = tmp_path / "results"
+    shutil.copytree(trained_tire / "models" / "backbone_0" / "mvtec_tire", results / "models" / "backbone_1" / "mvtec_tire",
+                    ignore=shutil.ignore_patterns("tb"))
+    image = sorted((tiny_tire / "tire" / "test" / "cut").iterdir())[0]
+    out = tmp_path / "out"
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--backbone_index", "1", "--output", out,
+                     image]) == 0
+    [row] = read_csv(out / "predictions.csv")
+    assert row["image"].endswith(image.name) and 0.0 <= float(row["score"]) <= 1.0
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "none", image]) == 2
+    assert "backbone_0" in one_error_line(capsys)

@@ -1048,7 +1048,6 @@ class GLASS(torch.nn.Module):
         try:
             if self.train_backbone:
                 self.backbone.load_state_dict(state["backbone"])
-                self.backbone_trained_here = True
                 self.backbone_opt.load_state_dict(state["backbone_opt"])
                 parameters = dict(self.backbone.named_parameters())
                 for name, grad in state["backbone_grad"].items():
@@ -1202,8 +1201,8 @@ class GLASS(torch.nn.Module):
         if status == "resume":  # last, so that nothing draws from the generators before the epoch does
             set_rng_state(state["rng"])
             del state
+        self.backbone_trained_here = self.train_backbone  # trained below, or restored by the resume above
         for epoch in pbar:
-            self.backbone_trained_here = self.train_backbone
             self._compute_center(center_data)
             try:
                 epoch_str = self._train_discriminator(synthesis_data, epoch, pbar, summary)

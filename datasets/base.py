@@ -65,6 +65,12 @@ def is_image(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
 
 
+def decode_all(function: Callable[[str], Any], paths: Sequence[str]) -> List[Any]:
+    """``function`` of every path, in order, on a few threads (decoding and resizing release the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, utils.usable_cores())) as pool:
+        return list(pool.map(function, paths))
+
+
 def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, broken_links: bool = False) -> List[str]:
     """Sorted paths of the image files directly in ``folder`` (none if it does not exist); with ``broken_links``, links
     named as images that point nowhere too (for the layout check to name them)."""
@@ -703,7 +709,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         (``--fg``), each image's mask is kept too, as it is (0/1 values as bytes). Workers forked afterwards
         share them. Nothing is kept when it would take more than ``budget_bytes``.
         Returns the bytes kept (0: none)."""
-        self.release_images()
+        self.resized_images = self.foreground_masks = None  # kept textures stay (preload_textures)
         resize = self.transform_img.transforms[0]
         if not isinstance(resize, transforms.Resize) or not self.data_to_iterate:
             return 0
@@ -712,10 +718,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if (image_bytes(first) + mask_bytes) * len(self.data_to_iterate) > budget_bytes:
             return 0
         paths = [row[2] for row in self.data_to_iterate]
-        with ThreadPoolExecutor(max_workers=min(8, utils.usable_cores())) as pool:  # decoding releases the GIL
-            images = [first, *pool.map(lambda path: resize(load_image(path)), paths[1:])]  # the first: decoded above
-            masks = list(pool.map(lambda path: self._foreground(path).to(torch.uint8), paths)) if self.class_fg \
-                else None
+        images = [first, *decode_all(lambda path: resize(load_image(path)), paths[1:])]  # the first: decoded above
+        masks = decode_all(lambda path: self._foreground(path).to(torch.uint8), paths) if self.class_fg else None
         total = sum(image_bytes(image) for image in images) + sum(mask.numel() for mask in masks or [])
         if total > budget_bytes:  # the images differ in size
             return 0
@@ -749,8 +753,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         first = resized(paths[0])
         if first is not None and image_bytes(first) * len(paths) > budget_bytes:  # the estimate; textures differ in size
             return 0
-        with ThreadPoolExecutor(max_workers=min(8, utils.usable_cores())) as pool:  # decoding releases the GIL
-            pictures = [first, *pool.map(resized, paths[1:])]
+        pictures = [first, *decode_all(resized, paths[1:])]
         kept = {path: picture for path, picture in zip(paths, pictures) if picture is not None}
         total = sum(image_bytes(picture) for picture in kept.values())
         if total > budget_bytes:

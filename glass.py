@@ -140,14 +140,15 @@ def global_anomaly_synthesis(
     """GAS: Gaussian features moved by gradient ascent on the discriminator's loss, then truncated.
 
     Returns the BCE loss of the last step (true -> 0, synthetic -> 1), the true and synthetic scores
-    of that step, the synthetic features, and r_g, the ``radius`` quantile of their distance to c.
+    of that step, the synthetic features, and r_g, the ``radius`` quantile of their distance to c at the last
+    truncation (NaN when none ran: fewer than 5 ascent steps; the reference then fails as it logs r_g).
     ``ascent_gradient(g)``, when given, stands in for the plain pass in the steps that serve only the
     gradient of the synthetic half's loss with respect to g (:meth:`FrozenTrueHalf.gradient`), and
     ``final_scores(g)`` for the plain pass of the last step, whose loss is returned (:meth:`FrozenTrueHalf.final_scores`).
     """
     noise = torch.normal(0, noise_std, true_feats.shape).to(true_feats.device)
     gaus_feats = true_feats + noise
-    r_g = torch.zeros(1, device=true_feats.device)
+    r_g = torch.full((1,), float("nan"), device=true_feats.device)  # measured at the truncations
     for step in range(steps + 1):
         if ascent_gradient is not None and step < steps and mining != 0:
             grad = ascent_gradient(gaus_feats)  # this step's losses and scores would serve nothing else

@@ -161,7 +161,7 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
     if not backbone_names:  # checked here, before the data are: both are the reference's multiple options
         raise GlassError("no backbone given: add -b NAME to `net` (e.g. -b wideresnet50 or -b efficientnet_lite0)")
     repeated = sorted({name for name in backbone_names if backbone_names.count(name) > 1})
-    if repeated:  # it would train the same model twice into one folder and count it twice in the Mean row
+    if repeated:  # the reference trains the copy (same seed: the same model) again and counts it twice in the Mean row
         raise click.BadParameter(f"{', '.join(repeated)} given more than once: name each backbone once (the same one "
                                  "with another seed: NAME.seed-N)", param_hint="-b/--backbone_names")
     if not layers:

@@ -43,6 +43,22 @@ def test_gas_moves_features_into_the_truncation_band(svd):
     gas.bce_loss.backward()
     assert true_feats.grad is not None and torch.isfinite(true_feats.grad).all()
 
+@pytest.mark.parametrize("steps", [0, 3, 4, 9])
+def test_r_g_is_measured_at_the_last_truncation_and_nan_without_one(steps):
+    # Truncation (and r_g) comes after every 5th ascent step; with fewer steps there is none to measure.
+    torch.manual_seed(0)
+    disc = Discriminator(8, n_layers=2, hidden=16)
+    true_feats, center = torch.randn(64, 8, requires_grad=True), torch.zeros(64, 8)
+    calls = []
+    with mock.patch.object(glass, "quantile_radius", side_effect=lambda d, q: calls.append(d.clone()) or torch.quantile(d, q)):
+        gas = global_anomaly_synthesis(disc, true_feats, center, torch.tensor([2.0]), 0.015, steps, 0, 1, 0.75)
+    assert len(calls) == steps // 5
+    if calls:
+        assert gas.r_g.item() == torch.quantile(calls[-1], 0.75).item() > 0
+    else:
+        assert torch.isnan(gas.r_g).all()
+
+
 
 def test_gas_without_mining_is_plain_gaussian_noise():
     torch.manual_seed(0)

@@ -984,6 +984,15 @@ class GLASS(torch.nn.Module):
                 LOGGER.warning("Testing %s on images prepared otherwise than at its training (%s): its metrics, which "
                                "replace the class's row in results.csv, are not those of its training setup",
                                os.path.basename(self.ckpt_dir), "; ".join(view))
+            renamed = [d for d in changed if d.startswith("dataset.classname:")]
+            if renamed:
+                LOGGER.warning("%s holds a model of another class (%s): a copied or renamed folder? Its metrics and "
+                               "predictions are then not this class's", self.ckpt_dir, renamed[0])
+            unused = [d for d in changed if not d.startswith(TEST_VIEW_OPTIONS + ("dataset.data_path:", "dataset.classname:"))]
+            if training and status == "finished" and unused:
+                LOGGER.warning("%s is already trained, with other training options than this run's (%s), which it "
+                               "ignores: to train with them, delete it or use another --results_path",
+                               self.ckpt_dir, "; ".join(unused))
             moved = [d for d in changed if d.startswith("dataset.data_path:")]
             if (status == "finished" or not training) and moved:
                 LOGGER.warning("Testing %s, trained on the data in %s, on the test images in %s (the same images moved, "
@@ -1747,7 +1756,7 @@ class GLASS(torch.nn.Module):
             LOGGER.warning("%s: no pixel of the resized masks is fully defective (largest value %.3g, below 1: defects thinner "
                            "than a pixel at this --resize/--imagesize), so there are no pixel metrics (n/a)", name,
                            largest)
-        self._write_heatmaps(images, segmentations, masks_gt, name, "eval")
+        self._write_heatmaps(images, segmentations, masks_gt, utils.class_output_name(self.ckpt_dir), "eval")
         epoch = checkpoint_epoch(path)
         utils.write_class_report(self, name, os.path.basename(path), epoch, scores, segmentations, labels_gt, masks_gt,
                                  result)
@@ -2053,6 +2062,11 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
                          "wrote by testing it once (main.py --test test with the net and dataset options it was "
                          "trained with)")
     config = read_config_file(config_path)
+    recorded = config.get("dataset") or {}
+    trained_as = f"{recorded.get('name')}_{recorded.get('classname')}"
+    if "classname" in recorded and trained_as != os.path.basename(class_dir.rstrip(os.sep)):
+        LOGGER.warning("%s holds a model trained as %s (its %s): a copied or renamed folder? Its scores are then not "
+                       "this class's", class_dir, trained_as, CONFIG_NAME)
     model = build_model(config, device)
     model.ckpt_dir = class_dir
     path = checkpoint or model.best_checkpoint()

@@ -354,7 +354,8 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
         return name, os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{name}_{subdataset}")
 
     def output_dir(results_path: str, dataset_name: str) -> str:
-        return output or os.path.join(results_path, "predict", f"{dataset_name}_{subdataset}")
+        return output or os.path.join(results_path, "predict", utils.output_name(f"{dataset_name}_{subdataset}",
+                                                                                 backbone_index))
 
     def check_before_training(results_path: str, trained_name: str, trained_classes: Sequence[str]) -> None:
         """Chained after training: the inputs and the class, checked before the training starts."""
@@ -549,7 +550,8 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                     continue
                 finally:
                     model.close()
-            add_result(index, class_key, class_key if len(models) == 1 else f"{class_key}/backbone_{i}", result)
+            row_name = utils.output_name(class_key, i)
+            add_result(index, row_name, row_name, result)
     return judged
 
 

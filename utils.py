@@ -857,18 +857,28 @@ def history_row(epoch: int, step: int, stats: Mapping[str, float], evaluation: O
 
 
 def read_history(path: str) -> List[Dict[str, float]]:
-    """The rows of a history.csv (empty cells as NaN); no file, no rows."""
+    """The rows of a history.csv (empty cells as NaN; a damaged row left out); no file, no rows. ValueError when
+    the file is not such a table (not text, no ``epoch`` column)."""
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path, newline="") as handle:
-        for raw in csv.DictReader(handle):
-            try:
-                row = {key: float(raw[key]) if raw.get(key) not in (None, "") else float("nan") for key in HISTORY_COLUMNS}
-            except ValueError:
-                continue  # a damaged row is left out of the plot
-            row["epoch"], row["step"] = int(row["epoch"]), int(row["step"]) if np.isfinite(row["step"]) else 0
-            rows.append(row)
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if "epoch" not in (reader.fieldnames or []):
+                raise ValueError(f"its columns are not {', '.join(HISTORY_COLUMNS)}")
+            for raw in reader:
+                try:
+                    row = {key: float(raw[key]) if raw.get(key) not in (None, "") else float("nan")
+                           for key in HISTORY_COLUMNS}
+                except ValueError:
+                    continue
+                if not np.isfinite(row["epoch"]):
+                    continue
+                row["epoch"], row["step"] = int(row["epoch"]), int(row["step"]) if np.isfinite(row["step"]) else 0
+                rows.append(row)
+    except csv.Error as exc:  # UnicodeDecodeError, the other way it fails, is a ValueError already
+        raise ValueError(str(exc)) from exc
     return rows
 
 
@@ -895,7 +905,12 @@ def record_epoch(model: Any, epoch: int, evaluation: Optional[Sequence[float]]) 
     """
     with never_fatal(f"{HISTORY_NAME} of epoch {epoch}"):
         path = os.path.join(model.ckpt_dir, HISTORY_NAME)
-        rows = [row for row in read_history(path) if row["epoch"] < epoch]
+        try:
+            earlier = read_history(path)
+        except ValueError as exc:
+            keep_unreadable(path, exc, "starting a new one")
+            earlier = []
+        rows = [row for row in earlier if row["epoch"] < epoch]
         rows.append(history_row(epoch, model.global_step, getattr(model, "epoch_stats", {}) or {}, evaluation))
         write_history(path, rows)
 
@@ -1196,11 +1211,23 @@ def plot_training_curves(rows: Sequence[Mapping[str, float]], best_epoch: Option
 # --------------------------------------------------------------------------------------------------
 # The class report (after the best checkpoint is tested)
 
+def output_name(class_key: str, backbone_index: int) -> str:
+    """The name of a class's outputs outside its class folder (results.csv row, ``eval/``, ``plots/``,
+    ``predict/``): ``<name>_<class>`` for backbone_0, ``<name>_<class>_backbone_<i>`` for the others."""
+    return class_key if backbone_index == 0 else f"{class_key}_backbone_{backbone_index}"
+
+
+def class_output_name(class_dir: str) -> str:
+    """:func:`output_name` of a class folder ``.../backbone_<i>/<name>_<class>``."""
+    class_dir = class_dir.rstrip(os.sep)
+    backbone = os.path.basename(os.path.dirname(class_dir))
+    index = backbone[len("backbone_"):] if backbone.startswith("backbone_") else ""
+    return output_name(os.path.basename(class_dir), int(index) if index.isdigit() else 0)
+
+
 def plots_dir(results_path: str, class_dir: str) -> str:
     """``<results>/plots/<name>`` for backbone_0, ``<results>/plots/<name>_backbone_<i>`` for the others."""
-    name, backbone = os.path.basename(class_dir.rstrip(os.sep)), os.path.basename(os.path.dirname(class_dir.rstrip(os.sep)))
-    suffix = "" if backbone in ("backbone_0", "") else f"_{backbone}"
-    return os.path.join(results_path, PLOTS_FOLDER, name + suffix)
+    return os.path.join(results_path, PLOTS_FOLDER, class_output_name(class_dir))
 
 
 def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], labels: Sequence[int]
@@ -1228,10 +1255,16 @@ def write_class_report(model: Any, name: str, checkpoint: str, best_epoch: int, 
     written: List[str] = []
     with never_fatal(f"the plots of {name}"):
         os.makedirs(folder, exist_ok=True)
-        history = read_history(os.path.join(model.ckpt_dir, HISTORY_NAME))
+        history_path = os.path.join(model.ckpt_dir, HISTORY_NAME)
+        try:
+            history = read_history(history_path)
+        except ValueError as exc:
+            LOGGER.warning("Could not read %s (%s), so no training curves are drawn", history_path,
+                           exception_summary(exc))
+            history = None
         if history:
             written.append(plot_training_curves(history, best_epoch, name, os.path.join(folder, TRAINING_CURVES_PNG)))
-        else:
+        elif history is not None:
             LOGGER.info("%s: no %s in %s (trained elsewhere?), so no training curves", name, HISTORY_NAME, model.ckpt_dir)
         image = image_curves(scores, labels)
         pixel, why = pixel_curves(segmentations, masks)

@@ -129,3 +129,25 @@ def test_eval_epochs_evaluates_every_nth_epoch_only(tmp_path, tiny_tire, dtd_roo
     assert [path.name for path in class_dir.glob("ckpt_best_*.pth")] == ["ckpt_best_1.pth"]
     tb = EventAccumulator(str(class_dir / "tb")).Reload()
     assert [event.step for event in tb.Scalars("i-auroc")] == [1]
+
+
+def test_a_second_backbone_writes_outputs_of_its_own(tmp_path, tiny_tire, dtd_root, caplog):
+    """With two -b, backbone_1's results.csv row, heatmaps and plots carry `_backbone_1` beside backbone_0's (the
+    reference names both rows alike and writes both sets of heatmaps into one folder). A damaged history.csv then
+    costs the test its training curves only."""
+    net = TINY_NET[:3] + ["-b", "efficientnet_lite0.seed-1"] + TINY_NET[3:]
+    dataset = tiny_dataset_args(tiny_tire, dtd_root)
+    assert run_main(["--results_path", tmp_path, *net, *dataset]) == 0
+    assert [row["Row Names"] for row in read_results(tmp_path)] == ["mvtec_tire", "mvtec_tire_backbone_1", "Mean"]
+    for name in ("mvtec_tire", "mvtec_tire_backbone_1"):
+        assert len(list((tmp_path / "eval" / name).glob("*.png"))) == 18, name
+        assert (tmp_path / "plots" / name / "training_curves.png").is_file(), name
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["mvtec_tire", "mvtec_tire_backbone_1"]
+
+    plots = tmp_path / "plots" / "mvtec_tire"
+    for png in plots.iterdir():
+        png.unlink()
+    (tmp_path / "models" / "backbone_0" / "mvtec_tire" / "history.csv").write_bytes(bytes(range(128, 256)))
+    assert run_main(["--results_path", tmp_path, "--test", "test", *net, *dataset]) == 0
+    assert sorted(p.name for p in plots.iterdir()) == ["pr.png", "roc.png", "score_histogram.png"]
+    assert any("so no training curves are drawn" in r.getMessage() for r in caplog.records)

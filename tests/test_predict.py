@@ -469,3 +469,16 @@ def test_backbone_index_chooses_the_backbone_folder(trained_tire, tiny_tire, tmp
     assert row["image"].endswith(image.name) and 0.0 <= float(row["score"]) <= 1.0
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "none", image]) == 2
     assert "backbone_0" in one_error_line(capsys)
+    # Its default output folder is its own, beside backbone_0's predict/mvtec_tire.
+    assert run_main(["--results_path", results, "predict", "-d", "tire", "--backbone_index", "1", image]) == 0
+    assert [p.name for p in (results / "predict").iterdir()] == ["mvtec_tire_backbone_1"]
+
+
+def test_a_class_folder_copied_from_another_class_is_named_when_loaded(trained_tire, tmp_path, caplog):
+    source = trained_tire / "models" / "backbone_0" / "mvtec_tire"
+    copied = tmp_path / "mvtec_cable"
+    shutil.copytree(source, copied, ignore=shutil.ignore_patterns("tb"))
+    glass.load_trained(str(source))
+    assert "copied or renamed" not in caplog.text
+    glass.load_trained(str(copied))
+    assert f"{copied} holds a model trained as mvtec_tire (its config.json): a copied or renamed folder?" in caplog.text

@@ -703,9 +703,28 @@ def test_record_epoch_replaces_the_rows_of_a_rerun_epoch(tmp_path):
     assert [row["epoch"] for row in rows] == [0, 1] and rows[1]["loss"] == 0.5 and rows[1]["pixel_auroc"] == 0.8
 
 
+@pytest.mark.parametrize("damage", [bytes(range(128, 256)) * 2, b"a,b\n1,2\n"])  # not text; another table
+def test_a_damaged_history_is_kept_aside_and_a_new_one_started(tmp_path, caplog, damage):
+    class Model:
+        ckpt_dir = str(tmp_path)
+        global_step = 3
+        epoch_stats = {"loss": 0.5}
+
+    path = tmp_path / utils.HISTORY_NAME
+    path.write_bytes(damage)
+    with pytest.raises(ValueError):
+        utils.read_history(str(path))
+    utils.record_epoch(Model(), 2, None)
+    assert (tmp_path / (utils.HISTORY_NAME + ".old")).read_bytes() == damage  # nothing written is lost
+    assert [row["epoch"] for row in utils.read_history(str(path))] == [2]
+    assert any("kept as" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
 def test_plots_of_a_second_backbone_go_to_their_own_folder():
     assert utils.plots_dir("/r", "/r/models/backbone_0/mvtec_tire") == "/r/plots/mvtec_tire"
     assert utils.plots_dir("/r", "/r/models/backbone_1/mvtec_tire/") == "/r/plots/mvtec_tire_backbone_1"
+    assert utils.plots_dir("/r", "/r/models/backbone_12/mvtec_tire") == "/r/plots/mvtec_tire_backbone_12"
+    assert utils.output_name("mvtec_tire", 0) == "mvtec_tire" and utils.output_name("mvtec_tire", 2) == "mvtec_tire_backbone_2"
 
 
 def test_a_class_that_stops_in_a_worker_fails_the_parallel_run(two_classes, dtd_root, tmp_path, caplog):

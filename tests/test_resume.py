@@ -567,6 +567,24 @@ def test_training_a_finished_folder_on_to_more_epochs_is_a_resume(tmp_path, tiny
     assert "with other training options than it started with (seed: 0 -> 1)" in caplog.text
 
 
+def test_a_finished_folder_names_the_training_options_it_ignores_and_another_class(tmp_path, tiny_model_factory, caplog):
+    model, weights = _folder_with_ckpt(tmp_path, tiny_model_factory, epoch=2, best_epoch=2)  # finished: 3 epochs
+    torch.save(weights, tmp_path / "ckpt_best_2.pth")
+    config = _tiny_config()
+    config["dataset"]["classname"] = "tire"
+    model.save_config(config)
+    model.check_config(config, training=True)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    changed = {**config, "net": {**config["net"], "lr": 0.01}, "dataset": {**config["dataset"], "classname": "cable"}}
+    model.check_config(changed, training=True)
+    assert "is already trained, with other training options than this run's (net.lr: 0.0001 -> 0.01), which it " \
+           "ignores" in caplog.text
+    assert "holds a model of another class (dataset.classname: tire -> cable)" in caplog.text
+    caplog.clear()
+    model.check_config(changed, training=False)  # a test-only run asks for no training: only the class is named
+    assert "already trained" not in caplog.text and "another class" in caplog.text
+
+
 def test_config_without_a_feature_adaptor_is_usable():
     config = _tiny_config()
     config["net"]["pre_proj"] = 0

@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -1205,7 +1204,7 @@ class GLASS(torch.nn.Module):
         synthesis_data = self._synthesis_loader(training_data)
         summary = self._summary(best_record[:-1], int(best_record[-1]), best_record) if best_record is not None else ""
         # On a terminal a bar; in a log file (stderr not a terminal) one log line per epoch instead.
-        live = sys.stderr.isatty()
+        live = utils.live_terminal()
         pbar = tqdm.tqdm(range(start_epoch, self.meta_epochs), initial=start_epoch, total=self.meta_epochs,
                          unit="epoch", desc=name, dynamic_ncols=True, disable=not live)
         if status == "resume":  # last, so that nothing draws from the generators before the epoch does
@@ -2274,6 +2273,9 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
         raise GlassError(f"{len(unreadable)} images cannot be read ({shown}): replace them, or leave them out of the inputs")
     stems = output_stems(paths)
     rows: List[Dict[str, str]] = []
+    LOGGER.info("Scoring %d image(s) into %s", len(paths), output_dir)
+    progress = tqdm.tqdm(total=len(paths), desc="Predicting", unit="image", leave=False, dynamic_ncols=True,
+                         disable=not utils.live_terminal())
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
         crops = [geometry(load_image(path)) for path in chunk]
@@ -2290,6 +2292,8 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
             utils.write_png(row["heatmap"], heat, option="--output")
             utils.write_png(row["overlay"], cv2.addWeighted(image, 0.5, heat, 0.5, 0), option="--output")
             rows.append(row)
+        progress.update(len(chunk))
+    progress.close()
 
     def write(tmp: str) -> None:
         import csv

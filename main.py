@@ -447,7 +447,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     predict_images = methods.pop("predict", None)
     ctx = click.get_current_context()
     if isinstance(ctx.obj, dict):  # what cli's messages about rerunning say
-        ctx.obj["trains"] = bool(methods)
+        ctx.obj["trains"] = bool(methods) and test == "ckpt"
     if worker_output is not None:  # a worker process of a parallel run: one class, results to worker_output
         _run_worker(methods, results_path, worker_class, worker_gpu, worker_output, seed, test)
         return
@@ -1001,8 +1001,8 @@ def cli(argv: List[str] | None = None) -> int:
         click.echo(f"Error: {utils.error_message(exc)}", err=True)
         return 2
     except click.exceptions.Abort as exc:  # Ctrl-C, or SIGTERM/SIGHUP (utils.termination_as_interrupt)
-        again = "rerun the same command to go on" + (
-            " (training resumes after its last finished epoch)" if state.get("trains", True) else "")
+        again = ("rerun the same command to go on (training resumes after its last finished epoch)"
+                 if state.get("trains", True) else "rerun the same command to run it again")
         if isinstance(exc.__cause__, utils.Terminated):
             click.echo(f"Terminated ({exc.__cause__}): {again}.", err=True)
             return 128 + getattr(signal, str(exc.__cause__)).value

@@ -464,6 +464,15 @@ def escape_undecodable_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def live_terminal() -> bool:
+    """Whether progress bars can be drawn: stderr is a terminal with a width (some, such as `docker run -t`
+    without a size, report 0 columns, where a bar that fits its width draws nothing)."""
+    try:
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # no descriptor (a replaced stream), or not a terminal
+        return False
+
+
 def write_png(path: str, image: np.ndarray, option: str = "--results_path") -> None:
     """Write a uint8 BGR (or grey) image as a PNG file; a failure is a GlassError naming the file.
 

@@ -381,6 +381,22 @@ def test_ctrl_c_says_how_to_go_on(capsys, monkeypatch):
                                             "after its last finished epoch).") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("test, says", [
+    ("ckpt", "rerun the same command to go on (training resumes after its last finished epoch)."),
+    ("test", "rerun the same command to run it again."),  # a test-only run has no training to resume
+])
+def test_ctrl_c_in_a_run_says_whether_training_resumes(capsys, monkeypatch, results, data, dtd_root, test, says):
+    import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "_run_classes", interrupted)
+    assert main.cli([str(arg) for arg in cli_args(results, data, dtd_root, main=["--test", test])]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"Interrupted (Ctrl-C): {says}" and "Traceback" not in err
+
+
 @pytest.mark.parametrize("moved, says", [
     (["--resize", "64"], "--resize is a `dataset` option: give it after `dataset`, before NAME DATA_PATH AUG_PATH"),
     (["--results_path", "elsewhere"], "--results_path is an option of main.py itself: give it before `net`"),

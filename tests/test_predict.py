@@ -455,7 +455,7 @@ def test_a_threshold_of_true_is_not_a_number(tmp_path):
         glass.read_threshold_file(str(tmp_path / "threshold.json"))
 
 
-def test_backbone_index_chooses_the_backbone_folder(trained_tire, tiny_tire, tmp_path, capsys):
+def test_backbone_index_chooses_the_backbone_folder(trained_tire, tiny_tire, tmp_path, capsys, caplog):
     """`predict --backbone_index 1` reads models/backbone_1/ (a run with several -b); the default index 0 reads
     backbone_0, which this results folder lacks."""
     results = tmp_path / "results"
@@ -470,8 +470,10 @@ def test_backbone_index_chooses_the_backbone_folder(trained_tire, tiny_tire, tmp
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--output", tmp_path / "none", image]) == 2
     assert "backbone_0" in one_error_line(capsys)
     # Its default output folder is its own, beside backbone_0's predict/mvtec_tire.
+    caplog.set_level("INFO")
     assert run_main(["--results_path", results, "predict", "-d", "tire", "--backbone_index", "1", image]) == 0
     assert [p.name for p in (results / "predict").iterdir()] == ["mvtec_tire_backbone_1"]
+    assert f"Scoring 1 image(s) into {results / 'predict' / 'mvtec_tire_backbone_1'}" in caplog.text  # a bar on a terminal
 
 
 def test_a_class_folder_copied_from_another_class_is_named_when_loaded(trained_tire, tmp_path, caplog):

@@ -749,3 +749,21 @@ def test_judgements_made_in_workers_are_recorded(two_classes, dtd_root, tmp_path
     assert code == 0, err[-2000:]
     table = pd.read_excel(results / "datasets" / "excel" / "mvtec_distribution.xlsx")
     assert sorted(table["Class"]) == ["mvtec_tire", "mvtec_tire2"]
+
+
+def test_progress_bars_need_a_terminal_with_a_width(monkeypatch, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as terminal, open(tmp_path / "log", "w") as log:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        for columns, live in ((0, False), (80, True)):  # 0: `docker run -t` without a size, where bars draw nothing
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+            assert utils.live_terminal() is live, columns
+        monkeypatch.setattr(sys, "stderr", log)  # a log file: per-epoch log lines instead
+        assert utils.live_terminal() is False
+    os.close(master)

@@ -486,7 +486,8 @@ def config_differences(saved: dict, current: dict) -> List[str]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     old, new = shaping(saved), shaping(current)
-    return [f"{key}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
+    shown = {"input_shape": "input_shape (dataset --imagesize)"}
+    return [f"{shown.get(key, key)}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
 
 
 def other_differences(saved: dict, current: dict) -> List[str]:

@@ -70,6 +70,18 @@ def odd_patchsize(ctx: click.Context, param: click.Parameter, value: int) -> int
         raise click.BadParameter(str(exc)) from None
 
 
+def known_dataset(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``dataset NAME``: one of :data:`LOADERS`, checked before the paths after it (so that a left-out NAME is
+    named, not the AUG_PATH that the paths then lack)."""
+    if value in LOADERS:
+        return value
+    choices = ", ".join(sorted(LOADERS))
+    if os.path.exists(value):
+        raise click.BadParameter(f"'{value}' is a path, not a dataset name: give NAME first, then DATA_PATH AUG_PATH "
+                                 f"(e.g. `dataset -d bottle mvtec DATA_PATH AUG_PATH`); NAME is one of {choices}")
+    raise click.BadParameter(f"unknown dataset '{value}': choose one of {choices}")
+
+
 def gpu_ids(ctx: click.Context, param: click.Parameter, value: Tuple[int, ...]) -> Tuple[int, ...]:
     """``--gpu``: device ids 0 and up, or -1 alone (the CPU)."""
     if any(gpu < -1 for gpu in value):
@@ -79,7 +91,22 @@ def gpu_ids(ctx: click.Context, param: click.Parameter, value: Tuple[int, ...]) 
     return value
 
 
-@click.group(chain=True)
+class Subcommands(click.Group):
+    """The chained group of ``net``, ``dataset`` and ``predict``, each at most once: a second one would replace
+    the first without a word (or fail for options given to the first)."""
+
+    def resolve_command(self, ctx: click.Context, args: List[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            seen = ctx.meta.setdefault("glass.subcommands", set())
+            if command.name in seen:
+                raise click.UsageError(f"`{command.name}` is given twice: give all its options to one `{command.name}`",
+                                       ctx)
+            seen.add(command.name)
+        return name, command, rest
+
+
+@click.group(chain=True, cls=Subcommands)
 @click.option("--results_path", type=str, default="results", show_default=True, help="Where every output is written.")
 @click.option("--gpu", type=int, default=[0], multiple=True, show_default=True, callback=gpu_ids,
               help="CUDA device id; falls back to MPS, then CPU. -1 forces the CPU. Several ids (--gpu 0 --gpu 1) "
@@ -193,7 +220,7 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
 
 
 @main.command("dataset", short_help="The data: NAME DATA_PATH AUG_PATH, classes (-d) and loader options.")
-@click.argument("name", type=str)
+@click.argument("name", type=str, callback=known_dataset)
 @click.argument("data_path", type=click.Path(exists=True, file_okay=False))
 @click.argument("aug_path", type=click.Path(exists=True, file_okay=False))
 @click.option("--subdatasets", "-d", multiple=True, type=str, required=True, help="Class name(s) to run, e.g. -d bottle -d cable.")
@@ -226,8 +253,6 @@ def net(backbone_names, layers_to_extract_from, compile_discriminator, **options
 @click.option("--augment", is_flag=True, help="Accepted for compatibility; unused.")
 def dataset(name, data_path, aug_path, subdatasets, batch_size, num_workers, **options):
     """The data: NAME (mvtec, visa, mpdd, wfdd, mad, mvtec3d, loco, btad, custom), DATA_PATH, AUG_PATH (DTD images) and loader options."""
-    if name not in LOADERS:
-        raise click.BadParameter(f"unknown dataset '{name}': choose one of {', '.join(sorted(LOADERS))}", param_hint="NAME")
     subdatasets = tuple(classname.rstrip("/" + os.sep) for classname in subdatasets)  # "tire/" from tab completion
     odd = [classname for classname in subdatasets if classname in ("", ".", "..") or "/" in classname or os.sep in classname]
     if odd:

@@ -649,12 +649,15 @@ def keep_unreadable(path: str, exc: BaseException, then: str) -> str:
 
 
 def exception_summary(exc: BaseException, limit: int = 160) -> str:
-    """An exception's first sentence, cut at a word before ``limit`` characters (its type when it has no text),
-    for one-line messages: library errors often go on for paragraphs."""
+    """An exception's first sentence, cut at a word before ``limit`` characters (its type when it has no text,
+    and before a KeyError's, which is only the key), for one-line messages: library errors often go on for
+    paragraphs."""
     lines = str(exc).strip().splitlines()
     if not lines:
         return type(exc).__name__
     text = lines[0].strip()
+    if isinstance(exc, KeyError):
+        text = f"{type(exc).__name__}: {text}"
     end = text.find(". ")
     if end > 0:
         text = text[:end + 1]

@@ -82,6 +82,15 @@ def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, broke
     ]
 
 
+def other_files(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
+    """Sorted paths of the files directly in ``folder`` that :func:`list_images` leaves out (hidden ones aside)."""
+    if not os.path.isdir(folder):
+        return []
+    return [path for path in (os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                              if not name.startswith(".") and not is_image(name, extensions))
+            if os.path.isfile(path)]
+
+
 def is_broken_link(path: str) -> bool:
     """Whether ``path`` is a symbolic link to nothing."""
     return os.path.islink(path) and not os.path.exists(path)
@@ -462,7 +471,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                         "mask of another size than its image", f"{self.relative(mask_path)} {mask_size[0]}x"
                         f"{mask_size[1]} vs {size[0]}x{size[1]}", plural="masks of another size than their image",
                     )
-        if self.class_fg:
+        if self.class_fg and self.distribution != 1:  # --distribution 1 only judges the class: no synthesis
             self._check_foreground_masks(problems)
         warn_wide_images(wide, f"{self.dataset_name}_{self.classname} {self.split.value} image(s)")
 

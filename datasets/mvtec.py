@@ -27,7 +27,9 @@ from datasets.base import (  # noqa: F401  (DatasetSplit re-exported: the loader
     AnomalyDataset,
     DatasetSplit,
     Mask,
+    IMAGE_EXTENSIONS,
     list_images,
+    other_files,
     subfolders,
 )
 from utils import GlassError
@@ -160,10 +162,11 @@ class MVTecDataset(AnomalyDataset):
             problems.add("missing training folder", self.relative(os.path.join(split_dir, self.NORMAL_FOLDERS[0])),
                          hint="put the defect-free training images there")
 
-        items, misnamed, empty = [], False, []
+        items, misnamed, empty, left_out = [], False, [], []
         for folder in folders:
             anomaly = self.NORMAL if folder in self.NORMAL_FOLDERS else folder
             image_paths = list_images(self.image_folder(split_dir, folder), broken_links=True)
+            left_out.extend(self.relative(path) for path in other_files(self.image_folder(split_dir, folder)))
             if not image_paths and os.path.isdir(os.path.join(self.image_folder(split_dir, folder), "rgb")):
                 misnamed = True
                 problems.add("folder with its images in rgb/", self.relative(self.image_folder(split_dir, folder)),
@@ -185,4 +188,8 @@ class MVTecDataset(AnomalyDataset):
         elif empty:
             LOGGER.warning("%s: %s without images, skipped (with their masks, if any)", self.classname,
                            ", ".join(empty))
+        if left_out:
+            shown = ", ".join(left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+            LOGGER.warning("%s: %d file(s) left out, not of the image kinds read (%s): %s; convert them to PNG to use them",
+                           self.classname, len(left_out), " ".join(IMAGE_EXTENSIONS), shown)
         return items

@@ -91,6 +91,23 @@ def cli_args(results: Path, data: Path, dtd: Path, net=(), dataset=(), main=()) 
 # --------------------------------------------------------------------------------------------------
 # Paths and data
 
+def test_a_left_out_dataset_name_is_named_not_the_aug_path(capsys, results, data, dtd_root):
+    args = cli_args(results, data, dtd_root)
+    args.remove("mvtec")  # DATA_PATH now stands where NAME belongs, AUG_PATH where DATA_PATH does
+    assert_fails(capsys, results, args, f"'{data}' is a path, not a dataset name: give NAME first", usage=True)
+    assert_fails(capsys, results, [*args[:-2], "MVTec", *args[-2:]], "unknown dataset 'MVTec': choose one of", usage=True)
+
+
+@pytest.mark.parametrize("again", [["net", "--meta_epochs", "3"], ["dataset", "-d", "tire", "mvtec"]])
+def test_a_subcommand_given_twice_is_refused(capsys, results, data, dtd_root, again):
+    # A second `net` or `dataset` would replace the first (or fail for the options given to the first).
+    args = cli_args(results, data, dtd_root)
+    at = args.index("dataset")
+    args = [*args[:at], *again, *([str(data), str(dtd_root)] if again[0] == "dataset" else []), *args[at:]]
+    assert_fails(capsys, results, args, f"`{again[0]}` is given twice: give all its options to one `{again[0]}`",
+                 usage=True)
+
+
 def test_missing_data_path(capsys, results, tmp_path, dtd_root):
     assert_fails(capsys, results, cli_args(results, tmp_path / "nowhere", dtd_root), "DATA_PATH", "does not exist", usage=True)
 
@@ -481,6 +498,7 @@ def test_exception_summary_is_the_first_sentence_cut_at_a_word():
         "reading zip archive failed."
     assert exception_summary(RuntimeError("word " * 100), limit=22) == "word word word word ..."
     assert exception_summary(ValueError()) == "ValueError"
+    assert exception_summary(KeyError(105)) == "KeyError: 105"  # a bare key says nothing on its own
     assert exception_summary(OSError("line one\nline two")) == "line one"
 
 
@@ -721,6 +739,12 @@ def test_checkpoint_trained_on_other_layers(capsys, results, data, dtd_root):
     net = ["-le", "blocks.3"]
     assert_fails(capsys, results, cli_args(results, data, dtd_root, main=["--test", "test"], net=net),
                  "trained with other options", "layers_to_extract_from: ['blocks.2', 'blocks.4'] -> ['blocks.2', 'blocks.4', 'blocks.3']")
+
+
+def test_checkpoint_trained_at_another_image_size_names_the_option(capsys, results, data, dtd_root):
+    args = cli_args(results, data, dtd_root, main=["--test", "test"])
+    args[args.index("--imagesize") + 1] = args[args.index("--resize") + 1] = "96"
+    assert_fails(capsys, results, args, "input_shape (dataset --imagesize): [3, 64, 64] -> [3, 96, 96]")
 
 
 # --------------------------------------------------------------------------------------------------

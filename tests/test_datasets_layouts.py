@@ -663,3 +663,19 @@ def test_a_problem_list_of_exactly_three_examples_has_no_ellipsis():
     assert "3 unreadable images (a.png, b.png, c.png)" in problems.describe()
     problems.add("unreadable image", "d.png")
     assert "4 unreadable images (a.png, b.png, c.png, ...)" in problems.describe()
+
+
+def test_files_of_other_kinds_in_an_image_folder_are_named_as_left_out(tmp_path, caplog):
+    root = build_mvtec3d(tmp_path / "mvtec3d")
+    good = root / "tire" / "train" / "good" / "rgb"
+    PIL.Image.open(first(TIRE / "train" / "good", 1, start=40)[0]).save(good / "extra.webp")
+    (good / "notes.txt").write_text("taken on day 2")
+    (good / ".DS_Store").write_bytes(b"\0")  # hidden: not named
+    train = MVTec3DDataset(root, DTD, dataset_name="mvtec3d", classname="tire", resize=SIZE, imagesize=SIZE)
+    assert len(train) == 16
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("tire: 2 file(s) left out, not of the image kinds read (.png .jpg")
+    assert warning.endswith("tire/train/good/rgb/extra.webp, tire/train/good/rgb/notes.txt; convert them to PNG to use them")
+    caplog.clear()  # the real MVTec 3D-AD folders hold images only
+    MVTec3DDataset(MVTEC3D, DTD, classname="tire", resize=SIZE, imagesize=SIZE, split=DatasetSplit.TEST)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -226,6 +226,11 @@ def test_judge_only_judges_a_trained_or_interrupted_class_and_leaves_its_folder_
         assert _folder_contents(class_dir) == before
         assert (tmp_path / "results.csv").read_text() == rows
         assert list(_table(tmp_path)["Class"]) == ["mvtec_tire"]
+    # Judging synthesises nothing, so the class needs no foreground masks, whatever --fg says (it has none).
+    assert not (tiny_tire / "fg_mask").exists()
+    args[args.index("--fg") + 1] = "1"
+    said = _run(["--results_path", str(tmp_path), "--gpu", "-1", *net, "--meta_epochs", "1", *args])
+    assert "--distribution 1 judges only: mvtec_tire " in said
 
 
 def test_fg_2_for_a_class_missing_from_the_table_follows_the_foreground_flag_its_judgement_records(tmp_path, tiny_tire,

@@ -988,7 +988,10 @@ class GLASS(torch.nn.Module):
             if renamed:
                 LOGGER.warning("%s holds a model of another class (%s): a copied or renamed folder? Its metrics and "
                                "predictions are then not this class's", self.ckpt_dir, renamed[0])
-            unused = [d for d in changed if not d.startswith(TEST_VIEW_OPTIONS + ("dataset.data_path:", "dataset.classname:"))]
+            # What a test uses, or says above, is not ignored: the view of the images, the data, the speed options.
+            used = TEST_VIEW_OPTIONS + ("dataset.data_path:", "dataset.classname:") + tuple(
+                f"net.{key}:" for key in SPEED_OPTION_DEFAULTS)
+            unused = [d for d in changed if not d.startswith(used)]
             if training and status == "finished" and unused:
                 LOGGER.warning("%s is already trained, with other training options than this run's (%s), which it "
                                "ignores: to train with them, delete it or use another --results_path",

@@ -2,14 +2,19 @@
 # The calibration runs: the CPU profile of the reference's published figures (EfficientNet-Lite0,
 # blocks.2 + blocks.4, 512-d, 128 px, 10 epochs, seed 0) on the real classes in ../shared/data.
 # Usage: bash bench/calibrate.sh [tire|magnetic_tile ...]      (RESULTS=... to choose the output folder, SEED=... another seed,
-#        NET_EXTRA="--onednn" more `net` options)
+#        NET_EXTRA="--onednn" more `net` options, DATA=... the shared data folder, PYTHON=... another interpreter)
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+case "${DATA:-}" in ""|/*) ;; *) DATA=$PWD/$DATA ;; esac  # given paths are the caller's, as _common.sh makes RESULTS
+source "$(dirname "${BASH_SOURCE[0]}")/../shell/_common.sh"  # then: the repository root, .venv's Python or python3
 DATA=${DATA:-../shared/data}
 RESULTS=${RESULTS:-results/calibration}
 CLASSES=("$@")
 [ ${#CLASSES[@]} -gt 0 ] || CLASSES=(tire magnetic_tile)
+if [ ! -d "$DATA" ]; then
+  echo "Error: DATA=$DATA is not a folder: set DATA to the shared data folder (mvtec3d/, magnetic_tile/," \
+       "dtd/images/ inside)" >&2
+  exit 2
+fi
 
 for class in "${CLASSES[@]}"; do
   case "$class" in

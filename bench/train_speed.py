@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -71,6 +71,7 @@ PROFILES: Dict[str, Dict[str, object]] = {
                  target_embed_dimension=128, dsc_hidden=128, step=3, limit=16, imagesize=64, epochs=3, repeats=1),
 }
 FLOWS = ("this", "reference")
+FLOW_RUNS = {"this": "this implementation's run", "reference": "the reference flow's run"}  # for messages
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +403,7 @@ def run_pair(args, tmp: str, index: int) -> Dict[str, dict]:
                                  stdout=subprocess.PIPE, text=True, env=env)
         children[flow] = child
         if not child.stdout.readline():  # built its model and waits at its first gate
-            raise SystemExit(f"train_speed: the {flow} run failed before training (exit code {child.wait()})")
+            raise SystemExit(f"train_speed: {FLOW_RUNS[flow]} failed before training (exit code {child.wait()})")
     order = list(FLOWS) if index % 2 == 0 else list(FLOWS)[::-1]
     alive = set(FLOWS)
     while alive:
@@ -417,7 +418,7 @@ def run_pair(args, tmp: str, index: int) -> Dict[str, dict]:
                 if code != 0:
                     for other in children.values():
                         other.kill()
-                    raise SystemExit(f"train_speed: the {flow} run failed (exit code {code})")
+                    raise SystemExit(f"train_speed: {FLOW_RUNS[flow]} failed (exit code {code})")
                 alive.discard(flow)
         order.reverse()
     figures = {}
@@ -427,7 +428,29 @@ def run_pair(args, tmp: str, index: int) -> Dict[str, dict]:
     return figures
 
 
+def path_problem(args) -> Optional[str]:
+    """What is wrong with ``--data`` or ``--json`` (checked before any child starts, so that a mistake costs no
+    run and no figures are lost at the end), or None."""
+    for folder in (os.path.join(args.data, "mvtec3d", "tire"), os.path.join(args.data, "dtd", "images")):
+        if not os.path.isdir(folder):
+            return (f"--data {args.data}: no folder {folder}: give the shared data folder (mvtec3d/tire and "
+                    "dtd/images inside)")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            return f"--json {args.json} is a folder: give a file path such as {os.path.join(args.json, 'raw.json')}"
+        if not os.path.isdir(folder):
+            return f"--json {args.json}: the folder {folder} does not exist: create it or choose another path"
+        if not os.access(args.json if os.path.exists(args.json) else folder, os.W_OK):
+            return f"--json {args.json}: cannot write there (permissions): choose another path"
+    return None
+
+
 def main_driver(args) -> int:
+    problem = path_problem(args)
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
     profile = PROFILES[args.profile]
     args.epochs = args.epochs or int(profile["epochs"])
     repeats = args.repeats or int(profile["repeats"])
@@ -491,7 +514,13 @@ if __name__ == "__main__":
         _PROTOCOL = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
         arguments.epochs = arguments.epochs or int(PROFILES[arguments.profile]["epochs"])
-        figures = run_flow(arguments)
+        from utils import GlassError
+
+        try:
+            figures = run_flow(arguments)
+        except GlassError as exc:  # a mistake in the data (its layout, say): one line, as main.py
+            print(f"Error: {exc}", file=sys.stderr)
+            sys.exit(2)
         with open(arguments.json, "w") as handle:
             json.dump(figures, handle)
         sys.exit(0)

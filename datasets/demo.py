@@ -486,8 +486,11 @@ def demo_params(
 ) -> dict:
     """Validate the build parameters and return them as the manifest records them."""
     hw = _parse_size(size)
-    if min(n_train, n_test_good, n_test_defect, n_textures) < 0 or n_train < 1 or n_textures < 1:
-        raise DemoDataError("counts must be >= 0, with at least one train image and one texture per category")
+    if min(n_train, n_test_good, n_test_defect, n_textures) < 1:
+        raise DemoDataError("counts must be >= 1: GLASS trains on good images with textures and tests on good and "
+                            "defective ones")
+    if seed < 0:
+        raise DemoDataError(f"seed must be >= 0, got {seed}")
     return {
         "format": FORMAT_VERSION,
         "classes": _check_names(list(classes), list(CLASS_SOURCES), "class"),
@@ -605,15 +608,16 @@ def build_demo_dataset(
 @click.option("--classes", default=",".join(DEFAULT_CLASSES), show_default=True,
               help=f"comma-separated, from: {', '.join(CLASS_SOURCES)}")
 @click.option("--size", default=str(DEFAULT_SIZE), show_default=True, help="image side N, or HxW")
-@click.option("--train", "n_train", type=int, default=DEFAULT_TRAIN, show_default=True, help="train images per class")
-@click.option("--test-good", "n_test_good", type=int, default=DEFAULT_TEST_GOOD, show_default=True,
-              help="good test images per class")
-@click.option("--test-defect", "n_test_defect", type=int, default=DEFAULT_TEST_DEFECT, show_default=True,
-              help="defective test images per class (cycling through the defect types)")
+@click.option("--train", "n_train", type=click.IntRange(min=1), default=DEFAULT_TRAIN, show_default=True,
+              help="train images per class")
+@click.option("--test-good", "n_test_good", type=click.IntRange(min=1), default=DEFAULT_TEST_GOOD, show_default=True,
+              help="good test images per class (at least 1: image AUROC needs good and defective test images)")
+@click.option("--test-defect", "n_test_defect", type=click.IntRange(min=1), default=DEFAULT_TEST_DEFECT,
+              show_default=True, help="defective test images per class (cycling through the defect types; at least 1)")
 @click.option("--defects", default=",".join(DEFECT_TYPES), show_default=True, help="comma-separated defect types")
-@click.option("--textures", "n_textures", type=int, default=DEFAULT_TEXTURES, show_default=True,
+@click.option("--textures", "n_textures", type=click.IntRange(min=1), default=DEFAULT_TEXTURES, show_default=True,
               help="tiles per texture category")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="rebuild even if a matching build exists")
 def cli(dest: Path, classes: str, size: str, n_train: int, n_test_good: int, n_test_defect: int,
         defects: str, n_textures: int, seed: int, force: bool) -> None:

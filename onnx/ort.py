@@ -6,7 +6,8 @@ ImageNet Normalize), with the sizes and mean/std read from the model's metadata.
 
 Writes ``<output>/predictions.csv`` (image, score, threshold, anomalous, heatmap, overlay) and, per
 image, ``<name>_heatmap.png`` (the anomaly map, 0..1 on the jet colour scale) and ``<name>_overlay.png``
-(the cropped input blended with the heatmap).
+(the cropped input blended with the heatmap). The progress goes to stderr: a bar on a terminal (where tqdm is
+installed), else a log line every 30 s. Ctrl-C stops it with one line, and no predictions.csv is written then.
 
 Example::
 
@@ -21,7 +22,8 @@ import hashlib
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import cv2
 import numpy as np
@@ -34,6 +36,9 @@ from PIL import Image
 # `main.py predict` take the same inputs and write the same table; tests/test_onnx.py compares them.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CSV_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
+LOGGER = logging.getLogger(__name__)
+# Without a terminal (a log file, a pipe), scoring logs its progress at most this often instead of a bar.
+PROGRESS_SECONDS = 30.0
 
 
 class UsageError(Exception):
@@ -107,6 +112,9 @@ def check_graph(session: onnxruntime.InferenceSession, meta: Dict, name: str = "
 
 def open_session(model_path: str, providers: Optional[Sequence[str]] = None) -> onnxruntime.InferenceSession:
     """An inference session on ``providers`` (default: every provider this onnxruntime has)."""
+    if os.path.isdir(model_path):
+        raise UsageError(f"model {model_path} is a folder, not an ONNX file: give the .onnx file first, then the "
+                         "images (python onnx/ort.py MODEL.onnx INPUTS ...)")
     if not os.path.isfile(model_path):
         raise UsageError(f"model {model_path} does not exist: export one with onnx/pth2onnx.py")
     available = onnxruntime.get_available_providers()
@@ -256,7 +264,7 @@ def preprocess(path: str, meta: Dict) -> Tuple[np.ndarray, np.ndarray]:
                 raise UsageError(f"image {path} is {handle.width}x{handle.height} pixels: resized it would take "
                                  f"{size[0] * size[1] / 1e6:.0f} million pixels; crop it to a less elongated image")
             if handle.mode in WIDE_MODES:
-                logging.getLogger(__name__).warning(
+                LOGGER.warning(
                     "%s has more than 8 bits per pixel (%s): converted to 8-bit RGB as training reads images, with "
                     "every value above 255 clipped (16-bit images turn mostly white, 0..1 float ones black); convert "
                     "it to 8 bits first", path, handle.mode)
@@ -308,6 +316,30 @@ def score_images(
             yield path, float(score), anomaly_map, crop
 
 
+T = TypeVar("T")
+
+
+def with_progress(items: Iterable[T], total: int, every: Optional[float] = None) -> Iterator[T]:
+    """``items`` as they come, with the progress on stderr: on a terminal a tqdm bar (where tqdm is installed), else
+    a log line at most every ``every`` seconds (default PROGRESS_SECONDS), as training's bar becomes log lines in a
+    log file."""
+    every = PROGRESS_SECONDS if every is None else every
+    if sys.stderr.isatty():
+        try:
+            import tqdm  # not needed to deploy this script: without it, log lines
+        except ImportError:
+            pass
+        else:
+            yield from tqdm.tqdm(items, total=total, desc="Scoring", unit="image", leave=False, dynamic_ncols=True)
+            return
+    last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        if done < total and time.monotonic() - last >= every:
+            LOGGER.info("Scored %d of %d images", done, total)
+            last = time.monotonic()
+
+
 def predict(
     model_path: str,
     inputs: Sequence[str],
@@ -337,7 +369,9 @@ def predict(
     except OSError as exc:
         raise UsageError(f"cannot create the output folder {output} ({exc.strerror}): choose another --output") from None
     rows = []
-    for stem, (path, score, anomaly_map, crop) in zip(stems, score_images(session, meta, paths, batch_size)):
+    LOGGER.info("Scoring %d image(s) with %s", len(paths), model_path)
+    scored = with_progress(score_images(session, meta, paths, batch_size), len(paths))
+    for stem, (path, score, anomaly_map, crop) in zip(stems, scored):
         row = {"image": path, "score": repr(score), "threshold": "", "anomalous": "", "heatmap": "", "overlay": ""}
         if threshold is not None:
             row["threshold"] = repr(float(threshold))
@@ -416,6 +450,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one line, as main.py; predictions.csv is written last, whole or not at all
+        kept = "" if args.no_images else f" (the heatmaps and overlays written so far stay in {args.output})"
+        print(f"Interrupted (Ctrl-C): no predictions.csv written{kept}; rerun the same command to score every image "
+              "again.", file=sys.stderr)
+        return 130
     flagged = sum(row["anomalous"] == "1" for row in rows)
     decision = f", {flagged} anomalous at threshold {rows[0]['threshold']}" if rows and rows[0]["threshold"] else \
         " (no threshold in the model: pass --threshold for the anomalous column)"

@@ -96,13 +96,15 @@ def is_onnx_model(path: str) -> bool:
 
 
 def check_output(path: str) -> None:
-    """Refuse an output path that names a folder, or an existing file that is not an ONNX model named ``*.onnx``
-    (a checkpoint, config.json, ... would be lost)."""
+    """Refuse an output path that names a folder or does not end in ``.onnx``, or an existing file that is not an
+    ONNX model (a checkpoint, config.json, ... would be lost)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise GlassError(f"-o {path} names a directory: give a file path such as {os.path.join(path, DEFAULT_NAME)}")
-    if os.path.exists(path) and not (path.lower().endswith(".onnx") and is_onnx_model(path)):
+    if os.path.exists(path) and not is_onnx_model(path):
         raise GlassError(f"-o {path} would overwrite a file that is not an ONNX model: remove it, or give another path "
                          "ending in .onnx")
+    if not path.lower().endswith(".onnx"):  # written only as *.onnx, which a later run may replace
+        raise GlassError(f"-o {path} does not end in .onnx: give a path such as {os.path.splitext(path)[0]}.onnx")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     bare.add_argument("--patchsize", type=odd_positive_int, help=f"patch neighbourhood, odd (default {PAPER_DEFAULTS['patchsize']})")
     bare.add_argument("--class_name", help="class name to record in the metadata")
     out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", help="ONNX file to write (default: glass.onnx in the class folder)")
+    out.add_argument("-o", "--output", help="ONNX file to write, ending in .onnx (default: glass.onnx in the class folder)")
     out.add_argument("--opset", type=int, default=OPSET,
                      help="ONNX opset version (the range the installed exporter writes is checked before any work)")
     out.add_argument("--fuse_head", action="store_true",
@@ -403,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; user mistakes print one line and exit with code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript"):  # their optimiser passes log every step at INFO
+    # onnx_ir's and onnxscript's optimiser passes log every step at INFO; torch logs at INFO only when interrupted
+    # during its import (its FakeTensor cache statistics at exit, after the one-line message)
+    for noisy in ("onnx_ir", "onnxscript", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
@@ -418,6 +422,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GlassError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one line, as main.py; the export replaces the file only once it is checked
+        print("Interrupted (Ctrl-C): no ONNX file written (an earlier export is left as it was); rerun the same "
+              "command to export.", file=sys.stderr)
+        return 130
     print(f"Wrote {output}" + (f" (onnxruntime vs PyTorch: score {diff['max_abs_score']:.1e}, map {diff['max_abs_map']:.1e})" if diff else ""))
     if threshold is None:
         print(f"No threshold embedded: {class_dir} has no threshold.json for {os.path.basename(checkpoint)} "

@@ -115,3 +115,60 @@ def test_malloc_speed_compares_both_settings_on_the_same_bits():
         assert f"\n{row} " in run.stdout
     import utils
     assert ("did not apply here" in run.stdout) != bool(utils.glibc_version())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent"], "Error: --data /nonexistent: no folder /nonexistent/mvtec3d/tire: give the shared "
+                                 "data folder (mvtec3d/tire and dtd/images inside)"),
+    (["--json", "/nonexistent_dir/raw.json"], "Error: --json /nonexistent_dir/raw.json: the folder /nonexistent_dir "
+                                              "does not exist: create it or choose another path"),
+])
+def test_train_speed_checks_its_paths_before_any_run(argv, message):
+    """A missing data folder stopped the first child with its traceback; a --json path that cannot be written lost
+    the figures of the whole benchmark at the end."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--profile", "tiny",
+                          "--data", str(SHARED_DATA), *argv], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.splitlines() == [message]
+
+
+def test_train_speed_names_the_run_that_failed(tmp_path):
+    """A child that stops before training is named in words ("the this run" read as garbled)."""
+    for folder in ("mvtec3d/tire", "dtd/images"):  # there, but empty: the first child stops on the layout
+        (tmp_path / folder).mkdir(parents=True)
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--profile", "tiny", "--data",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    error, failed = run.stderr.splitlines()[-2:]
+    assert error.startswith("Error: MVTec AD layout problems in ") and "1 missing folder (tire/test;" in error
+    assert failed == "train_speed: this implementation's run failed before training (exit code 2)"
+
+
+def test_calibrate_sh_runs_without_a_venv_and_reads_data_from_the_callers_folder(tmp_path):
+    """Without .venv it takes python3 (as shell/_common.sh does); a relative DATA is the caller's, not the repo's."""
+    import os
+    import shutil
+
+    repo = tmp_path / "repo"  # a checkout without .venv: only the two scripts
+    for script in ("bench/calibrate.sh", "shell/_common.sh"):
+        (repo / script).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / script, repo / script)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "python3").write_text('#!/bin/sh\necho "$PWD $*" >> "$CALLS"\n')  # records where and how it ran
+    (tools / "python3").chmod(0o755)
+    caller = tmp_path / "caller"
+    (caller / "data").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls"), "DATA": "data"}
+    env.pop("PYTHON", None)
+    run = subprocess.run(["bash", str(repo / "bench" / "calibrate.sh"), "tire"], cwd=caller, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    [call] = (tmp_path / "calls").read_text().splitlines()
+    assert call.startswith(f"{repo} main.py --gpu 0 ")
+    assert call.endswith(f" mvtec {caller}/data/mvtec3d {caller}/data/dtd/images")
+
+    env["DATA"] = "missing"
+    run = subprocess.run(["bash", str(repo / "bench" / "calibrate.sh")], cwd=caller, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.startswith(f"Error: DATA={caller}/missing is not a folder")

@@ -222,3 +222,26 @@ def test_cli_builds_then_skips(tmp_path: Path, capsys) -> None:
     assert read(tmp_path / "demo/grass/test/patch/000.png").shape == (48, 64, 3)
     assert demo.main(args) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--seed", "-1", "Invalid value for '--seed': -1 is not in the range x>=0."),  # was NumPy's ValueError traceback
+    ("--test-defect", "0", "Invalid value for '--test-defect': 0 is not in the range x>=1."),  # main.py refused it
+    ("--test-good", "0", "Invalid value for '--test-good': 0 is not in the range x>=1."),
+])
+def test_cli_refuses_values_that_build_no_usable_dataset(tmp_path: Path, capsys, option: str, value: str,
+                                                          says: str) -> None:
+    assert demo.main([str(tmp_path / "x"), "--classes", "brick", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"Error: {says}" and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_dataset_main_would_refuse_is_not_built(tmp_path: Path) -> None:
+    """Every test split needs good and defective images (image AUROC); seeds are >= 0, as NumPy's."""
+    for counts in ({"n_test_defect": 0}, {"n_test_good": 0}, {"n_textures": 0}):
+        with pytest.raises(demo.DemoDataError, match="counts must be >= 1"):
+            demo.build_demo_dataset(tmp_path, **{**SMALL, **counts})
+    with pytest.raises(demo.DemoDataError, match="seed must be >= 0, got -1"):
+        demo.build_demo_dataset(tmp_path, **{**SMALL, "seed": -1})
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ import ast
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -154,7 +155,9 @@ def test_ort_script_alone_preprocesses_like_training_and_writes_outputs(exported
     tree = ast.parse((ROOT / "onnx" / "ort.py").read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "argparse", "csv", "glob", "hashlib", "logging", "os", "sys", "typing", "cv2", "numpy", "onnxruntime", "PIL"}
+    optional = {"tqdm"}  # the progress bar on a terminal, where it is installed (else log lines)
+    assert imported <= {"__future__", "argparse", "csv", "glob", "hashlib", "logging", "os", "sys", "time", "typing",
+                        "cv2", "numpy", "onnxruntime", "PIL", *optional}
 
     # ... its preprocessing is the test transform of training (bit for bit) ...
     images, paths = test_images
@@ -531,3 +534,92 @@ def test_fused_head_exports_a_smaller_graph_that_scores_alike(exported, class_di
         assert np.abs(scores - np.asarray(ref_scores)).max() < TOLERANCE
         assert np.abs(maps - np.stack(ref_maps)).max() < TOLERANCE
     assert maps.std() > 0
+
+
+def test_pth2onnx_refuses_an_output_not_ending_in_onnx_before_writing(class_dir, tmp_path, capsys):
+    """A name without .onnx was written once and then refused as "not an ONNX model" on the same command again."""
+    target = tmp_path / "model"
+    assert pth2onnx.main(["--class_dir", str(class_dir), "-o", str(target), "--no_check"]) == 2
+    line = one_error_line(capsys)
+    assert f"-o {target} does not end in .onnx: give a path such as {target}.onnx" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ort_with_the_arguments_swapped_says_the_model_is_a_folder(exported, tiny_tire, capsys):
+    images = tiny_tire / "tire" / "test" / "good"
+    assert ort_script.main([str(images), str(exported)]) == 2
+    line = one_error_line(capsys)
+    assert f"model {images} is a folder, not an ONNX file: give the .onnx file first" in line
+    assert "does not exist" not in line
+
+
+def test_ort_logs_its_progress_without_a_terminal(exported, tiny_tire, tmp_path, monkeypatch, caplog, capsys):
+    """Scoring many images takes minutes: without a terminal (here), a log line now and then; stdout unchanged."""
+    monkeypatch.setattr(ort_script, "PROGRESS_SECONDS", 0.0)  # a line after every image but the last
+    images = sorted((tiny_tire / "tire" / "test" / "good").glob("*.png"))[:3]
+    with caplog.at_level("INFO"):
+        assert ort_script.main([str(exported), *map(str, images), "-o", str(tmp_path / "out"), "--batch_size", "2",
+                                "--no_images"]) == 0
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Scored ")]
+    assert progress == ["Scored 1 of 3 images", "Scored 2 of 3 images"]
+    out = capsys.readouterr().out
+    assert out.startswith("Scored 3 image(s) (no threshold in the model") and out.count("\n") == 1
+
+
+def test_ort_progress_on_a_terminal_without_tqdm_falls_back_to_log_lines(monkeypatch, caplog):
+    """ort.py is deployed without this project's requirements: no tqdm, no bar, but the same log lines."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    with caplog.at_level("INFO"):
+        assert list(ort_script.with_progress(iter("abc"), 3, every=0)) == ["a", "b", "c"]
+    assert [r.getMessage() for r in caplog.records] == ["Scored 1 of 3 images", "Scored 2 of 3 images"]
+
+
+def interrupt_once_working(command, log, started, timeout=120):
+    """Run ``command`` with its stderr in the file ``log``; send it SIGINT (Ctrl-C) once ``started(stderr so far)``.
+    Returns (exit code, stderr)."""
+    import signal
+    import time
+
+    with open(log, "w") as err:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + timeout
+        while not started(log.read_text()):
+            assert child.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return child.returncode, log.read_text()
+
+
+def test_ctrl_c_in_ort_is_one_line_and_leaves_no_table(exported, tiny_tire, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sources = sorted((tiny_tire / "tire" / "test").rglob("*.png"))
+    for i in range(3000):  # minutes of scoring one by one: interrupted long before the end
+        (inputs / f"{i:04d}.png").hardlink_to(sources[i % len(sources)])
+    out = tmp_path / "out"
+    code, err = interrupt_once_working(
+        [sys.executable, "onnx/ort.py", str(exported), str(inputs), "-o", str(out), "--batch_size", "1"],
+        tmp_path / "stderr.txt", lambda err: out.is_dir() and any(n.endswith("_overlay.png") for n in os.listdir(out)))
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"Interrupted (Ctrl-C): no predictions.csv written (the heatmaps and "
+                                            f"overlays written so far stay in {out}); rerun the same command to score "
+                                            "every image again.")
+    assert not (out / "predictions.csv").exists() and not (out / "predictions.csv.tmp").exists()
+
+
+def test_ctrl_c_in_pth2onnx_is_one_line_and_writes_nothing(class_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = interrupt_once_working(
+        [sys.executable, "onnx/pth2onnx.py", "--class_dir", str(class_dir), "-o", str(out / "glass.onnx")],
+        tmp_path / "stderr.txt", lambda err: " Exporting " in err)
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("Interrupted (Ctrl-C): no ONNX file written (an earlier export is left as "
+                                            "it was); rerun the same command to export.")
+    assert list(out.iterdir()) == []  # no temporary file left either

@@ -525,7 +525,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                  add_result: Callable[[int, str, str, List[float]], None],
                  add_stopped: Callable[[str], None], say: Callable[[str], None] = click.echo,
                  log_lone_stop: bool = False) -> Dict[str, int]:
-    """The per-class loop of :func:`run`: ``add_result(class index, row name, record name, metrics)`` for every
+    """The per-class loop of :func:`run`: ``add_result(class index, name, metrics)`` (:func:`utils.output_name`) for every
     tested model and ``add_stopped(message)`` for every class that stops (a diverging training, no best
     checkpoint to test), while the others still run; ``say`` prints notes for the user. A stop is logged as an
     error when it happens, unless the class is the run's only model and not ``log_lone_stop`` (the run's final
@@ -575,8 +575,7 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
                     continue
                 finally:
                     model.close()
-            row_name = utils.output_name(class_key, i)
-            add_result(index, row_name, row_name, result)
+            add_result(index, utils.output_name(class_key, i), result)
     return judged
 
 
@@ -626,20 +625,21 @@ class ResultsTable:
             utils.keep_unreadable(path, exc, "starting a new table")
             return []
 
-    def add(self, index: int, row_name: str, record_name: str, result: Sequence[float]) -> None:
-        """Record a tested model's metrics: print them, rewrite results.csv and the summaries, update the run record."""
-        self.slots[index].append((row_name, list(result)))
-        click.echo(metrics_line(row_name, result))
+    def add(self, index: int, name: str, result: Sequence[float]) -> None:
+        """Record a tested model's metrics under ``name`` (its results.csv row and run-record key): print them,
+        rewrite results.csv and the summaries, update the run record."""
+        self.slots[index].append((name, list(result)))
+        click.echo(metrics_line(name, result))
         rows = [entry for slot in self.slots for entry in slot]
-        names = {name for name, _ in rows}
+        this_run = {row_name for row_name, _ in rows}
         with utils.file_lock(os.path.join(self.results_path, RESULTS_LOCK)):
             earlier = self._earlier_rows()  # with the rows that another run on this folder wrote meanwhile
-            rows = [entry for entry in earlier if entry[0] not in names] + rows
+            rows = [entry for entry in earlier if entry[0] not in this_run] + rows
             utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
-                                                  row_names=[name for name, _ in rows])
+                                                  row_names=[row_name for row_name, _ in rows])
             with utils.never_fatal(utils.SUMMARY_MD):
                 utils.write_summary(self.results_path)
-        self.record.add_result(record_name, result)
+        self.record.add_result(name, result)
 
     def finish(self) -> None:
         """Print the summary's Markdown table (all classes and the mean) and where the results are."""
@@ -823,8 +823,8 @@ def _run_parallel(list_of_dataloaders, results_path: str, devices: Sequence[int]
             LOGGER.warning("%s (worker): %s", names[index], message)
         for message in outcome.get("notes", []):
             click.echo(message)
-        for row_name, record_name, result in outcome.get("results", []):
-            table.add(index, row_name, record_name, result)  # also rewrites the run record
+        for name, result in outcome.get("results", []):
+            table.add(index, name, result)  # also rewrites the run record
         record.write()
         judged.update(outcome.get("judged", {}))
         for message in outcome.get("stopped", []):
@@ -871,10 +871,9 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
         click.echo(message)
         outcome["notes"].append(message)
 
-    def add_result(index: int, row_name: str, record_name: str, result: List[float]) -> None:
-        outcome["results"].append([row_name, record_name, [value if isinstance(value, int) else float(value)
-                                                            for value in result]])
-        click.echo(metrics_line(row_name, result))
+    def add_result(index: int, name: str, result: List[float]) -> None:
+        outcome["results"].append([name, [value if isinstance(value, int) else float(value) for value in result]])
+        click.echo(metrics_line(name, result))
         save()
 
     def add_stopped(message: str) -> None:

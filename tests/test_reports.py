@@ -639,7 +639,7 @@ def test_results_table_replaces_an_earlier_row_of_the_same_class(tmp_path):
     utils.compute_and_store_final_results(str(tmp_path), [[0.1] * 5 + [1], [0.2] * 5 + [2]], main.METRIC_NAMES,
                                           ["mvtec_a", "mvtec_b"])
     table = main.ResultsTable(str(tmp_path), 1, _Record())
-    table.add(0, "mvtec_a", "mvtec_a", [0.9] * 5 + [3])
+    table.add(0, "mvtec_a", [0.9] * 5 + [3])
     with open(tmp_path / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["Row Names"] for row in rows] == ["mvtec_b", "mvtec_a", "Mean"]
@@ -650,9 +650,9 @@ def test_results_table_replaces_an_earlier_row_of_the_same_class(tmp_path):
 def test_results_table_keeps_the_rows_another_run_on_the_folder_wrote_meanwhile(tmp_path):
     ours = main.ResultsTable(str(tmp_path), 2, _Record())
     theirs = main.ResultsTable(str(tmp_path), 1, _Record())  # started at the same time: no results.csv yet
-    ours.add(0, "mvtec_a", "mvtec_a", [0.1] * 5 + [1])
-    theirs.add(0, "mvtec_b", "mvtec_b", [0.2] * 5 + [2])
-    ours.add(1, "mvtec_c", "mvtec_c", [0.3] * 5 + [3])
+    ours.add(0, "mvtec_a", [0.1] * 5 + [1])
+    theirs.add(0, "mvtec_b", [0.2] * 5 + [2])
+    ours.add(1, "mvtec_c", [0.3] * 5 + [3])
     with open(tmp_path / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["Row Names"] for row in rows] == ["mvtec_b", "mvtec_a", "mvtec_c", "Mean"]

@@ -17,7 +17,6 @@ import copy
 import glob
 import hashlib
 import logging
-import math
 import os
 import random
 import re
@@ -130,7 +129,7 @@ def global_anomaly_synthesis(
     r_t: torch.Tensor,
     noise_std: float,
     steps: int,
-    svd: int,
+    hypersphere: int,
     mining: int,
     radius: float,
     ascent_gradient: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -174,7 +173,7 @@ def global_anomaly_synthesis(
         if (step + 1) % 5 == 0:
             dist_g = torch.norm(gaus_feats - center, dim=1)
             r_g = quantile_radius(dist_g, radius)
-            if svd == 1:  # hypersphere: distance to the centre within [r_t, 2 r_t]
+            if hypersphere == 1:  # distance to the centre within [r_t, 2 r_t]
                 gaus_feats = truncate_to_band(gaus_feats, center, r_t, 2 * r_t, norm=dist_g)
             else:  # manifold: distance to the true feature within [0.5, 1]
                 gaus_feats = truncate_to_band(gaus_feats, true_feats, 0.5, 1.0)
@@ -344,9 +343,9 @@ def ascent_pass_is_exact(discriminator: Discriminator, true_feats: torch.Tensor,
 
 
 def local_anomaly_synthesis(
-    fake_feats: torch.Tensor, mask: torch.Tensor, center: torch.Tensor, r_t: torch.Tensor, svd: int, radius: float
+    fake_feats: torch.Tensor, mask: torch.Tensor, center: torch.Tensor, r_t: torch.Tensor, hypersphere: int, radius: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """LAS features of the Perlin-masked patches; with ``svd 1`` they are pushed to [2 r_t, 4 r_t] from c.
+    """LAS features of the Perlin-masked patches; with ``hypersphere`` 1 they are pushed to [2 r_t, 4 r_t] from c.
 
     Returns the (possibly adjusted) features and r_f, the ``radius`` quantile of the masked
     features' distance to the centre.
@@ -355,7 +354,7 @@ def local_anomaly_synthesis(
     masked_feats, masked_center = fake_feats[inside], center[inside]
     dist_f = torch.norm(masked_feats - masked_center, dim=1)
     r_f = quantile_radius(dist_f, radius)
-    if svd == 1:
+    if hypersphere == 1:
         pushed = truncate_to_band(masked_feats, masked_center, 2 * r_t, 4 * r_t, norm=dist_f)
         fake_feats = fake_feats.index_put((inside,), pushed)
     return fake_feats, r_f
@@ -671,14 +670,14 @@ class GLASS(torch.nn.Module):
         self.dsc_opt = torch.optim.AdamW(self.discriminator.parameters(), lr=lr * 2)
         self.dsc_margin = dsc_margin
 
-        self.c = torch.tensor(0)
-        self.p = p
+        self.center = torch.tensor(0)
+        self.mining_quantile = p
         self.radius = radius
         self.mining = mining
-        self.noise = noise
-        self.svd = svd
-        self.step = step
-        self.limit = limit
+        self.noise_std = noise
+        self.hypersphere = svd  # 1: the hypersphere hypothesis, 0: the manifold one (the reference's svd)
+        self.ascent_steps = step
+        self.sample_limit = limit
         self.judged_distribution: Optional[int] = None
         self.finished_note = ""  # why trainer() skipped training (it returns None then)
         self.focal_loss = FocalLoss()
@@ -688,7 +687,7 @@ class GLASS(torch.nn.Module):
         self.excel_dirs: List[str] = []
         self.ckpt_dir = ""
         self.tb_dir = ""
-        self._writer: Optional[SummaryWriter] = None  # the class folder's TensorBoard writer (see logger)
+        self._writer: Optional[SummaryWriter] = None  # the class folder's TensorBoard writer (see tb_writer)
         self._purge_step: Optional[int] = None  # its purge_step after a resume
         self.global_step = 0
         self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn, fuse_head)
@@ -761,14 +760,14 @@ class GLASS(torch.nn.Module):
         ``final_scores`` of :func:`global_anomaly_synthesis`), each None where the plain passes run instead: no
         ascent steps, ``--compile``, a device and batch size where it would change the last bits, and for the
         final pass ``--amp`` (its reuse is float32 only) and ``--onednn``."""
-        if not self.reuse_true_half or self.compiled or self.mining == 0 or self.step == 0:
+        if not self.reuse_true_half or self.compiled or self.mining == 0 or self.ascent_steps == 0:
             return None, None
         if self.onednn:  # other last bits by choice: no comparison with the plain pass
             return FrozenTrueHalf(self.discriminator, true_feats, self._head_context, onednn=True).gradient, None
         key = (len(true_feats), str(true_feats.device))
         final_pass = self.amp_dtype is None
         if key not in self.exact_true_half:
-            self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise, self._autocast,
+            self.exact_true_half[key] = ascent_pass_is_exact(self.discriminator, true_feats, self.noise_std, self._autocast,
                                                              final_pass=final_pass)
             if not self.exact_true_half[key]:
                 LOGGER.info("GAS: on %s the frozen true half would change the last bits for batches of %d patches, so "
@@ -785,22 +784,22 @@ class GLASS(torch.nn.Module):
         """Checkpoints go to ``<model_dir>/<class_key>/`` (``class_key``: ``<dataset>_<class>``, as ``mvtec_bottle``),
         TensorBoard logs to its ``tb/``; judgement images, heatmaps, plots and a disk cache under ``results_path``."""
         self.ckpt_dir = os.path.join(model_dir, class_key)
-        self.tb_dir = os.path.join(self.ckpt_dir, "tb")  # made by the writer at its first use (logger)
+        self.tb_dir = os.path.join(self.ckpt_dir, "tb")  # made by the writer at its first use (tb_writer)
         os.makedirs(self.ckpt_dir, exist_ok=True)
         self.results_path = results_path
         self.close()
         self._purge_step = None
 
     @property
-    def logger(self) -> Optional[SummaryWriter]:
+    def tb_writer(self) -> Optional[SummaryWriter]:
         """The class folder's TensorBoard writer (None before :meth:`set_model_dir`), opened at its first use, so
         that a run that logs nothing (judging only, a test) adds no event file."""
         if self._writer is None and self.tb_dir:
             self._writer = SummaryWriter(log_dir=self.tb_dir, purge_step=self._purge_step)
         return self._writer
 
-    @logger.setter
-    def logger(self, writer) -> None:
+    @tb_writer.setter
+    def tb_writer(self, writer) -> None:
         self._writer = writer
 
     def save_config(self, config: dict) -> str:
@@ -901,7 +900,7 @@ class GLASS(torch.nn.Module):
             "meta_epochs": int(self.meta_epochs),
             "best_record": None if best_record is None else [float(v) for v in best_record[:-1]] + [int(best_record[-1])],
             "best_checkpoint": None if best_path is None else os.path.basename(best_path),
-            "svd": int(self.svd),
+            "svd": int(self.hypersphere),
             "judged_distribution": None if self.judged_distribution is None else int(self.judged_distribution),
             "global_step": int(self.global_step),
             "dsc_opt": self.dsc_opt.state_dict(),
@@ -1071,7 +1070,7 @@ class GLASS(torch.nn.Module):
         except (ValueError, RuntimeError, KeyError) as exc:
             raise GlassError(f"{path}: the optimiser state does not fit this model ({str(exc).splitlines()[0]}): "
                              "delete it to train this class from the start") from None
-        self.svd = int(state["svd"])
+        self.hypersphere = int(state["svd"])
         self.judged_distribution = state.get("judged_distribution")
         self.global_step = int(state["global_step"])
         best_record = state.get("best_record")
@@ -1172,8 +1171,8 @@ class GLASS(torch.nn.Module):
         checkpoint after training writes them once.
         """
         if judges_only(training_data):  # whatever the class folder holds: nothing is trained or tested
-            self.svd = self.judged_distribution = self._judge_distribution(training_data, name)
-            return self.svd
+            self.hypersphere = self.judged_distribution = self._judge_distribution(training_data, name)
+            return self.hypersphere
         state = self.read_training_checkpoint()
         status = self.training_status(state)
         if status == "finished":
@@ -1255,7 +1254,7 @@ class GLASS(torch.nn.Module):
             raise _training_stopped(name, "the test images' anomaly scores became non-finite", epoch, best_path)
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
         for tag, value in zip(("i-auroc", "i-ap", "p-auroc", "p-ap", "p-pro"), result):
-            self.logger.add_scalar(tag, value, epoch)
+            self.tb_writer.add_scalar(tag, value, epoch)
         utils.log_eval_samples(self, epoch, images, segmentations, labels_gt, masks_gt)
         return result
 
@@ -1326,7 +1325,7 @@ class GLASS(torch.nn.Module):
         return record[0] + pixel
 
     def _choose_distribution(self, training_data, name: str) -> None:
-        """Set ``self.svd`` for training from ``--distribution`` (1, judging only, is :meth:`_train`'s).
+        """Set ``self.hypersphere`` for training from ``--distribution`` (1, judging only, is :meth:`_train`'s).
 
         2 = manifold; 3 = hypersphere; 0 = the xlsx entry; 4 = its opposite. A class missing from the xlsx is
         judged and recorded, then trained with the judged hypothesis (0) or its opposite (4), as a rerun that
@@ -1335,7 +1334,7 @@ class GLASS(torch.nn.Module):
         choice = getattr(training_data.dataset, "distribution", 0)
         self.judged_distribution = None
         if choice in (2, 3):
-            self.svd = 0 if choice == 2 else 1
+            self.hypersphere = 0 if choice == 2 else 1
             return
         dataset_name = name.split("_")[0]
         found = utils.lookup_distribution(self.excel_dirs, dataset_name, name)
@@ -1346,10 +1345,10 @@ class GLASS(torch.nn.Module):
             )
             self.judged_distribution = self._judge_distribution(training_data, name)
             # 4 trains on the opposite of what the table will say, as a rerun reading it would.
-            self.svd = self.judged_distribution if choice == 0 else 1 - self.judged_distribution
+            self.hypersphere = self.judged_distribution if choice == 0 else 1 - self.judged_distribution
         else:
-            self.svd = found[0] if choice == 0 else 1 - found[0]
-        LOGGER.info("%s: %s hypothesis (svd %d)", name, "hypersphere" if self.svd else "manifold", self.svd)
+            self.hypersphere = found[0] if choice == 0 else 1 - found[0]
+        LOGGER.info("%s: %s hypothesis (svd %d)", name, "hypersphere" if self.hypersphere else "manifold", self.hypersphere)
 
     def _settle_foreground(self, training_data, name: str) -> None:
         """``--fg 2`` for a class missing from the xlsx: foreground masks as its judgement records them (this run's
@@ -1462,7 +1461,7 @@ class GLASS(torch.nn.Module):
             LOGGER.info("Training images decoded at every epoch: kept, they would need more than %s",
                         common.gigabytes(budget))
         textures = len(getattr(dataset, "anomaly_source_paths", []))
-        draws = epochs * min(len(dataset), self.limit + (training_data.batch_size or 1))  # an epoch stops past --limit
+        draws = epochs * min(len(dataset), self.sample_limit + (training_data.batch_size or 1))  # an epoch stops past --limit
         if not textures or draws < textures:
             return
         kept_textures = dataset.preload_textures(budget - kept)
@@ -1621,7 +1620,7 @@ class GLASS(torch.nn.Module):
                 batch_mean = features.reshape(batch_size, -1, features.shape[-1]).mean(dim=0)
                 total = batch_mean if total is None else total + batch_mean
                 count += 1
-        self.c = total / count
+        self.center = total / count
 
     def _true_features(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
         """Embeddings of a training batch's un-augmented images: looked up in the training cache by the items'
@@ -1648,7 +1647,7 @@ class GLASS(torch.nn.Module):
             if step == 0:  # TensorBoard grid of the epoch's first LAS batch (utils.py, "Reports")
                 utils.log_las_batch(self, epoch, batch)
             for key, value in stats.items():
-                self.logger.add_scalar(key, value, self.global_step)
+                self.tb_writer.add_scalar(key, value, self.global_step)
                 history[key].append(value)
             self.global_step += 1
             sample_num += batch["image"].shape[0]
@@ -1656,10 +1655,10 @@ class GLASS(torch.nn.Module):
             means = {k: float(np.mean(v)) for k, v in history.items()}
             epoch_str = (
                 f"epoch:{epoch} loss:{means['loss']:.2e} pt:{means['p_true'] * 100:.2f} pf:{means['p_fake'] * 100:.2f}"
-                f" rt:{means['r_t']:.2f} rg:{means['r_g']:.2f} rf:{means['r_f']:.2f} svd:{self.svd} sample:{sample_num}"
+                f" rt:{means['r_t']:.2f} rg:{means['r_g']:.2f} rf:{means['r_f']:.2f} svd:{self.hypersphere} sample:{sample_num}"
             )
             pbar.set_description_str(f"{epoch_str} {summary}".strip())  # redrawn at every step (a terminal only)
-            if sample_num > self.limit:
+            if sample_num > self.sample_limit:
                 break
         self.epoch_stats = {k: float(np.mean(v)) for k, v in history.items()}
         return epoch_str
@@ -1689,7 +1688,7 @@ class GLASS(torch.nn.Module):
                 f"the Perlin mask grid ({batch['mask_s'].shape[-2]}x{batch['mask_s'].shape[-1]}) does not match the "
                 f"feature grid of layer {self.layers_to_extract_from[0]}: set --downsampling to the stride of that layer"
             )
-        center = self.c.repeat(images.shape[0], 1, 1).reshape(-1, self.c.shape[-1])
+        center = self.center.repeat(images.shape[0], 1, 1).reshape(-1, self.center.shape[-1])
 
         # r_t: the radius quantile of the distances of normal points (true + unmasked fake) to the centre.
         outside = mask_s_gt[:, 0] == 0
@@ -1702,15 +1701,15 @@ class GLASS(torch.nn.Module):
         try:
             gas = global_anomaly_synthesis(
                 self._discriminate, true_feats, center, r_t,
-                noise_std=self.noise, steps=self.step, svd=self.svd, mining=self.mining, radius=self.radius,
+                noise_std=self.noise_std, steps=self.ascent_steps, hypersphere=self.hypersphere, mining=self.mining, radius=self.radius,
                 ascent_gradient=ascent_gradient, final_scores=final_scores,
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc} at step {self.global_step}") from None
-        fake_feats, r_f = local_anomaly_synthesis(fake_feats, mask_s_gt, center, r_t, self.svd, self.radius)
+        fake_feats, r_f = local_anomaly_synthesis(fake_feats, mask_s_gt, center, r_t, self.hypersphere, self.radius)
 
         fake_scores = self._discriminate(fake_feats)
-        hard_scores, hard_labels = hard_sample_mining(fake_scores, mask_s_gt, self.p)
+        hard_scores, hard_labels = hard_sample_mining(fake_scores, mask_s_gt, self.mining_quantile)
         focal_loss = self.focal_loss(torch.cat([1 - hard_scores, hard_scores], dim=1), hard_labels)
 
         loss = gas.bce_loss + focal_loss
@@ -2085,7 +2084,6 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
 # --------------------------------------------------------------------------------------------------
 # Prediction on new images (``python main.py predict``)
 
-THRESHOLD_NAME = "threshold.json"
 PREDICTION_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
 
 
@@ -2183,35 +2181,6 @@ def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
     }
 
 
-def read_threshold_file(path: str) -> Dict[str, Any]:
-    """The record in a ``threshold.json`` (``method`` filled in when missing); GlassError, saying how to fix it,
-    when it is damaged or its ``threshold`` is not a finite number."""
-    fix = "delete it or rerun with --calibrate"
-    record = utils.read_json(path, fix)
-    if "threshold" not in record:
-        return record
-    value = record["threshold"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GlassError(f"{path}: the threshold {value!r} is not a finite number: fix it, {fix}")
-    return {"method": f"from {THRESHOLD_NAME}", **record, "threshold": float(value)}
-
-
-def stored_threshold(class_dir: str, checkpoint: str) -> Optional[Dict[str, Any]]:
-    """The ``<class_dir>/threshold.json`` record if it applies to ``checkpoint`` (a path or file name): it has a
-    threshold and was chosen for that checkpoint, or names none (written by hand). None otherwise.
-
-    The one rule for predict, the class report and the ONNX export.
-    """
-    path = os.path.join(class_dir, THRESHOLD_NAME)
-    if not os.path.isfile(path):
-        return None
-    record = read_threshold_file(path)
-    name = os.path.basename(checkpoint)
-    if "threshold" not in record or record.get("checkpoint", name) != name:
-        return None
-    return record
-
-
 def choose_threshold(model: GLASS, class_dir: str, make_test_loader: Callable[[], DataLoader],
                      threshold: Optional[float] = None, calibrate: bool = False) -> Dict[str, Any]:
     """The decision threshold and how it was chosen: ``--threshold``, ``threshold.json``, or calibrated now.
@@ -2223,10 +2192,10 @@ def choose_threshold(model: GLASS, class_dir: str, make_test_loader: Callable[[]
         if calibrate:
             raise GlassError("give either --threshold or --calibrate, not both")
         return {"threshold": float(threshold), "method": "given with --threshold"}
-    path = os.path.join(class_dir, THRESHOLD_NAME)
+    path = os.path.join(class_dir, utils.THRESHOLD_NAME)
     checkpoint = os.path.basename(getattr(model, "checkpoint_path", ""))
     if not calibrate:
-        record = stored_threshold(class_dir, checkpoint)
+        record = utils.stored_threshold(class_dir, checkpoint)
         if record is not None:
             return record
         if os.path.isfile(path):

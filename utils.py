@@ -1032,20 +1032,20 @@ def log_eval_samples(model: Any, epoch: int, images: Sequence[np.ndarray], segme
                      labels: Sequence[int], masks: np.ndarray) -> None:
     """Trainer hook at an evaluation: the ``eval/samples`` grid (thinned, see :func:`thinned`)."""
     evaluations = max(1, model.meta_epochs // model.eval_epochs)
-    if model.logger is None or not thinned((epoch + 1) // model.eval_epochs - 1, evaluations):
+    if model.tb_writer is None or not thinned((epoch + 1) // model.eval_epochs - 1, evaluations):
         return
     with never_fatal(f"the TensorBoard grid {TB_SAMPLES_TAG} of epoch {epoch}"):
-        model.logger.add_image(TB_SAMPLES_TAG, eval_grid(images, segmentations, labels, masks), epoch, dataformats="CHW")
+        model.tb_writer.add_image(TB_SAMPLES_TAG, eval_grid(images, segmentations, labels, masks), epoch, dataformats="CHW")
 
 
 def log_las_batch(model: Any, epoch: int, batch: Mapping[str, Any]) -> None:
     """Trainer hook at an epoch's first batch: the ``train/las`` grid (thinned, see :func:`thinned`)."""
-    if model.logger is None or not thinned(epoch, model.meta_epochs):
+    if model.tb_writer is None or not thinned(epoch, model.meta_epochs):
         return
     with never_fatal(f"the TensorBoard grid {TB_LAS_TAG} of epoch {epoch}"):
         grid = las_grid(batch)
         if grid is not None:
-            model.logger.add_image(TB_LAS_TAG, grid, model.global_step, dataformats="CHW")
+            model.tb_writer.add_image(TB_LAS_TAG, grid, model.global_step, dataformats="CHW")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1242,11 +1242,42 @@ def plots_dir(results_path: str, class_dir: str) -> str:
     return os.path.join(results_path, PLOTS_FOLDER, class_output_name(class_dir))
 
 
+THRESHOLD_NAME = "threshold.json"
+
+
+def read_threshold_file(path: str) -> Dict[str, Any]:
+    """The record in a ``threshold.json`` (``method`` filled in when missing); GlassError, saying how to fix it,
+    when it is damaged or its ``threshold`` is not a finite number."""
+    fix = "delete it or rerun with --calibrate"
+    record = read_json(path, fix)
+    if "threshold" not in record:
+        return record
+    value = record["threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GlassError(f"{path}: the threshold {value!r} is not a finite number: fix it, {fix}")
+    return {"method": f"from {THRESHOLD_NAME}", **record, "threshold": float(value)}
+
+
+def stored_threshold(class_dir: str, checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The ``<class_dir>/threshold.json`` record if it applies to ``checkpoint`` (a path or file name): it has a
+    threshold and was chosen for that checkpoint, or names none (written by hand). None otherwise.
+
+    The one rule for predict, the class report and the ONNX export.
+    """
+    path = os.path.join(class_dir, THRESHOLD_NAME)
+    if not os.path.isfile(path):
+        return None
+    record = read_threshold_file(path)
+    name = os.path.basename(checkpoint)
+    if "threshold" not in record or record.get("checkpoint", name) != name:
+        return None
+    return record
+
+
 def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], labels: Sequence[int]
                      ) -> Tuple[Optional[float], str]:
     """The threshold to draw: ``threshold.json`` when it was chosen for ``checkpoint``, else the F1-best one."""
     import metrics
-    from glass import THRESHOLD_NAME, stored_threshold  # here: glass imports this module
 
     with never_fatal(os.path.join(class_dir, THRESHOLD_NAME)):
         record = stored_threshold(class_dir, checkpoint)

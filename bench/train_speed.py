@@ -192,7 +192,7 @@ def flow_classes():
                     batch_mean = features.reshape(images.shape[0], -1, features.shape[-1]).mean(dim=0)
                     total = batch_mean if total is None else total + batch_mean
                     count += 1
-            self.c = total / count
+            self.center = total / count
             self.bench["center_s"].append(time.perf_counter() - start)
 
         def _train(self, training_data, val_data, name: str):

@@ -241,10 +241,8 @@ def export_metadata(config: dict, checkpoint: str, threshold: Optional[float] = 
 
 
 def stored_threshold_value(class_dir: str, checkpoint: str) -> Optional[float]:
-    """The threshold in ``<class_dir>/threshold.json`` if it applies to this checkpoint (glass.stored_threshold)."""
-    import glass
-
-    record = glass.stored_threshold(class_dir, checkpoint)
+    """The threshold in ``<class_dir>/threshold.json`` if it applies to this checkpoint (utils.stored_threshold)."""
+    record = utils.stored_threshold(class_dir, checkpoint)
     return None if record is None else record["threshold"]
 
 

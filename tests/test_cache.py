@@ -437,7 +437,7 @@ def test_textures_are_kept_only_when_the_run_draws_more_than_there_are(odd_tire,
     from datasets.mvtec import DatasetSplit, MVTecDataset
 
     model = glass.GLASS(torch.device("cpu"))
-    model.limit = 100
+    model.sample_limit = 100
     for textures, epochs, kept in ((dtd_root, 2, False), (few_textures, 1, True), (dtd_root, 40, True)):
         dataset = MVTecDataset(str(odd_tire), str(textures), classname="tire", resize=64, imagesize=64,
                                split=DatasetSplit.TRAIN, distribution=2, fg=0)
@@ -454,7 +454,7 @@ def test_preload_keeps_nothing_over_its_budget_or_for_spawned_workers(odd_tire, 
                            split=DatasetSplit.TRAIN, distribution=2, fg=0)
     assert dataset.preload_images(64 * 85 * 3 * 16) == 0 and dataset.resized_images is None  # room for 16 of 17
     model = glass.GLASS(torch.device("cpu"))
-    model.limit = 100
+    model.sample_limit = 100
     spawned = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
     model._preload_training_images(spawned, epochs=1)
     assert dataset.resized_images is None

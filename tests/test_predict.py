@@ -452,7 +452,7 @@ def test_an_input_file_named_like_an_option_is_an_input(trained_tire, tiny_tire,
 def test_a_threshold_of_true_is_not_a_number(tmp_path):
     (tmp_path / "threshold.json").write_text('{"threshold": true}')
     with pytest.raises(utils.GlassError, match="the threshold True is not a finite number"):
-        glass.read_threshold_file(str(tmp_path / "threshold.json"))
+        utils.read_threshold_file(str(tmp_path / "threshold.json"))
 
 
 def test_backbone_index_chooses_the_backbone_folder(trained_tire, tiny_tire, tmp_path, capsys, caplog):

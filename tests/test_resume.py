@@ -376,7 +376,7 @@ def test_training_state_round_trip(tmp_path, tiny_model_factory):
              "mask_s": (torch.rand(2, 8, 8) > 0.5).float()}
     model._compute_center([batch])
     model._train_step(batch)  # fills the optimisers' states
-    model.global_step, model.svd, model.judged_distribution = 7, 1, 1
+    model.global_step, model.hypersphere, model.judged_distribution = 7, 1, 1
     record = [np.float64(0.75), 0.0, float("nan"), 0.0, 0.0, 2]
 
     path = tmp_path / "ckpt.pth"
@@ -388,7 +388,7 @@ def test_training_state_round_trip(tmp_path, tiny_model_factory):
     other = tiny_model_factory(seed=2)
     other.ckpt_dir = str(tmp_path)
     epoch, best_record, best_path = other.restore_training_checkpoint(state, str(path))
-    assert (epoch, best_path, other.global_step, other.svd, other.judged_distribution) == (2, str(tmp_path / "ckpt_best_2.pth"), 7, 1, 1)
+    assert (epoch, best_path, other.global_step, other.hypersphere, other.judged_distribution) == (2, str(tmp_path / "ckpt_best_2.pth"), 7, 1, 1)
     assert best_record[:2] == [0.75, 0.0] and np.isnan(best_record[2]) and best_record[-1] == 2
     for a, b in ((model.discriminator, other.discriminator), (model.pre_projection, other.pre_projection)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -23,16 +23,16 @@ def test_truncate_to_band_clamps_distances_and_keeps_directions():
     assert torch.allclose(out[2], torch.tensor([0.6, 0.8]), atol=1e-6)
 
 
-@pytest.mark.parametrize("svd", [0, 1])
-def test_gas_moves_features_into_the_truncation_band(svd):
+@pytest.mark.parametrize("hypersphere", [0, 1])
+def test_gas_moves_features_into_the_truncation_band(hypersphere):
     torch.manual_seed(0)
     disc = Discriminator(8, n_layers=2, hidden=16)
     true_feats = torch.randn(64, 8, requires_grad=True)
     center = torch.zeros(64, 8)
     r_t = torch.tensor([2.0])
-    gas = global_anomaly_synthesis(disc, true_feats, center, r_t, noise_std=0.015, steps=5, svd=svd, mining=1, radius=0.75)
+    gas = global_anomaly_synthesis(disc, true_feats, center, r_t, noise_std=0.015, steps=5, hypersphere=hypersphere, mining=1, radius=0.75)
     # With 5 steps the truncation at step 5 is the last move.
-    if svd == 0:
+    if hypersphere == 0:
         dist = torch.norm(gas.gaus_feats - true_feats, dim=1)
         assert torch.all(dist >= 0.5 - 1e-5) and torch.all(dist <= 1.0 + 1e-5)
     else:
@@ -75,12 +75,12 @@ def test_las_pushes_only_masked_features_on_the_hypersphere():
     feats = torch.tensor([[0.1, 0.0], [0.0, 0.2], [5.0, 0.0], [0.3, 0.4]])
     mask = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
     center = torch.zeros(4, 2)
-    out, r_f = local_anomaly_synthesis(feats, mask, center, torch.tensor([1.0]), svd=1, radius=0.75)
+    out, r_f = local_anomaly_synthesis(feats, mask, center, torch.tensor([1.0]), hypersphere=1, radius=0.75)
     assert torch.allclose(torch.norm(out, dim=1), torch.tensor([2.0, 0.2, 4.0, 2.0]), atol=1e-6)
     assert torch.equal(out[1], feats[1])
     # r_f: 0.75 quantile of the masked distances [0.1, 5.0, 0.5], linear interpolation: 0.5 + 0.5 * (5.0 - 0.5)
     assert r_f.item() == pytest.approx(2.75)
-    same, _ = local_anomaly_synthesis(feats, mask, center, torch.tensor([1.0]), svd=0, radius=0.75)
+    same, _ = local_anomaly_synthesis(feats, mask, center, torch.tensor([1.0]), hypersphere=0, radius=0.75)
     assert torch.equal(same, feats)
 
 
@@ -89,7 +89,7 @@ def test_las_on_a_leaf_that_requires_gradients_keeps_them():
     # write crashes there. Out of place, the pushed rows carry the gradient of the band truncation.
     feats = torch.tensor([[0.1, 0.0], [0.0, 0.2], [5.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1.0], [0.0], [1.0]])
-    out, _ = local_anomaly_synthesis(feats, mask, torch.zeros(3, 2), torch.tensor([1.0]), svd=1, radius=0.75)
+    out, _ = local_anomaly_synthesis(feats, mask, torch.zeros(3, 2), torch.tensor([1.0]), hypersphere=1, radius=0.75)
     out.sum().backward()
     assert torch.equal(feats.grad[1], torch.ones(2))  # unmasked row: identity
     assert not torch.equal(feats.grad[0], torch.ones(2))  # masked row: through the rescaling to 2 r_t
@@ -111,7 +111,7 @@ def test_hard_sample_mining_keeps_the_largest_errors():
     assert kept_scores.flatten().tolist() == pytest.approx([0.9]) and kept_labels.flatten().tolist() == [0.0]
 
 
-def run_gas(disc, true_feats, svd, frozen: bool, by_hand: bool = True):
+def run_gas(disc, true_feats, hypersphere, frozen: bool, by_hand: bool = True):
     """GAS with the plain passes or through a FrozenTrueHalf (ascent steps, and the final pass where the first
     Linear layer has a bias), then the backward pass of its final loss."""
     torch.manual_seed(1)
@@ -128,7 +128,7 @@ def run_gas(disc, true_feats, svd, frozen: bool, by_hand: bool = True):
         finals.append(len(gaus_feats))
         return frozen_half.final_scores(gaus_feats)
     gas = global_anomaly_synthesis(disc, true_feats, torch.zeros_like(true_feats), torch.tensor([2.0]), noise_std=0.015,
-                                   steps=10, svd=svd, mining=1, radius=0.75,
+                                   steps=10, hypersphere=hypersphere, mining=1, radius=0.75,
                                    ascent_gradient=ascent if frozen else None, final_scores=final if reuse_final else None)
     assert calls == ([len(true_feats)] * 10 if frozen else [])  # every ascent step, not the final one
     assert finals == ([len(true_feats)] if reuse_final else [])
@@ -136,12 +136,12 @@ def run_gas(disc, true_feats, svd, frozen: bool, by_hand: bool = True):
     return gas
 
 
-@pytest.mark.parametrize("svd", [0, 1])
+@pytest.mark.parametrize("hypersphere", [0, 1])
 @pytest.mark.parametrize("rows, dim, n_layers, by_hand", [
     (64, 8, 1, False), (64, 8, 2, True), (64, 8, 2, False), (48, 8, 3, False), (1024, 128, 2, True),
     (1024, 128, 2, False), (2 * 256, 512, 2, True),
 ])
-def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers, by_hand):
+def test_frozen_true_half_gives_the_plain_passes_bits(hypersphere, rows, dim, n_layers, by_hand):
     """GAS through FrozenTrueHalf.gradient, by hand (one hidden block on the CPU) or through autograd, trains to
     the bits of the plain passes: losses, scores, features, BatchNorm's running averages and every gradient."""
     outcomes = []
@@ -151,7 +151,7 @@ def test_frozen_true_half_gives_the_plain_passes_bits(svd, rows, dim, n_layers, 
         true_feats = (torch.randn(rows, dim) * 0.5).requires_grad_(True)
         assert FrozenTrueHalf(disc, true_feats).by_hand == (n_layers == 2)
         assert FrozenTrueHalf(disc, true_feats).reusable_in_final_pass == (n_layers > 1)  # the tail has no bias
-        gas = run_gas(disc, true_feats, svd, frozen, by_hand)
+        gas = run_gas(disc, true_feats, hypersphere, frozen, by_hand)
         outcomes.append([gas.bce_loss, gas.true_scores, gas.gaus_scores, gas.gaus_feats, gas.r_g, true_feats.grad,
                          *disc.buffers(), *(p.grad for p in disc.parameters())])
     plain, frozen = outcomes
@@ -313,7 +313,7 @@ def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_refe
     trained.load(backbone=backbones.load("efficientnet_lite0"), layers_to_extract_from=["blocks.2", "blocks.4"],
                  device=torch.device("cpu"), input_shape=(3, 64, 64), pretrain_embed_dimension=32,
                  target_embed_dimension=32, dsc_hidden=16, step=2, train_backbone=True)
-    trained.c = torch.zeros(64, 32)
+    trained.center = torch.zeros(64, 32)
     images = load_tire_batch(tire_root, 64)
     mask_s = torch.zeros(2, 8, 8)
     mask_s[:, 2:5, 3:6] = 1

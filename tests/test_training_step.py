@@ -59,7 +59,7 @@ def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict
     else:
         true, fake = true_emb.clone().requires_grad_(True), fake_emb.clone().requires_grad_(True)
     labels = mask_s.reshape(-1, 1)
-    centre = model.c.repeat(BATCH, 1, 1).reshape(-1, DIM)
+    centre = model.center.repeat(BATCH, 1, 1).reshape(-1, DIM)
     outside, inside = labels[:, 0] == 0, labels[:, 0] == 1
     # The radii are plain numbers to the rest of the step (the reference wraps them in a new tensor).
     r_t = torch.quantile(torch.cat([fake[outside] - centre[outside], true - centre]).norm(dim=1), RADIUS).detach()
@@ -68,12 +68,12 @@ def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict
     gauss = true + torch.normal(0, NOISE, true.shape)
     bce = torch.nn.BCELoss()
     r_g = torch.tensor(float("nan"))  # measured at the truncations only: none with fewer than 5 steps
-    for step in range(model.step + 1):
+    for step in range(model.ascent_steps + 1):
         scores = discriminator(torch.cat([true, gauss]))
         true_scores, gauss_scores = scores[: len(true)], scores[len(true):]
         gauss_loss = bce(gauss_scores, torch.ones_like(gauss_scores))
         bce_loss = bce(true_scores, torch.zeros_like(true_scores)) + gauss_loss
-        if step == model.step:
+        if step == model.ascent_steps:
             break
         if model.mining == 0:
             r_g = torch.quantile((gauss - centre).norm(dim=1), RADIUS)
@@ -84,11 +84,11 @@ def spec_step(model: glass.GLASS, true_emb, fake_emb, mask_s, seed: int) -> dict
         if (step + 1) % 5 == 0:
             distance = (gauss - centre).norm(dim=1)
             r_g = torch.quantile(distance, RADIUS)
-            gauss = band(gauss, centre, r_t, 2 * r_t, distance) if model.svd == 1 else band(gauss, true, 0.5, 1.0)
+            gauss = band(gauss, centre, r_t, 2 * r_t, distance) if model.hypersphere == 1 else band(gauss, true, 0.5, 1.0)
 
     distance_f = (fake[inside] - centre[inside]).norm(dim=1)
     r_f = torch.quantile(distance_f, RADIUS)
-    if model.svd == 1:
+    if model.hypersphere == 1:
         fake = fake.clone()
         fake[inside] = band(fake[inside], centre[inside], 2 * r_t, 4 * r_t, distance_f)
     fake_scores = discriminator(fake)
@@ -135,12 +135,12 @@ def test_training_step_equals_the_step_written_from_the_spec(backbone, monkeypat
                input_shape=(3, 64, 64), pretrain_embed_dimension=DIM, target_embed_dimension=DIM, dsc_hidden=HIDDEN,
                step=steps, lr=LR, noise=NOISE, radius=RADIUS, p=P, mining=mining, svd=svd, dsc_margin=MARGIN,
                pre_proj=pre_proj)
-    model.svd = svd
+    model.hypersphere = svd
     generator = torch.Generator().manual_seed(data_seed)
     true_emb = torch.randn(BATCH * GRID * GRID, DIM, generator=generator)
     fake_emb = true_emb + 0.5 * torch.randn(true_emb.shape, generator=generator)
     mask_s = (torch.rand(BATCH, GRID, GRID, generator=generator) > 0.6).float()
-    model.c = torch.randn(GRID * GRID, DIM, generator=generator) * 0.1 + true_emb[: GRID * GRID]
+    model.center = torch.randn(GRID * GRID, DIM, generator=generator) * 0.1 + true_emb[: GRID * GRID]
     # The step's inputs: embeddings of the augmented and of the plain images (the backbone is not under test).
     monkeypatch.setattr(model, "_embed", lambda images, evaluation=False: (fake_emb, None))
     monkeypatch.setattr(model, "_true_features", lambda batch, images: true_emb)
@@ -190,7 +190,7 @@ def test_net_options_reach_the_model():
     context = main.net.make_context("net", args)
     _, get_glass = main.net.invoke(context)
     [model] = get_glass((3, 64, 64), torch.device("cpu"))
-    assert (model.noise, model.radius, model.p, model.step, model.mining, model.svd, model.dsc_margin, model.limit) == \
+    assert (model.noise_std, model.radius, model.mining_quantile, model.ascent_steps, model.mining, model.hypersphere, model.dsc_margin, model.sample_limit) == \
         (0.02, 0.6, 0.4, 7, 0, 1, 0.4, 9)
     assert model.dsc_opt.param_groups[0]["lr"] == 0.006 and model.proj_opt.param_groups[0]["lr"] == 0.003
     assert model.pre_projection.layers[0].in_features == 20 and model.discriminator.body.block1[0].out_features == 12
@@ -230,8 +230,8 @@ def test_centre_is_the_mean_of_the_per_batch_position_means(backbone, monkeypatc
     model._compute_center(None)
     # Batch means [[2, 4], [1, 2], [3, 4]] and [[8, 0], [4, 4], [0, 2]]; their mean:
     expected = torch.tensor([[5.0, 2.0], [2.5, 3.0], [1.5, 3.0]])
-    assert model.c.shape == (positions, 2)
-    assert torch.equal(model.c, expected)
+    assert model.center.shape == (positions, 2)
+    assert torch.equal(model.center, expected)
 
 
 class _Scalars:
@@ -251,7 +251,7 @@ def test_epoch_stops_after_more_than_limit_samples_and_reports_the_means(backbon
     """Spec: the discriminator pass runs over batches until more than ``limit`` samples; every step's statistics
     are logged at its global step; the progress line and the epoch's statistics are their means."""
     model = tiny_model(backbone, limit=16)
-    model.logger, model.global_step = _Scalars(), 10
+    model.tb_writer, model.global_step = _Scalars(), 10
     steps = iter([
         {"loss": 1.0, "p_true": 0.25, "p_fake": 0.5, "r_t": 1.0, "r_g": 2.0, "r_f": 3.0},
         {"loss": 3.0, "p_true": 0.75, "p_fake": 1.0, "r_t": 2.0, "r_g": 4.0, "r_f": 6.0},
@@ -271,8 +271,8 @@ def test_epoch_stops_after_more_than_limit_samples_and_reports_the_means(backbon
     line = model._train_discriminator(loader, epoch=4, pbar=bar, summary="best")
     assert model.global_step == 13
     assert modes == [(True, True, False)] * 3  # the frozen backbone stays in eval mode
-    assert [step for tag, _, step in model.logger.logged if tag == "loss"] == [10, 11, 12]
-    assert [value for tag, value, _ in model.logger.logged if tag == "r_g"] == [2.0, 4.0, 6.0]
+    assert [step for tag, _, step in model.tb_writer.logged if tag == "loss"] == [10, 11, 12]
+    assert [value for tag, value, _ in model.tb_writer.logged if tag == "r_g"] == [2.0, 4.0, 6.0]
     assert model.epoch_stats == {"loss": 3.0, "p_true": 0.5, "p_fake": 0.5, "r_t": 2.0, "r_g": 4.0, "r_f": 6.0}
     assert line == "epoch:4 loss:3.00e+00 pt:50.00 pf:50.00 rt:2.00 rg:4.00 rf:6.00 svd:0 sample:24"
     assert bar.text == line + " best"

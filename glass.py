@@ -15,7 +15,6 @@ import collections.abc
 import contextlib
 import copy
 import glob
-import hashlib
 import logging
 import os
 import random
@@ -36,8 +35,8 @@ import common
 import metrics
 import utils
 from datasets import LOADERS
-from datasets.base import (IMAGE_EXTENSIONS, WIDE_MODES, elongation_problem, image_header, is_image, load_image,
-                           warn_wide_images)
+from datasets import inputs as image_inputs
+from datasets.base import WIDE_MODES, elongation_problem, image_header, load_image, warn_wide_images
 from loss import FocalLoss
 from model import (
     Discriminator, FusedHead, LayerPooling, LinearWithKnownRows, OneDNNLinearMode, Projection, fuse_head,
@@ -2087,80 +2086,6 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
 PREDICTION_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
 
 
-def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None) -> List[str]:
-    """Image files named by ``inputs``: files, folders (searched recursively) and glob patterns, in order. Heatmaps
-    and overlays that an earlier run wrote to ``output_dir`` are not inputs, unless named one by one."""
-    found: List[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            matches = files_below(item)
-        elif os.path.isfile(item):
-            matches = [item]
-        elif os.path.islink(item) and not os.path.exists(item):
-            raise GlassError(f"{item} is a broken link (to {os.readlink(item)}, which does not exist): fix or remove it")
-        else:
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise GlassError(f"{item} matched no file: give image files, folders or glob patterns such as 'dir/*.png'")
-        if output_dir is not None and matches != [item]:
-            matches = [m for m in matches if not is_earlier_output(m, output_dir)]
-        images = [m for m in matches if os.path.isfile(m) and is_image(os.path.basename(m))]
-        if not images:
-            raise GlassError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        found.extend(images)
-    return list(dict.fromkeys(found))
-
-
-def is_earlier_output(path: str, output_dir: str) -> bool:
-    """Whether ``path`` is a heatmap or overlay in ``output_dir`` (or below it), where predictions are written."""
-    if not path.endswith(OUTPUT_SUFFIXES):
-        return False
-    output = os.path.realpath(output_dir)
-    return os.path.commonpath([os.path.realpath(path), output]) == output
-
-
-def files_below(folder: str) -> List[str]:
-    """The files in ``folder`` and its subfolders, sorted; hidden folders skipped, linked folders followed, but
-    each folder read once (a link back up the tree is not a loop)."""
-    seen = set()
-    found = []
-    for root, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = [name for name in folders if not name.startswith(".")]
-        found.extend(os.path.join(root, name) for name in files)
-    return sorted(found)
-
-
-OUTPUT_SUFFIXES = ("_heatmap.png", "_overlay.png")
-NAME_MAX = 255  # bytes in a file name on the usual file systems
-
-
-def output_stems(paths: Sequence[str]) -> List[str]:
-    """Unique file-name stems: each path relative to the inputs' common folder, '/' turned into '_'; a stem too
-    long for a file name keeps its start and ends in a hash of the whole."""
-    absolute = [os.path.abspath(p) for p in paths]
-    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
-    stems: List[str] = []
-    for i, path in enumerate(absolute):
-        stem = short_stem(os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_"))
-        stems.append(f"{stem}_{i}" if stem in stems else stem)
-    return stems
-
-
-def short_stem(stem: str, limit: int = NAME_MAX - max(map(len, OUTPUT_SUFFIXES)) - 8) -> str:
-    """``stem`` if it takes at most ``limit`` bytes, else its start and 8 hex digits of its hash, within ``limit``."""
-    if len(os.fsencode(stem)) <= limit:
-        return stem
-    kept = stem[:limit - 9]  # whole characters, each of at least one byte
-    while len(os.fsencode(kept)) > limit - 9:
-        kept = kept[:-1]
-    return kept + "_" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
-
-
 def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
     """The F1-best image-score threshold on a labelled test set, with how it was chosen and how it does there."""
     _, scores, _, labels, _ = model.predict(test_loader)
@@ -2244,7 +2169,7 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
     if len(unreadable) > 1:  # all of them at once (load_image says why for one)
         shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
         raise GlassError(f"{len(unreadable)} images cannot be read ({shown}): replace them, or leave them out of the inputs")
-    stems = output_stems(paths)
+    stems = image_inputs.output_stems(paths)
     rows: List[Dict[str, str]] = []
     LOGGER.info("Scoring %d image(s) into %s", len(paths), output_dir)
     progress = tqdm.tqdm(total=len(paths), desc="Predicting", unit="image", leave=False, dynamic_ncols=True,
@@ -2259,8 +2184,8 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
             row = {
                 "image": path, "score": repr(float(score)), "threshold": repr(float(threshold)),
                 "anomalous": str(int(float(score) >= threshold)),
-                "heatmap": os.path.join(output_dir, f"{stem}_heatmap.png"),
-                "overlay": os.path.join(output_dir, f"{stem}_overlay.png"),
+                "heatmap": os.path.join(output_dir, stem + image_inputs.HEATMAP_SUFFIX),
+                "overlay": os.path.join(output_dir, stem + image_inputs.OVERLAY_SUFFIX),
             }
             utils.write_png(row["heatmap"], heat, option="--output")
             utils.write_png(row["overlay"], cv2.addWeighted(image, 0.5, heat, 0.5, 0), option="--output")
@@ -2276,6 +2201,6 @@ def predict_images(model: GLASS, config: dict, paths: Sequence[str], output_dir:
             writer.writeheader()
             writer.writerows(rows)
 
-    utils.atomic_write(os.path.join(output_dir, "predictions.csv"), write, option="--output")
+    utils.atomic_write(os.path.join(output_dir, utils.PREDICTIONS_CSV), write, option="--output")
     warn_wide_images(wide)
     return rows

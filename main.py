@@ -31,12 +31,12 @@ from utils import DeferredModule, GlassError
 backbones = DeferredModule("backbones")
 glass = DeferredModule("glass")
 datasets_base = DeferredModule("datasets.base")
+image_inputs = DeferredModule("datasets.inputs")
 if TYPE_CHECKING:
     import torch
 
 LOGGER = logging.getLogger("glass")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]
 
 
 def default_num_workers() -> int:
@@ -376,7 +376,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     def class_folder(results_path: str, trained_name: Optional[str]) -> tuple[str, str]:
         """(dataset name, class folder): the chained run's NAME unless --dataset is given."""
         name = trained_name if trained_name is not None and not name_given else dataset_name
-        return name, os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{name}_{subdataset}")
+        return name, utils.class_dir(results_path, f"{name}_{subdataset}", backbone_index)
 
     def output_dir(results_path: str, dataset_name: str) -> str:
         return output or os.path.join(results_path, "predict", utils.output_name(f"{dataset_name}_{subdataset}",
@@ -385,7 +385,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     def check_before_training(results_path: str, trained_name: str, trained_classes: Sequence[str]) -> None:
         """Chained after training: the inputs and the class, checked before the training starts."""
         name, class_dir = class_folder(results_path, trained_name)
-        glass.collect_images(inputs, output_dir(results_path, name))
+        image_inputs.collect_images(inputs, output_dir(results_path, name))
         if not (name == trained_name and subdataset in trained_classes) and not os.path.isdir(class_dir):
             raise GlassError(f"predict -d {subdataset}: neither trained by this run ({trained_name}: "
                              f"{', '.join(trained_classes)}) nor in {class_dir}: name one of the classes")
@@ -396,7 +396,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
             raise GlassError(f"no trained class folder {class_dir}{glass.trained_there(class_dir)}: check --results_path, "
                              "-d and --dataset, or train the class first")
         out_dir = output_dir(results_path, dataset_name)
-        paths = glass.collect_images(inputs, out_dir)
+        paths = image_inputs.collect_images(inputs, out_dir)
         model, config = glass.load_trained(class_dir, device=device)
         model.fuse_head = fuse_head
 
@@ -420,7 +420,7 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
         flagged = sum(row["anomalous"] == "1" for row in rows)
         click.echo(f"{dataset_name}_{subdataset}: {flagged} of {len(rows)} image(s) anomalous at threshold "
                    f"{record['threshold']:.6f} ({str(record['method']).split(';')[0]})")
-        click.echo(f"Predictions: {os.path.join(out_dir, 'predictions.csv')}")
+        click.echo(f"Predictions: {os.path.join(out_dir, utils.PREDICTIONS_CSV)}")
 
     run_predict.check_before_training = check_before_training
     return "predict", run_predict
@@ -488,7 +488,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
     dataset_options = methods["get_dataloaders"].options
     if predict_images is not None:
         predict_images.check_before_training(results_path, dataset_options["name"], dataset_options["subdatasets"])
-    excel_dir = os.path.join(results_path, "datasets", "excel")
+    excel_dir = utils.excel_dir(results_path)
     list_of_dataloaders = methods["get_dataloaders"](test, excel_dir)  # checks every class before any training
     workers = plan_workers(gpu, [loaders["testing"].name for loaders in list_of_dataloaders])
     device = utils.select_device(gpu)
@@ -538,11 +538,10 @@ def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, 
         models = methods["get_glass"](input_shape, device)
         LOGGER.info("Selecting dataset [%s] (%d/%d) %s", class_key, index + 1, len(list_of_dataloaders),
                     datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
-        models_dir = os.path.join(results_path, "models")
         for i, model in enumerate(models):
             if model.backbone.seed is not None:
                 utils.fix_seeds(model.backbone.seed)
-            model.set_model_dir(os.path.join(models_dir, f"backbone_{i}"), class_key, results_path=results_path)
+            model.set_model_dir(utils.models_dir(results_path, i), class_key, results_path=results_path)
             model.excel_dirs = datasets_base.distribution_table_dirs(excel_dir)
             config = {**model.run_config, "dataset": dataloaders["testing"].dataset_config, "seed": seed}
             with utils.file_lock(os.path.join(model.ckpt_dir, CLASS_LOCK), wait=False) as held:
@@ -583,7 +582,7 @@ def metrics_line(name: str, result: Sequence[float]) -> str:
     """``<name>: image_auroc:97.50 ...`` (percent), the line printed after every tested class."""
     return name + ": " + " ".join(
         f"{key}:{utils.format_metric(value)}" if key != "best_epoch" else f"{key}:{int(value)}"
-        for key, value in zip(METRIC_NAMES, result)
+        for key, value in zip(utils.METRIC_NAMES, result)
     )
 
 
@@ -607,20 +606,11 @@ class ResultsTable:
 
     def _earlier_rows(self) -> List[tuple]:
         """(row name, metrics) of the results.csv already in the results folder, Mean left out."""
-        path = os.path.join(self.results_path, "results.csv")
+        path = os.path.join(self.results_path, utils.RESULTS_CSV)
         if not os.path.isfile(path):
             return []
         try:
-            header, rows = utils.read_results(path)
-            if header[1:] != METRIC_NAMES:
-                raise ValueError(f"its columns are {', '.join(header)}")
-            earlier = []
-            for row in rows:
-                if row[0] != "Mean":
-                    values: List[Any] = [float(v) if v != "" else float("nan") for v in row[1:]]
-                    values[-1] = int(values[-1]) if math.isfinite(values[-1]) else values[-1]  # best_epoch
-                    earlier.append((row[0], values))
-            return earlier
+            return utils.read_result_rows(path)
         except (OSError, ValueError, IndexError) as exc:
             utils.keep_unreadable(path, exc, "starting a new table")
             return []
@@ -635,7 +625,7 @@ class ResultsTable:
         with utils.file_lock(os.path.join(self.results_path, RESULTS_LOCK)):
             earlier = self._earlier_rows()  # with the rows that another run on this folder wrote meanwhile
             rows = [entry for entry in earlier if entry[0] not in this_run] + rows
-            utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], METRIC_NAMES,
+            utils.compute_and_store_final_results(self.results_path, [r for _, r in rows], utils.METRIC_NAMES,
                                                   row_names=[row_name for row_name, _ in rows])
             with utils.never_fatal(utils.SUMMARY_MD):
                 utils.write_summary(self.results_path)
@@ -647,7 +637,7 @@ class ResultsTable:
             return
         with utils.never_fatal(utils.SUMMARY_MD):
             click.echo(utils.write_summary(self.results_path))
-        click.echo(f"Results: {os.path.join(self.results_path, 'results.csv')} "
+        click.echo(f"Results: {os.path.join(self.results_path, utils.RESULTS_CSV)} "
                    f"(in percent: {utils.SUMMARY_MD}, {utils.SUMMARY_CSV})")
 
 
@@ -857,7 +847,7 @@ def _run_worker(methods, results_path: str, classname: str, gpu: int, output: st
     if classname is None or gpu is None:
         raise GlassError("--worker_output is set by a parallel run for its worker processes only")
     results_path = ensure_writable(results_path)
-    excel_dir = os.path.join(results_path, "datasets", "excel")
+    excel_dir = utils.excel_dir(results_path)
     list_of_dataloaders = methods["get_dataloaders"](test, excel_dir, classes=[classname])
     device = utils.select_device([gpu])
     # "notes" and "warnings": what the parent prints when this worker ends (its console shows no worker output).
@@ -953,7 +943,7 @@ class RunRecord:
 
     def add_result(self, name: str, result: List[float]) -> None:
         """Store a class's metrics (null where not available) and rewrite the record."""
-        self.data["results"][name] = dict(zip(METRIC_NAMES, [None if not math.isfinite(v) else float(v) for v in result]))
+        self.data["results"][name] = dict(zip(utils.METRIC_NAMES, [None if not math.isfinite(v) else float(v) for v in result]))
         self.write()
 
     def add_stopped(self, message: str) -> None:

@@ -548,6 +548,60 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, write)
 
 
+# --------------------------------------------------------------------------------------------------
+# The results folder: where each output lives (the one place that spells these paths).
+
+RESULTS_CSV = "results.csv"  # <results>/results.csv: one row per class and backbone, and the Mean
+PREDICTIONS_CSV = "predictions.csv"  # predict's table, in its output folder
+METRIC_NAMES = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch"]  # results.csv's columns
+
+
+def models_dir(results_path: str, backbone_index: int) -> str:
+    """``<results>/models/backbone_<i>``: the class folders of the i-th ``-b`` backbone."""
+    return os.path.join(results_path, "models", f"backbone_{backbone_index}")
+
+
+def class_dir(results_path: str, class_key: str, backbone_index: int = 0) -> str:
+    """``<results>/models/backbone_<i>/<name>_<class>``: a class's checkpoints, config.json and TensorBoard logs."""
+    return os.path.join(models_dir(results_path, backbone_index), class_key)
+
+
+def excel_dir(results_path: str) -> str:
+    """``<results>/datasets/excel``: the distribution tables that runs on this results folder judged."""
+    return os.path.join(results_path, "datasets", "excel")
+
+
+def output_name(class_key: str, backbone_index: int) -> str:
+    """The name of a class's outputs outside its class folder (results.csv row, ``eval/``, ``plots/``,
+    ``predict/``): ``<name>_<class>`` for backbone_0, ``<name>_<class>_backbone_<i>`` for the others."""
+    return class_key if backbone_index == 0 else f"{class_key}_backbone_{backbone_index}"
+
+
+def class_output_name(class_dir: str) -> str:
+    """:func:`output_name` of a class folder ``.../backbone_<i>/<name>_<class>``."""
+    class_dir = class_dir.rstrip(os.sep)
+    backbone = os.path.basename(os.path.dirname(class_dir))
+    index = backbone[len("backbone_"):] if backbone.startswith("backbone_") else ""
+    return output_name(os.path.basename(class_dir), int(index) if index.isdigit() else 0)
+
+
+def read_result_rows(path: str) -> List[Tuple[str, List[Any]]]:
+    """(row name, metrics) of a results.csv, Mean left out: fractions, NaN for an empty cell, best_epoch an int.
+
+    ValueError when its columns are not :data:`METRIC_NAMES`; OSError or IndexError when it cannot be read.
+    """
+    header, rows = read_results(path)
+    if header[1:] != METRIC_NAMES:
+        raise ValueError(f"its columns are {', '.join(header)}")
+    earlier = []
+    for row in rows:
+        if row[0] != "Mean":
+            values: List[Any] = [float(v) if v != "" else float("nan") for v in row[1:]]
+            values[-1] = int(values[-1]) if math.isfinite(values[-1]) else values[-1]  # best_epoch
+            earlier.append((row[0], values))
+    return earlier
+
+
 def format_metric(value: float) -> str:
     """Percent with two decimals, or 'n/a' for a metric that could not be computed."""
     return "n/a" if value is None or not np.isfinite(value) else f"{value * 100:.2f}"
@@ -583,7 +637,7 @@ def compute_and_store_final_results(
                 writer.writerow([name, *(cell(v) for v in row)])
             writer.writerow(["Mean", *(cell(v) for v in means.values())])
 
-    atomic_write(os.path.join(results_path, "results.csv"), write)
+    atomic_write(os.path.join(results_path, RESULTS_CSV), write)
     return {f"mean_{key}": value for key, value in means.items()}
 
 
@@ -1222,20 +1276,6 @@ def plot_training_curves(rows: Sequence[Mapping[str, float]], best_epoch: Option
 
 # --------------------------------------------------------------------------------------------------
 # The class report (after the best checkpoint is tested)
-
-def output_name(class_key: str, backbone_index: int) -> str:
-    """The name of a class's outputs outside its class folder (results.csv row, ``eval/``, ``plots/``,
-    ``predict/``): ``<name>_<class>`` for backbone_0, ``<name>_<class>_backbone_<i>`` for the others."""
-    return class_key if backbone_index == 0 else f"{class_key}_backbone_{backbone_index}"
-
-
-def class_output_name(class_dir: str) -> str:
-    """:func:`output_name` of a class folder ``.../backbone_<i>/<name>_<class>``."""
-    class_dir = class_dir.rstrip(os.sep)
-    backbone = os.path.basename(os.path.dirname(class_dir))
-    index = backbone[len("backbone_"):] if backbone.startswith("backbone_") else ""
-    return output_name(os.path.basename(class_dir), int(index) if index.isdigit() else 0)
-
 
 def plots_dir(results_path: str, class_dir: str) -> str:
     """``<results>/plots/<name>`` for backbone_0, ``<results>/plots/<name>_backbone_<i>`` for the others."""

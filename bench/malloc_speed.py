@@ -94,7 +94,7 @@ def run_child(args) -> Dict[str, object]:
 
     model._train_step = timed_step
     with tempfile.TemporaryDirectory(prefix="malloc_speed_") as results:
-        model.set_model_dir(os.path.join(results, "models", "backbone_0"), "mvtec_tire", results_path=results)
+        model.set_model_dir(utils.models_dir(results, 0), "mvtec_tire", results_path=results)
         try:
             model.trainer(train_loader, test_loader, "mvtec_tire")
         except _StepsDone:

@@ -291,7 +291,7 @@ def run_flow(args) -> Dict[str, object]:
     )
     name = "mvtec_tire"
     with tempfile.TemporaryDirectory(prefix="train_speed_") as results:
-        model.set_model_dir(os.path.join(results, "models", "backbone_0"), name, results_path=results)
+        model.set_model_dir(utils.models_dir(results, 0), name, results_path=results)
         start = gate("setup")
         reset_peak_device_memory(device)
         usage_start = resource.getrusage(resource.RUSAGE_SELF)

@@ -32,7 +32,7 @@ from PIL import Image
 
 
 # This script stands alone (no import from the project): these copy datasets.base.IMAGE_EXTENSIONS and
-# glass.PREDICTION_COLUMNS, and collect_images/output_stems below copy glass's, so that `ort.py` and
+# glass.PREDICTION_COLUMNS, and collect_images/output_stems below copy datasets/inputs.py's, so that `ort.py` and
 # `main.py predict` take the same inputs and write the same table; tests/test_onnx.py compares them.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CSV_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]

@@ -112,7 +112,7 @@ def check_output(path: str) -> None:
 
 def class_dir_of(results_path: str, class_name: str, dataset: str = "mvtec", backbone_index: int = 0) -> str:
     """``<results>/models/backbone_<i>/<dataset>_<class>``."""
-    return os.path.join(results_path, "models", f"backbone_{backbone_index}", f"{dataset}_{class_name}")
+    return utils.class_dir(results_path, f"{dataset}_{class_name}", backbone_index)
 
 
 def config_from_checkpoint(

@@ -22,6 +22,7 @@ from conftest import ROOT, awkward_inputs
 
 import glass
 from datasets import LOADERS
+from datasets import inputs as image_inputs
 from datasets.mvtec import DatasetSplit, MVTecDataset
 from utils import GlassError
 
@@ -142,10 +143,10 @@ def test_ort_script_takes_the_same_inputs_as_predict_and_writes_the_same_columns
         for name in ("a.png", "b.JPG", "._a.png", "notes.txt"):
             (tmp_path / folder / name).write_bytes(b"")
     inputs = [str(tmp_path / "x"), str(tmp_path / "y" / "**" / "*.png"), str(tmp_path / "x" / "a.png")]
-    found = glass.collect_images(inputs)
+    found = image_inputs.collect_images(inputs)
     assert ort_script.collect_images(inputs) == found and len(found) == 3
-    assert ort_script.output_stems(found) == glass.output_stems(found) == ["x_a", "x_b", "y_z_a"]
-    for make_error in (glass.collect_images, ort_script.collect_images):
+    assert ort_script.output_stems(found) == image_inputs.output_stems(found) == ["x_a", "x_b", "y_z_a"]
+    for make_error in (image_inputs.collect_images, ort_script.collect_images):
         with pytest.raises(Exception, match="matched no file"):
             make_error([str(tmp_path / "nothing*.png")])
 
@@ -455,8 +456,8 @@ def test_ort_names_unreadable_images_as_predict_does(exported, tmp_path, capsys)
 def test_ort_reads_each_folder_once_and_writes_any_file_name(exported, tiny_tire, tmp_path, capsys):
     inputs, not_utf8, long_name = awkward_inputs(next((tiny_tire / "tire" / "test" / "good").glob("*.png")), tmp_path)
     found = ort_script.collect_images([str(inputs)])
-    assert found == glass.collect_images([str(inputs)]) == sorted([str(not_utf8), str(long_name)])
-    assert ort_script.output_stems(found) == glass.output_stems(found)
+    assert found == image_inputs.collect_images([str(inputs)]) == sorted([str(not_utf8), str(long_name)])
+    assert ort_script.output_stems(found) == image_inputs.output_stems(found)
 
     out = tmp_path / "out"
     assert ort_script.main([str(exported), str(inputs), "-o", str(out), "--threshold", "0.5"]) == 0
@@ -477,7 +478,7 @@ def test_ort_reads_each_folder_once_and_writes_any_file_name(exported, tiny_tire
 
 def test_output_stems_are_unique_for_one_name_with_two_extensions(tmp_path):
     paths = [str(tmp_path / "x.png"), str(tmp_path / "x.jpg"), str(tmp_path / "y.png")]
-    for stems in (glass.output_stems(paths), ort_script.output_stems(paths)):
+    for stems in (image_inputs.output_stems(paths), ort_script.output_stems(paths)):
         assert len(set(stems)) == 3 and stems[0] == "x" and stems[2] == "y"
 
 

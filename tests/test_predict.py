@@ -18,6 +18,7 @@ from conftest import ROOT, awkward_inputs, run_main
 import glass
 import metrics
 import utils
+from datasets import inputs as image_inputs
 from datasets.mvtec import DatasetSplit, MVTecDataset
 
 
@@ -181,7 +182,7 @@ def test_collect_images_takes_files_folders_and_patterns_but_not_hidden_files(tm
     for name in ("b.png", "a.JPG", "._a.png", "notes.txt", "sub/c.bmp", ".ipynb_checkpoints/a-checkpoint.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    found = glass.collect_images([str(tmp_path), str(tmp_path / "b.png"), str(tmp_path / "*.JPG")])
+    found = image_inputs.collect_images([str(tmp_path), str(tmp_path / "b.png"), str(tmp_path / "*.JPG")])
     assert found == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), str(tmp_path / "sub" / "c.bmp")]
 
 
@@ -191,7 +192,7 @@ def test_collect_images_leaves_out_the_heatmaps_and_overlays_of_the_output_folde
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     out = tmp_path / "out"
-    for module in (glass, ort_script()):
+    for module in (image_inputs, ort_script()):
         assert module.collect_images([str(tmp_path)]) == [str(tmp_path / name) for name in sorted(names)]
         kept = [str(tmp_path / name) for name in ("a.png", "b_heatmap.png", "out/c.png")]
         assert module.collect_images([str(tmp_path)], str(out)) == kept
@@ -205,7 +206,7 @@ def test_collect_images_leaves_out_the_heatmaps_and_overlays_of_the_output_folde
 def test_a_broken_link_given_as_input_is_named_as_one(tmp_path):
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
     ort = ort_script()
-    for module, error in ((glass, glass.GlassError), (ort, ort.UsageError)):
+    for module, error in ((image_inputs, utils.GlassError), (ort, ort.UsageError)):
         with pytest.raises(error, match=r"gone.png is a broken link \(to .*nowhere.png, which does not exist\)"):
             module.collect_images([str(tmp_path / "gone.png")])
 

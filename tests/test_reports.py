@@ -419,11 +419,12 @@ def test_scheduler_terminates_running_tasks_when_interrupted():
     def finished(task, device, code):
         raise KeyboardInterrupt
 
-    began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         main.run_scheduled([0, 1], ["a", "b"], start, finished, poll_seconds=0.05,
                            terminated=lambda task, device, code: told.append((task, device, code)))
-    assert time.monotonic() - began < 30 and processes[1].returncode is not None and processes[1].returncode != 0
+    # Task 1 would sleep for a minute and exit 0 (the scheduler waits for it at worst): a non-zero code means it was
+    # terminated.
+    assert processes[1].returncode is not None and processes[1].returncode != 0
     # Task 0 ended by itself, but the interruption came while its results were taken: its exit code is told too.
     assert sorted(told) == [(0, "a", 0), (1, "b", processes[1].returncode)]
 
@@ -636,7 +637,7 @@ class _Record:
 
 
 def test_results_table_replaces_an_earlier_row_of_the_same_class(tmp_path):
-    utils.compute_and_store_final_results(str(tmp_path), [[0.1] * 5 + [1], [0.2] * 5 + [2]], main.METRIC_NAMES,
+    utils.compute_and_store_final_results(str(tmp_path), [[0.1] * 5 + [1], [0.2] * 5 + [2]], utils.METRIC_NAMES,
                                           ["mvtec_a", "mvtec_b"])
     table = main.ResultsTable(str(tmp_path), 1, _Record())
     table.add(0, "mvtec_a", [0.9] * 5 + [3])
@@ -681,7 +682,7 @@ def test_atomic_write_gives_new_files_the_usual_mode_and_keeps_an_existing_files
 
 
 def test_the_summary_mean_row_has_no_best_epoch():
-    header = ["Row Names", *main.METRIC_NAMES]
+    header = ["Row Names", *utils.METRIC_NAMES]
     rows = [["mvtec_a", "0.5", "0.5", "", "", "", "0"], ["mvtec_b", "0.7", "0.7", "", "", "", "1"],
             ["Mean", "0.6", "0.6", "", "", "", "0.5"]]
     table = utils.summary_rows(header, rows)

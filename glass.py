@@ -54,7 +54,7 @@ RECORDED_BY_TEST = "recorded_by_test"
 MODEL_OPTIONS = (
     "pretrain_embed_dimension", "target_embed_dimension", "patchsize", "dsc_layers", "dsc_hidden", "pre_proj",
 )
-BEST_CHECKPOINT_PATTERN = re.compile(r"ckpt_best_(\d+)\.pth$")
+BEST_CHECKPOINT_PATTERN = re.compile(r"ckpt_best_(\d+)\.pth$")  # best_checkpoint_name(epoch) matches it
 TRAINING_CHECKPOINT = "ckpt.pth"
 # Version of the extra (resume) entries of ckpt.pth; see GLASS.training_checkpoint.
 RESUME_FORMAT = 1
@@ -370,6 +370,16 @@ def hard_sample_mining(scores: torch.Tensor, labels: torch.Tensor, p: float) -> 
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoint files, random-generator states and saved configurations (the resume machinery).
+
+def best_checkpoint_name(epoch: int) -> str:
+    """``ckpt_best_<epoch>.pth``: the reference's name of the best epoch's weights."""
+    return f"ckpt_best_{epoch}.pth"
+
+
+def cpu_copy(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Detached CPU copies of a state dict's tensors, as checkpoints store them."""
+    return {key: value.detach().cpu().clone() for key, value in tensors.items()}
+
 
 def read_checkpoint_file(path: str, device: torch.device | str = "cpu", fix: str = "delete it and train again") -> dict:
     """``torch.load(path, weights_only=True)`` as a dict; a damaged or foreign file is a GlassError."""
@@ -838,9 +848,9 @@ class GLASS(torch.nn.Module):
 
     def checkpoint_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """The reference's checkpoint format: ``{"discriminator": ..., "pre_projection": ...}`` on CPU."""
-        state = {"discriminator": {k: v.detach().cpu().clone() for k, v in self.discriminator.state_dict().items()}}
+        state = {"discriminator": cpu_copy(self.discriminator.state_dict())}
         if self.pre_proj > 0:
-            state["pre_projection"] = {k: v.detach().cpu().clone() for k, v in self.pre_projection.state_dict().items()}
+            state["pre_projection"] = cpu_copy(self.pre_projection.state_dict())
         return state
 
     def load_checkpoint(self, path: str) -> None:
@@ -909,9 +919,8 @@ class GLASS(torch.nn.Module):
             state["proj_opt"] = self.proj_opt.state_dict()
         if self.train_backbone:
             state["backbone_opt"] = self.backbone_opt.state_dict()
-            state["backbone"] = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
-            state["backbone_grad"] = {k: v.grad.detach().cpu().clone() for k, v in self.backbone.named_parameters()
-                                      if v.grad is not None}
+            state["backbone"] = cpu_copy(self.backbone.state_dict())
+            state["backbone_grad"] = cpu_copy({k: v.grad for k, v in self.backbone.named_parameters() if v.grad is not None})
         return state
 
     def read_training_checkpoint(self) -> Optional[dict]:
@@ -1226,7 +1235,7 @@ class GLASS(torch.nn.Module):
                 result = self._evaluate_epoch(val_data, epoch, name, best_path)
                 if best_record is None or self._selection_score(result) > self._selection_score(best_record):
                     best_record = [*result, epoch]
-                    new_best = os.path.join(self.ckpt_dir, f"ckpt_best_{epoch}.pth")
+                    new_best = os.path.join(self.ckpt_dir, best_checkpoint_name(epoch))
                 summary = self._summary(result, epoch, best_record)
                 pbar.set_description_str(f"{epoch_str} {summary}", refresh=False)  # shown by the epoch's update
             best_path = self._save_epoch(epoch, weights, result, best_record, best_path, new_best)

@@ -347,6 +347,22 @@ def test_fast_embedding_equals_the_reference_order_bit_for_bit(lite0, tire_root,
                      reference_order_embedding([m.double() for m in maps], *dims))
 
 
+@pytest.mark.parametrize("patchsize", [1, 5])
+def test_the_patchsize_given_to_glass_shapes_the_embedding(tire_root, patchsize):
+    """--patchsize reaches the embedder that GLASS.load builds: p x p neighbourhoods (1: the position alone)."""
+    import glass
+
+    cpu = torch.device("cpu")
+    model = glass.GLASS(cpu)
+    model.load(backbones.load("efficientnet_lite0"), ["blocks.2", "blocks.4"], cpu, (3, 64, 64), 96, 48,
+               patchsize=patchsize, dsc_hidden=16)
+    maps = model.embedder.layer_features(load_tire_batch(tire_root, 64))
+    expected = reference_order_embedding(maps, 96, 48, patchsize=patchsize)
+    assert not same_bits(expected, reference_order_embedding(maps, 96, 48, patchsize=3))
+    assert same_bits(model.embedder.embed_layer_features(maps)[0], expected)
+    assert same_bits(model.embedder.embed_layer_features_stepwise(maps)[0], expected)
+
+
 def test_embedding_keeps_the_stepwise_path_when_gradients_are_wanted(lite0):
     embedder = common.PatchEmbedder(lite0, ["blocks.2", "blocks.4"], torch.device("cpu"), (3, 64, 64), 64, 64)
     maps = [m.clone().requires_grad_(True) for m in embedder.layer_features(torch.randn(2, 3, 64, 64))]

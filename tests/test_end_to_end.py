@@ -56,6 +56,43 @@ def test_the_results_row_is_the_metrics_of_the_best_checkpoint_s_predictions(tra
     assert 0 < sum(labels) < len(labels) and 0 < pixels.sum() < pixels.size  # both kinds, so every metric means something
 
 
+def test_the_best_checkpoint_loads_back_as_the_model_that_wrote_it(tmp_path, tiny_tire, dtd_root, monkeypatch):
+    """Save -> load_trained gives back the model in memory: the test images' scores and anomaly maps, taken from the
+    training model at the moment it writes its best checkpoint, are the loaded model's, bit for bit (a scaled or
+    transposed weight or a lost BatchNorm statistic would move them)."""
+    import os
+
+    import numpy as np
+
+    import glass
+    import main
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+
+    test_set = MVTecDataset(str(tiny_tire), str(dtd_root), classname="tire", split=DatasetSplit.TEST, resize=64,
+                            imagesize=64)
+
+    def scores_and_maps(model):
+        _, scores, maps, _, _ = model.predict(main.make_loader(test_set, 8, 0, shuffle=False))
+        return scores, maps
+
+    when_saved = {}  # best checkpoint name -> the training model's scores and maps when it wrote that checkpoint
+    save_epoch = glass.GLASS._save_epoch
+
+    def save_epoch_noting_scores(model, epoch, weights, result, best_record, best_path, new_best):
+        if new_best is not None:
+            when_saved[os.path.basename(new_best)] = scores_and_maps(model)
+        return save_epoch(model, epoch, weights, result, best_record, best_path, new_best)
+
+    monkeypatch.setattr(glass.GLASS, "_save_epoch", save_epoch_noting_scores)
+    assert run_main(["--results_path", tmp_path, *TINY_NET, *tiny_dataset_args(tiny_tire, dtd_root)]) == 0
+
+    loaded, _ = glass.load_trained(str(tmp_path / "models" / "backbone_0" / "mvtec_tire"))
+    scores, maps = when_saved[os.path.basename(loaded.checkpoint_path)]
+    loaded_scores, loaded_maps = scores_and_maps(loaded)
+    assert len(scores) == len(test_set) and maps.shape == (len(test_set), 64, 64) and np.ptp(scores) > 0
+    assert np.array_equal(loaded_scores, scores) and np.array_equal(loaded_maps, maps)
+
+
 def test_glass_finds_the_demo_defects(tmp_path):
     """A detector, not only a pipeline: on the demo's brick class (real photographs with painted-in defects, exact masks;
     README quick start) two short epochs at the demo's profile separate defective from good images and pixels."""

@@ -302,9 +302,9 @@ def test_onednn_ascent_pass_is_the_plain_pass_up_to_rounding(monkeypatch):
     assert not FrozenTrueHalf(Discriminator(128, n_layers=3, hidden=128), true_feats, onednn=True).onednn
 
 
-def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_reference(tire_root):
-    # The reference clears the projection's and the discriminator's gradients before each step, never the
-    # backbone's: AdamW then steps on their running sum.
+def backbone_training(tire_root, **options):
+    """A tiny model that trains its backbone (--train_backbone) and a batch of two real images with a Perlin-like
+    mask to step on."""
     import backbones
     from test_common import load_tire_batch
 
@@ -312,12 +312,18 @@ def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_refe
     trained = glass.GLASS(torch.device("cpu"))
     trained.load(backbone=backbones.load("efficientnet_lite0"), layers_to_extract_from=["blocks.2", "blocks.4"],
                  device=torch.device("cpu"), input_shape=(3, 64, 64), pretrain_embed_dimension=32,
-                 target_embed_dimension=32, dsc_hidden=16, step=2, train_backbone=True)
+                 target_embed_dimension=32, dsc_hidden=16, step=2, train_backbone=True, **options)
     trained.center = torch.zeros(64, 32)
     images = load_tire_batch(tire_root, 64)
     mask_s = torch.zeros(2, 8, 8)
     mask_s[:, 2:5, 3:6] = 1
-    batch = {"image": images, "aug": images.flip(-1), "mask_s": mask_s}
+    return trained, {"image": images, "aug": images.flip(-1), "mask_s": mask_s}
+
+
+def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_reference(tire_root):
+    # The reference clears the projection's and the discriminator's gradients before each step, never the
+    # backbone's: AdamW then steps on their running sum.
+    trained, batch = backbone_training(tire_root)
     weight, tail = trained.backbone.conv_stem.weight, trained.discriminator.tail[0].weight
     step_gradients, tail_gradients = [], []
     weight.register_hook(lambda grad: step_gradients.append(grad.clone()))
@@ -331,3 +337,22 @@ def test_train_backbone_adds_every_step_s_gradient_to_the_backbone_s_as_the_refe
     assert len(tail_gradients) == 2 and torch.equal(tail.grad, tail_gradients[1])
     projection = trained.pre_projection.layers[0].weight  # cleared before each step too
     assert len(projection_gradients) == 2 and torch.equal(projection.grad, projection_gradients[1])
+
+
+def test_train_backbone_steps_the_backbone_with_adamw_at_lr_as_the_reference(tire_root):
+    # The reference: AdamW(backbone.parameters(), lr), stepped after each backward pass. One step of the trainer
+    # moves a backbone weight exactly as one step of a fresh AdamW(lr) on the gradient that step gave it.
+    lr = 0.003  # not the default, so that it must reach the backbone's optimiser
+    trained, batch = backbone_training(tire_root, lr=lr)
+    weight = trained.backbone.conv_stem.weight
+    before = weight.detach().clone()
+    gradients = []
+    weight.register_hook(lambda grad: gradients.append(grad.clone()))
+    trained._train_step(batch)
+
+    expected = torch.nn.Parameter(before.clone())
+    expected.grad = gradients[0]
+    torch.optim.AdamW([expected], lr).step()
+    assert len(gradients) == 1 and gradients[0].abs().max() > 0
+    assert not torch.equal(expected, before)  # the step moves the weight, so the comparison below means something
+    assert torch.equal(weight.detach(), expected.detach())

@@ -196,6 +196,21 @@ def test_net_options_reach_the_model():
     assert model.pre_projection.layers[0].in_features == 20 and model.discriminator.body.block1[0].out_features == 12
 
 
+def test_train_backbone_option_gives_the_backbone_adamw_at_lr():
+    """--train_backbone: the backbone's weights get the reference's AdamW(backbone.parameters(), lr)."""
+    import main
+
+    context = main.net.make_context("net", ["-b", "efficientnet_lite0", "-le", "blocks.2", "--lr", "0.003",
+                                            "--train_backbone"])
+    _, get_glass = main.net.invoke(context)
+    [model] = get_glass((3, 64, 64), torch.device("cpu"))
+    [group] = model.backbone_opt.param_groups
+    assert type(model.backbone_opt) is torch.optim.AdamW and group["lr"] == 0.003
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.backbone.parameters()]
+    [reference] = torch.optim.AdamW(model.backbone.parameters(), 0.003).param_groups  # its other settings: AdamW's own
+    assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in reference.items() if k != "params"}
+
+
 def test_svd_option_is_ignored_with_a_warning(caplog):
     """--svd never chooses the hypothesis (dataset --distribution does), so it warns and a resume ignores it."""
     import main

@@ -518,8 +518,7 @@ def smoothing_matrix(size: int, sigma: float) -> np.ndarray:
 # when it fits there, else runs without a cache, and ``off`` never caches. ``--cache_dtype float16``
 # halves the room but rounds the cached features (an opt-in that changes the numbers).
 
-CACHE_MODES = ("auto", "ram", "disk", "off")
-CACHE_DTYPES = ("float32", "float16")
+CACHE_MODES, CACHE_DTYPES = utils.CACHE_MODES, utils.CACHE_DTYPES
 # Cached content, in order of preference: final patch embeddings, else the backbone's layer maps.
 CACHE_CONTENTS = ("embeddings", "maps")
 # --cache auto uses RAM for at most this share of the available memory; --cache ram for at most this one.

@@ -150,14 +150,14 @@ def main(**kwargs):
 @click.option("--svd", type=click.IntRange(0, 1), default=0, show_default=True, help="Kept for the reference's scripts and ignored: the hypothesis (manifold or hypersphere) comes from dataset --distribution (2 manifold, 3 hypersphere, 0 the table or a judgement).")
 @click.option("--step", type=click.IntRange(min=0), default=20, show_default=True, help="Gradient-ascent steps of GAS.")
 @click.option("--limit", type=click.IntRange(min=0), default=392, show_default=True, help="Training samples per epoch (stops after more than this).")
-@click.option("--cache", type=click.Choice(["auto", "ram", "disk", "off"]), default="auto", show_default=True,
+@click.option("--cache", type=click.Choice(utils.CACHE_MODES), default="auto", show_default=True,
               help="Frozen-backbone feature cache of the training and test images (same results as off on the CPU): ram, disk "
                    "(memmap of --cache_dtype values under --results_path, deleted after training), auto (ram if it needs at most half "
                    "the available memory, else disk, else off) or off. Not used with --train_backbone; train-time "
                    "augmentation leaves only the test images cached.")
-@click.option("--cache_dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+@click.option("--cache_dtype", type=click.Choice(utils.CACHE_DTYPES), default="float32", show_default=True,
               help="float16 halves the cache but rounds the cached features (changes the results slightly).")
-@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
+@click.option("--amp", type=click.Choice(utils.AMP_MODES), default="off", show_default=True,
               help="CUDA autocast of the backbone and discriminator forwards (changes the results slightly; "
                    "fp16 without loss scaling: prefer bf16). Ignored with a warning elsewhere.")
 @click.option("--compile", "compile_discriminator", is_flag=True,

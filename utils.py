@@ -34,6 +34,12 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+# Choices of the speed options (here, not in common.py or glass.py, so that main.py's options need no torch).
+CACHE_MODES = ("auto", "ram", "disk", "off")
+CACHE_DTYPES = ("float32", "float16")
+AMP_MODES = ("off", "bf16", "fp16")
+
+
 class GlassError(Exception):
     """A mistake in the user's input or environment.
 

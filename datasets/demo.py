@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import zlib
@@ -51,6 +50,8 @@ import click
 import cv2
 import numpy as np
 from PIL import Image
+
+import utils
 
 LOGGER = logging.getLogger(__name__)
 
@@ -459,10 +460,7 @@ def is_complete(dest: str | Path, params: dict) -> bool:
 
 def _ensure_writable(dest: Path) -> None:
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        probe = dest / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        utils.make_writable_folder(str(dest))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise DemoDataError(f"cannot write to {dest}: {reason}") from None

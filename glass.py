@@ -699,6 +699,7 @@ class GLASS(torch.nn.Module):
         self._writer: Optional[SummaryWriter] = None  # the class folder's TensorBoard writer (see tb_writer)
         self._purge_step: Optional[int] = None  # its purge_step after a resume
         self.global_step = 0
+        self.epoch_stats: Dict[str, float] = {}  # the last trained epoch's mean statistics (history.csv)
         self._set_speed_options(cache, cache_dtype, amp, compile, channels_last, onednn, fuse_head)
 
     def _set_speed_options(self, cache: str, cache_dtype: str, amp: str, compile: bool, channels_last: bool,
@@ -1263,7 +1264,8 @@ class GLASS(torch.nn.Module):
         result = self._evaluate(scores, segmentations, labels_gt, masks_gt, path="training")
         for tag, value in zip(("i-auroc", "i-ap", "p-auroc", "p-ap", "p-pro"), result):
             self.tb_writer.add_scalar(tag, value, epoch)
-        utils.log_eval_samples(self, epoch, images, segmentations, labels_gt, masks_gt)
+        utils.log_eval_samples(self.tb_writer, epoch, self.meta_epochs, self.eval_epochs, images, segmentations, labels_gt,
+                               masks_gt)
         return result
 
     def _save_epoch(self, epoch: int, weights: dict, result: Optional[List[float]], best_record: Optional[list],
@@ -1273,7 +1275,7 @@ class GLASS(torch.nn.Module):
         history.csv (utils.py, "Reports") comes before ckpt.pth, so that a resumed epoch rewrites its row; then
         ckpt.pth (it names the new best), then the new best, and the old best goes last.
         """
-        utils.record_epoch(self, epoch, result)
+        utils.record_epoch(self.ckpt_dir, epoch, self.global_step, self.epoch_stats, result)
         ckpt = self.training_checkpoint(epoch, weights, best_record, new_best or best_path)
         utils.atomic_torch_save(ckpt, os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT))
         _kill_hook(epoch, "saved")
@@ -1653,7 +1655,7 @@ class GLASS(torch.nn.Module):
             _kill_hook(epoch, step)
             stats = self._train_step(batch)
             if step == 0:  # TensorBoard grid of the epoch's first LAS batch (utils.py, "Reports")
-                utils.log_las_batch(self, epoch, batch)
+                utils.log_las_batch(self.tb_writer, epoch, self.meta_epochs, self.global_step, batch)
             for key, value in stats.items():
                 self.tb_writer.add_scalar(key, value, self.global_step)
                 history[key].append(value)
@@ -1768,8 +1770,8 @@ class GLASS(torch.nn.Module):
                            largest)
         self._write_heatmaps(images, segmentations, masks_gt, utils.class_output_name(self.ckpt_dir), "eval")
         epoch = checkpoint_epoch(path)
-        utils.write_class_report(self, name, os.path.basename(path), epoch, scores, segmentations, labels_gt, masks_gt,
-                                 result)
+        utils.write_class_report(self.results_path, self.ckpt_dir, name, os.path.basename(path), epoch, scores,
+                                 segmentations, labels_gt, masks_gt, result)
         return (*result, epoch)
 
     def predict(self, dataloader: DataLoader, keep_images: bool = True

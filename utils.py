@@ -25,6 +25,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.tensorboard import SummaryWriter
 
 # torch, OpenCV and metrics (scikit-learn) are imported by the functions that use them, so that main.py's
 # --help, which needs this module's errors and signal handling, answers without loading them.
@@ -969,21 +970,23 @@ def write_history(path: str, rows: Sequence[Mapping[str, float]]) -> None:
     atomic_write(path, write)
 
 
-def record_epoch(model: Any, epoch: int, evaluation: Optional[Sequence[float]]) -> None:
-    """Trainer hook after each epoch: keep the rows of the epochs before ``epoch`` and add this one.
+def record_epoch(class_dir: str, epoch: int, step: int, stats: Mapping[str, float],
+                 evaluation: Optional[Sequence[float]]) -> None:
+    """Trainer hook after each epoch: keep the rows of the epochs before ``epoch`` in ``<class_dir>/history.csv``
+    and add this one (its last training ``step``, the epoch's mean ``stats`` and its ``evaluation``, if any).
 
     Rows of ``epoch`` and later come from an interrupted run that is now resumed (or from an earlier
     run trained again from the start) and are replaced.
     """
     with never_fatal(f"{HISTORY_NAME} of epoch {epoch}"):
-        path = os.path.join(model.ckpt_dir, HISTORY_NAME)
+        path = os.path.join(class_dir, HISTORY_NAME)
         try:
             earlier = read_history(path)
         except ValueError as exc:
             keep_unreadable(path, exc, "starting a new one")
             earlier = []
         rows = [row for row in earlier if row["epoch"] < epoch]
-        rows.append(history_row(epoch, model.global_step, getattr(model, "epoch_stats", {}) or {}, evaluation))
+        rows.append(history_row(epoch, step, stats, evaluation))
         write_history(path, rows)
 
 
@@ -1088,24 +1091,28 @@ def las_grid(batch: Mapping[str, Any], limit: int = GRID_SAMPLES, side: int = GR
     return tile_grid(rows)
 
 
-def log_eval_samples(model: Any, epoch: int, images: Sequence[np.ndarray], segmentations: np.ndarray,
-                     labels: Sequence[int], masks: np.ndarray) -> None:
-    """Trainer hook at an evaluation: the ``eval/samples`` grid (thinned, see :func:`thinned`)."""
-    evaluations = max(1, model.meta_epochs // model.eval_epochs)
-    if model.tb_writer is None or not thinned((epoch + 1) // model.eval_epochs - 1, evaluations):
+def log_eval_samples(writer: Optional["SummaryWriter"], epoch: int, meta_epochs: int, eval_epochs: int,
+                     images: Sequence[np.ndarray], segmentations: np.ndarray, labels: Sequence[int],
+                     masks: np.ndarray) -> None:
+    """Trainer hook at an evaluation: the ``eval/samples`` grid (thinned, see :func:`thinned`) of a run of
+    ``meta_epochs`` epochs that evaluates every ``eval_epochs``."""
+    evaluations = max(1, meta_epochs // eval_epochs)
+    if writer is None or not thinned((epoch + 1) // eval_epochs - 1, evaluations):
         return
     with never_fatal(f"the TensorBoard grid {TB_SAMPLES_TAG} of epoch {epoch}"):
-        model.tb_writer.add_image(TB_SAMPLES_TAG, eval_grid(images, segmentations, labels, masks), epoch, dataformats="CHW")
+        writer.add_image(TB_SAMPLES_TAG, eval_grid(images, segmentations, labels, masks), epoch, dataformats="CHW")
 
 
-def log_las_batch(model: Any, epoch: int, batch: Mapping[str, Any]) -> None:
-    """Trainer hook at an epoch's first batch: the ``train/las`` grid (thinned, see :func:`thinned`)."""
-    if model.tb_writer is None or not thinned(epoch, model.meta_epochs):
+def log_las_batch(writer: Optional["SummaryWriter"], epoch: int, meta_epochs: int, step: int,
+                  batch: Mapping[str, Any]) -> None:
+    """Trainer hook at an epoch's first batch (training ``step``): the ``train/las`` grid (thinned, see
+    :func:`thinned`)."""
+    if writer is None or not thinned(epoch, meta_epochs):
         return
     with never_fatal(f"the TensorBoard grid {TB_LAS_TAG} of epoch {epoch}"):
         grid = las_grid(batch)
         if grid is not None:
-            model.tb_writer.add_image(TB_LAS_TAG, grid, model.global_step, dataformats="CHW")
+            writer.add_image(TB_LAS_TAG, grid, step, dataformats="CHW")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1335,16 +1342,16 @@ def report_threshold(class_dir: str, checkpoint: str, scores: Sequence[float], l
     return float(metrics.compute_best_threshold(labels, scores)), "F1-best on the test set"
 
 
-def write_class_report(model: Any, name: str, checkpoint: str, best_epoch: int, scores: Sequence[float],
-                       segmentations: np.ndarray, labels: Sequence[int], masks: np.ndarray,
+def write_class_report(results_path: str, class_dir: str, name: str, checkpoint: str, best_epoch: int,
+                       scores: Sequence[float], segmentations: np.ndarray, labels: Sequence[int], masks: np.ndarray,
                        result: Sequence[float]) -> List[str]:
-    """Tester hook: every plot of a class from the predictions of its best checkpoint (``checkpoint``, the
-    file name, saved at ``best_epoch``); returns the files written."""
-    folder = plots_dir(model.results_path, model.ckpt_dir)
+    """Tester hook: every plot of a class (folder ``class_dir``) from the predictions of its best checkpoint
+    (``checkpoint``, the file name, saved at ``best_epoch``), under ``results_path``; returns the files written."""
+    folder = plots_dir(results_path, class_dir)
     written: List[str] = []
     with never_fatal(f"the plots of {name}"):
         os.makedirs(folder, exist_ok=True)
-        history_path = os.path.join(model.ckpt_dir, HISTORY_NAME)
+        history_path = os.path.join(class_dir, HISTORY_NAME)
         try:
             history = read_history(history_path)
         except ValueError as exc:
@@ -1354,14 +1361,14 @@ def write_class_report(model: Any, name: str, checkpoint: str, best_epoch: int, 
         if history:
             written.append(plot_training_curves(history, best_epoch, name, os.path.join(folder, TRAINING_CURVES_PNG)))
         elif history is not None:
-            LOGGER.info("%s: no %s in %s (trained elsewhere?), so no training curves", name, HISTORY_NAME, model.ckpt_dir)
+            LOGGER.info("%s: no %s in %s (trained elsewhere?), so no training curves", name, HISTORY_NAME, class_dir)
         image = image_curves(scores, labels)
         pixel, why = pixel_curves(segmentations, masks)
         if pixel is None:
             LOGGER.info("%s: pixel-level ROC/PR curves not drawn (%s)", name, why)
         written.append(plot_curves("roc", image, pixel, why, result, name, os.path.join(folder, ROC_PNG)))
         written.append(plot_curves("pr", image, pixel, why, result, name, os.path.join(folder, PR_PNG)))
-        threshold, source = report_threshold(model.ckpt_dir, checkpoint, scores, labels)
+        threshold, source = report_threshold(class_dir, checkpoint, scores, labels)
         written.append(plot_score_histogram(scores, labels, threshold, source, name, os.path.join(folder, HISTOGRAM_PNG)))
         LOGGER.info("%s: plots written to %s", name, folder)
     return written

@@ -692,30 +692,20 @@ def test_the_summary_mean_row_has_no_best_epoch():
 
 
 def test_record_epoch_replaces_the_rows_of_a_rerun_epoch(tmp_path):
-    class Model:
-        ckpt_dir = str(tmp_path)
-        global_step = 7
-        epoch_stats = {"loss": 0.5}
-
     path = str(tmp_path / utils.HISTORY_NAME)
     utils.write_history(path, [utils.history_row(e, e, {"loss": 1.0}, None) for e in range(3)])
-    utils.record_epoch(Model(), 1, [0.9, 0.0, 0.8, 0.0, 0.0])
+    utils.record_epoch(str(tmp_path), 1, 7, {"loss": 0.5}, [0.9, 0.0, 0.8, 0.0, 0.0])
     rows = utils.read_history(path)
     assert [row["epoch"] for row in rows] == [0, 1] and rows[1]["loss"] == 0.5 and rows[1]["pixel_auroc"] == 0.8
 
 
 @pytest.mark.parametrize("damage", [bytes(range(128, 256)) * 2, b"a,b\n1,2\n"])  # not text; another table
 def test_a_damaged_history_is_kept_aside_and_a_new_one_started(tmp_path, caplog, damage):
-    class Model:
-        ckpt_dir = str(tmp_path)
-        global_step = 3
-        epoch_stats = {"loss": 0.5}
-
     path = tmp_path / utils.HISTORY_NAME
     path.write_bytes(damage)
     with pytest.raises(ValueError):
         utils.read_history(str(path))
-    utils.record_epoch(Model(), 2, None)
+    utils.record_epoch(str(tmp_path), 2, 3, {"loss": 0.5}, None)
     assert (tmp_path / (utils.HISTORY_NAME + ".old")).read_bytes() == damage  # nothing written is lost
     assert [row["epoch"] for row in utils.read_history(str(path))] == [2]
     assert any("kept as" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)

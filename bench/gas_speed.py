@@ -32,17 +32,18 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, List
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, int_range, synchronize  # noqa: E402
-from glass import FrozenTrueHalf, ascent_gradient_from_scores, ascent_pass_is_exact  # noqa: E402
-from model import Discriminator, onednn_linear_available  # noqa: E402
+
+if TYPE_CHECKING:  # torch and the project are imported after the arguments are read
+    import torch
+
+    from model import Discriminator
 
 PROFILES: Dict[str, dict] = {
     "cpu": dict(rows=8 * 16 * 16, dim=512, hidden=512, repeats=15),
@@ -52,6 +53,11 @@ PROFILES: Dict[str, dict] = {
 
 def variants(discriminator: Discriminator, true_feats: torch.Tensor) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The timed passes, each from synthetic features to their gradient."""
+    import torch
+
+    from glass import FrozenTrueHalf, ascent_gradient_from_scores
+    from model import onednn_linear_available
+
     by_hand = FrozenTrueHalf(discriminator, true_feats)
     through_autograd = FrozenTrueHalf(discriminator, true_feats)
     through_autograd.by_hand = False
@@ -77,6 +83,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int_range(0), default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the passes run (auto: CUDA, else MPS, else CPU)")
     args = parser.parse_args(argv)
+    import torch  # after the arguments, so that --help and mistakes answer at once
+
+    from glass import ascent_pass_is_exact
+    from model import Discriminator
+
     device = bench_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

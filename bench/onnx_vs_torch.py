@@ -20,18 +20,20 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import glass  # noqa: E402
 import utils  # noqa: E402
-from utils import GlassError  # noqa: E402
+from utils import DeferredModule, GlassError  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.predict_speed import fused_predict  # noqa: E402
+
+# Imported at first use, so that --help and option mistakes answer without loading torch (seconds).
+np = DeferredModule("numpy")
+torch = DeferredModule("torch")
+glass = DeferredModule("glass")
 
 
 def load_pth2onnx():

@@ -34,18 +34,19 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import backbones  # noqa: E402
-import glass  # noqa: E402
 import utils  # noqa: E402
-from utils import GlassError  # noqa: E402
+from utils import DeferredModule, GlassError  # noqa: E402
 from bench.machine import DEVICE_CHOICES, bench_device, describe_machine, int_range, synchronize  # noqa: E402
+
+# Imported at first use, so that --help and option mistakes answer without loading torch (seconds).
+np = DeferredModule("numpy")
+torch = DeferredModule("torch")
+backbones = DeferredModule("backbones")
+glass = DeferredModule("glass")
 
 DATA_DEFAULT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 

@@ -271,7 +271,7 @@ class FrozenTrueHalf:
         return grad[rows:].mm(linear.weight)
 
 
-def judges_only(training_data) -> bool:
+def judges_only(training_data: DataLoader) -> bool:
     """Whether the training loader's dataset was built with ``--distribution 1`` (judge the class, train nothing)."""
     return getattr(getattr(training_data, "dataset", None), "distribution", 0) == 1
 
@@ -1300,7 +1300,7 @@ class GLASS(torch.nn.Module):
             _, grids = self._embed(torch.zeros(1, *self.input_shape, device=self.device), evaluation=True)
         return int(grids[0][0]), int(grids[0][1])
 
-    def check_mask_grid(self, training_data) -> None:
+    def check_mask_grid(self, training_data: DataLoader) -> None:
         """Refuse, before training, a Perlin mask grid (imagesize // downsampling) unlike the feature grid."""
         dataset = getattr(training_data, "dataset", None)
         size, downsampling = getattr(dataset, "imgsize", None), getattr(dataset, "downsampling", None)
@@ -1482,7 +1482,8 @@ class GLASS(torch.nn.Module):
             LOGGER.info("Textures decoded at every draw: kept, they would need more than %s",
                         common.gigabytes(budget - kept))
 
-    def setup_feature_caches(self, center_data, val_data, training_data=None) -> None:
+    def setup_feature_caches(self, center_data: DataLoader, val_data: DataLoader,
+                             training_data: Optional[DataLoader] = None) -> None:
         """Cache the backbone features of the centre-pass images and of ``val_data`` (``--cache``).
 
         Not with ``--train_backbone`` (the features change every step). With train-time augmentation the
@@ -1943,7 +1944,7 @@ class LazyImages(collections.abc.Sequence):
         self.order = list(order)
 
     @staticmethod
-    def supports(dataloader) -> bool:
+    def supports(dataloader: DataLoader) -> bool:
         """Whether ``dataloader``'s dataset can give back its images by index."""
         dataset = getattr(dataloader, "dataset", None)
         return dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
@@ -2097,7 +2098,7 @@ def load_trained(class_dir: str, device: torch.device | str = "cpu", checkpoint:
 PREDICTION_COLUMNS = ["image", "score", "threshold", "anomalous", "heatmap", "overlay"]
 
 
-def calibrate_threshold(model: GLASS, test_loader) -> Dict[str, Any]:
+def calibrate_threshold(model: GLASS, test_loader: DataLoader) -> Dict[str, Any]:
     """The F1-best image-score threshold on a labelled test set, with how it was chosen and how it does there."""
     _, scores, _, labels, _ = model.predict(test_loader)
     labels = np.asarray(labels).astype(int)

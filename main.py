@@ -426,7 +426,8 @@ def predict(inputs, subdataset, dataset_name, backbone_index, threshold, calibra
     return "predict", run_predict
 
 
-def make_loader(data, batch_size: int, num_workers: int, shuffle: bool) -> torch.utils.data.DataLoader:
+def make_loader(data: torch.utils.data.Dataset, batch_size: int, num_workers: int, shuffle: bool
+                ) -> torch.utils.data.DataLoader:
     """A DataLoader with the reference's settings (prefetch 2, pinned memory on CUDA).
 
     The anomaly synthesis (texture, Perlin mask, blending) runs in ``__getitem__``, so in the workers.

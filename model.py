@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -265,7 +265,8 @@ class PatchMaker:
         self.patchsize = patchsize
         self.stride = stride
 
-    def patchify(self, features: torch.Tensor, return_spatial_info: bool = False):
+    def patchify(self, features: torch.Tensor, return_spatial_info: bool = False
+                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[int]]]:
         """(B, C, H, W) -> (B, H' * W', C, p, p) with zero padding (p - 1) / 2, plus (H', W')."""
         padding = int((self.patchsize - 1) / 2)
         unfolded = F.unfold(features, kernel_size=self.patchsize, stride=self.stride, padding=padding)

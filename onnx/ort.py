@@ -304,7 +304,7 @@ def overlay_image(crop_rgb: np.ndarray, heatmap_bgr: np.ndarray, alpha: float = 
 
 def score_images(
     session: onnxruntime.InferenceSession, meta: Dict, paths: Sequence[str], batch_size: int = 8
-):
+) -> Iterator[Tuple[str, float, np.ndarray, np.ndarray]]:
     """Yield ``(path, score, anomaly_map, crop)`` for every image, batch by batch."""
     input_name = session.get_inputs()[0].name
     for start in range(0, len(paths), batch_size):

@@ -1712,7 +1712,8 @@ class GLASS(torch.nn.Module):
         try:
             gas = global_anomaly_synthesis(
                 self._discriminate, true_feats, center, r_t,
-                noise_std=self.noise_std, steps=self.ascent_steps, hypersphere=self.hypersphere, mining=self.mining, radius=self.radius,
+                noise_std=self.noise_std, steps=self.ascent_steps, hypersphere=self.hypersphere, mining=self.mining,
+                radius=self.radius,
                 ascent_gradient=ascent_gradient, final_scores=final_scores,
             )
         except NonFiniteLossError as exc:

@@ -518,7 +518,6 @@ def smoothing_matrix(size: int, sigma: float) -> np.ndarray:
 # when it fits there, else runs without a cache, and ``off`` never caches. ``--cache_dtype float16``
 # halves the room but rounds the cached features (an opt-in that changes the numbers).
 
-CACHE_MODES, CACHE_DTYPES = utils.CACHE_MODES, utils.CACHE_DTYPES
 # Cached content, in order of preference: final patch embeddings, else the backbone's layer maps.
 CACHE_CONTENTS = ("embeddings", "maps")
 # --cache auto uses RAM for at most this share of the available memory; --cache ram for at most this one.
@@ -588,8 +587,8 @@ def plan_cache(mode: str, sizes: Dict[str, int], folder: str) -> CachePlan:
     disk when they fit on the disk of ``folder``, else off. ``ram``/``disk`` insist on their storage
     and raise a GlassError when neither content fits.
     """
-    if mode not in CACHE_MODES:
-        raise GlassError(f"--cache {mode} is not one of {', '.join(CACHE_MODES)}")
+    if mode not in utils.CACHE_MODES:
+        raise GlassError(f"--cache {mode} is not one of {', '.join(utils.CACHE_MODES)}")
     if mode == "off":
         return CachePlan("off", reason="--cache off")
     memory = available_memory()

@@ -66,7 +66,7 @@ SHAPING_KEYS = ("backbone", "layers_to_extract_from", "input_shape")
 NUMERICALLY_NEUTRAL_OPTIONS = ("cache", "svd")
 SPEED_OPTION_DEFAULTS = {"cache_dtype": "float32", "amp": "off", "compile": False, "channels_last": False,
                          "onednn": False, "fuse_head": False}
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # utils.AMP_MODES other than off
 # The decoded, resized training images are kept in memory (GLASS._preload_training_images) when they take at most
 # this share of the available memory, or this many bytes when it cannot be read.
 PRELOAD_MEMORY_SHARE = 0.1
@@ -706,12 +706,12 @@ class GLASS(torch.nn.Module):
                            onednn: bool, fuse_head: bool = False) -> None:
         """Feature cache settings, autocast, torch.compile, channels-last, oneDNN and the fused inference head
         (see :meth:`load`)."""
-        if cache not in common.CACHE_MODES:
-            raise GlassError(f"--cache {cache} is not one of {', '.join(common.CACHE_MODES)}")
-        if cache_dtype not in common.CACHE_DTYPES:
-            raise GlassError(f"--cache_dtype {cache_dtype} is not one of {', '.join(common.CACHE_DTYPES)}")
-        if amp not in ("off", *AMP_DTYPES):
-            raise GlassError(f"--amp {amp} is not one of off, {', '.join(AMP_DTYPES)}")
+        if cache not in utils.CACHE_MODES:
+            raise GlassError(f"--cache {cache} is not one of {', '.join(utils.CACHE_MODES)}")
+        if cache_dtype not in utils.CACHE_DTYPES:
+            raise GlassError(f"--cache_dtype {cache_dtype} is not one of {', '.join(utils.CACHE_DTYPES)}")
+        if amp not in utils.AMP_MODES:
+            raise GlassError(f"--amp {amp} is not one of {', '.join(utils.AMP_MODES)}")
         self.cache_mode, self.cache_dtype = cache, cache_dtype
         self.train_cache: Optional[common.FeatureCache] = None
         self.test_cache: Optional[common.FeatureCache] = None

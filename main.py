@@ -523,7 +523,7 @@ def run(methods, results_path, gpu, seed, log_group, log_project, run_name, test
 
 
 def _run_classes(methods, list_of_dataloaders, results_path, excel_dir, device, seed, test,
-                 add_result: Callable[[int, str, str, List[float]], None],
+                 add_result: Callable[[int, str, List[float]], None],
                  add_stopped: Callable[[str], None], say: Callable[[str], None] = click.echo,
                  log_lone_stop: bool = False) -> Dict[str, int]:
     """The per-class loop of :func:`run`: ``add_result(class index, name, metrics)`` (:func:`utils.output_name`) for every

@@ -838,10 +838,14 @@ class GLASS(torch.nn.Module):
                        "layers, patch size or image size, delete it and test again with those", path)
 
     def close(self) -> None:
-        """Close the TensorBoard writer of the class folder (a later use opens a new one)."""
+        """Close the TensorBoard writer of the class folder (a later use opens a new one). A write it could not
+        finish (a full disk) is a warning: the checkpoints and CSV files, which it does not touch, say what was kept."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as exc:
+                LOGGER.warning("The TensorBoard log in %s may lack its last entries: %s", self.tb_dir, exc)
 
     def best_checkpoint(self) -> Optional[str]:
         """Path of ``ckpt_best_<epoch>.pth`` in the class folder, if any (the highest epoch if several)."""

@@ -1003,6 +1003,7 @@ def cli(argv: List[str] | None = None) -> int:
     utils.escape_undecodable_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # Python warnings (Pillow's about huge images, say) as log lines
+    utils.quiet_tensorboard_thread_errors()
     args = sys.argv[1:] if argv is None else list(argv)
     if "--help" not in args:
         LOGGER.info("Command line arguments: %s", " ".join([sys.argv[0] if argv is None else "main.py", *args]))

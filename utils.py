@@ -146,6 +146,24 @@ def interruptions_deferred() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+def quiet_tensorboard_thread_errors() -> None:
+    """Keep the traceback of an OSError in TensorBoard's event-writer thread (a full disk, say) off the terminal:
+    the writer raises it again in the main thread at its next use or close, where it is reported in one line.
+    Every other thread error keeps Python's report. Installing it twice changes nothing."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args: "threading.ExceptHookArgs") -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+            LOGGER.debug("TensorBoard's event writer stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    hook.quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def check_gpu_ids(gpu_ids: Sequence[int]) -> None:
     """GlassError naming the first ``--gpu`` id that this machine's CUDA devices do not have (no check without CUDA)."""
     import torch

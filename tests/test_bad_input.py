@@ -882,3 +882,33 @@ def test_a_checkpoint_without_a_discriminator_is_one_line(capsys, results, data,
     torch.save({"weights": {}}, results / CLASS_DIR / "ckpt_best_0.pth")  # a torch file, but not a GLASS checkpoint
     assert_fails(capsys, results, cli_args(results, data, dtd_root, main=["--test", "test"]),
                  "ckpt_best_0.pth is not a GLASS checkpoint (it has no 'discriminator' entry)")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), whose writes fail with ENOSPC")
+def test_a_full_disk_under_tensorboard_is_a_warning_line_not_a_traceback(capsys, caplog, tmp_path, monkeypatch):
+    # TensorBoard writes its events from a thread of its own. On a full disk that thread's traceback stays off the
+    # terminal (main.py installs the hook) and closing the class folder's writer, which raises the thread's error
+    # again, warns in one line: the error that counts (a checkpoint that could not be written) is reported by main.
+    import threading
+
+    import utils
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's own (pytest's is in place)
+    utils.quiet_tensorboard_thread_errors()
+    utils.quiet_tensorboard_thread_errors()  # twice: still one hook
+    import backbones
+
+    cpu = torch.device("cpu")
+    model = glass.GLASS(cpu)
+    model.load(backbones.load("efficientnet_lite0"), ["blocks.2"], cpu, (3, 64, 64), 32, 32, dsc_hidden=16)
+    model.tb_dir = str(tmp_path / "tb")
+    events = model.tb_writer._get_file_writer().event_writer._async_writer  # tensorboard 2.21's internals
+    events._writer._writer = open("/dev/full", "wb", buffering=0)
+    model.tb_writer.add_scalar("train/loss", 1.0, 0)
+    events._worker.join(timeout=10)  # the writer thread ends on the failed write
+    assert not events._worker.is_alive()
+    model.close()
+    assert "Traceback" not in capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "TensorBoard log in" in warnings[0] and "No space left on device" in warnings[0]
+    assert model._writer is None

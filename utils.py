@@ -719,9 +719,12 @@ def excel_path(excel_dir: str, dataset_name: str) -> str:
 
 
 def keep_unreadable(path: str, exc: BaseException, then: str) -> str:
-    """Copy a file that could not be read to ``<path>.old`` before it is replaced (nothing already written is lost),
-    warn saying what happens ``then``; returns the copy's path."""
-    kept = path + ".old"
+    """Copy a file that could not be read to ``<path>.old`` (``.old.1``, ``.old.2``, ... when that exists) before it
+    is replaced, so that nothing already written is lost; warn saying what happens ``then``; returns the copy's path."""
+    kept, number = path + ".old", 0
+    while os.path.lexists(kept):
+        number += 1
+        kept = f"{path}.old.{number}"
     shutil.copyfile(path, kept)
     LOGGER.warning("Could not read %s (%s): kept as %s, %s", path, exception_summary(exc), kept, then)
     return kept
@@ -1396,9 +1399,9 @@ def write_class_report(results_path: str, class_dir: str, name: str, checkpoint:
 # The run's summary (from results.csv, so that the numbers are the same)
 
 def read_results(path: str) -> Tuple[List[str], List[List[str]]]:
-    """The header and rows of a results.csv, as text."""
+    """The header and rows of a results.csv, as text; blank lines (an editor's trailing newline) are left out."""
     with open(path, newline="") as handle:
-        table = list(csv.reader(handle))
+        table = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
     return table[0], table[1:]
 
 

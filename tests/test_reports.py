@@ -548,12 +548,21 @@ def test_results_csv_keeps_the_rows_of_classes_tested_by_earlier_runs(tmp_path, 
     assert run_main(["--results_path", results, "--test", "test", *net,
                      *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
     assert table() == both
-    # A results.csv that cannot be read is kept as results.csv.old, and a new table is started.
-    (results / "results.csv").write_text("not,the,columns\n")
+    # Blank lines (an editor's trailing newline, say) are not damage: every row is kept.
+    with open(results / "results.csv", "a", newline="") as handle:
+        handle.write("\r\n,,\r\n")
     assert run_main(["--results_path", results, "--test", "test", *net,
                      *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
+    assert table() == both and not (results / "results.csv.old").exists()
+    # A results.csv that cannot be read is kept as results.csv.old, and a new table is started; a second one
+    # does not overwrite that copy.
+    for damage, kept in [("not,the,columns\n", "results.csv.old"), ("still,not,them\n", "results.csv.old.1")]:
+        (results / "results.csv").write_text(damage)
+        assert run_main(["--results_path", results, "--test", "test", *net,
+                         *tiny_dataset_args(data, dtd_root, classes=("tire",))]) == 0
+        assert (results / kept).read_text() == damage
+        assert list(table()) == ["mvtec_tire", "Mean"]
     assert (results / "results.csv.old").read_text() == "not,the,columns\n"
-    assert list(table()) == ["mvtec_tire", "Mean"]
 
 
 def _gone(pid: int) -> bool:

@@ -613,13 +613,21 @@ class AnomalyDataset(torch.utils.data.Dataset):
         image transform's first step."""
         return transforms.Resize(self.resize) if self.rand_aug else self.transform_img.transforms[0]
 
+    def _load_texture(self, path: str) -> PIL.Image.Image:
+        """The decoded texture; UnreadableImageError also when resizing it would take too much memory."""
+        picture = load_image(path)
+        problem = elongation_problem(path, picture.size, self.resize)
+        if problem is not None:
+            raise UnreadableImageError(problem)
+        return picture
+
     def _texture(self, path: str, transform: transforms.Compose) -> torch.Tensor:
         """Texture ``path`` through ``transform``: from its kept resized picture after :meth:`preload_textures`."""
         kept = self.resized_textures.get(path)
         try:
             if kept is not None:
                 return transforms.Compose(transform.transforms[1:])(kept)
-            return transform(load_image(path))
+            return transform(self._load_texture(path))
         except UnreadableImageError as exc:  # a shared texture: every class would meet it, so the run stops
             raise GlassError(f"{exc} (a texture of AUG_PATH)") from None
 
@@ -754,7 +762,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
         def resized(path: str) -> Optional[PIL.Image.Image]:
             try:
-                return resize(load_image(path))
+                return resize(self._load_texture(path))
             except UnreadableImageError:
                 return None
 

@@ -686,11 +686,19 @@ def test_config_recorded_by_testing_a_reference_folder_with_wrong_options(capsys
     assert json.loads((results / CLASS_DIR / "config.json").read_text())["net"]["patchsize"] == 3
 
 
-def test_a_truncated_texture_stops_the_run(capsys, tmp_path, data, dtd_root):
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "Error: cannot read image"),
+    # resized to 64 px on its shorter side, 64 x 12,800,000 pixels (its tensors took 17 GB before the check)
+    ("elongated", "thin.png is 1x200000 pixels: resized to 64 on its shorter side it would take 819 million pixels"),
+])
+def test_a_texture_that_cannot_be_used_stops_the_run(capsys, tmp_path, data, dtd_root, damage, message):
     textures = tmp_path / "textures" / "banded"
     textures.mkdir(parents=True)
-    source = sorted((dtd_root / "banded").iterdir())[0]
-    (textures / source.name).write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    if damage == "truncated":
+        source = sorted((dtd_root / "banded").iterdir())[0]
+        (textures / source.name).write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    else:
+        PIL.Image.new("RGB", (1, 200_000), (90, 60, 30)).save(textures / "thin.png")
     shutil.copytree(data / "tire", data / "tire2")
     results = tmp_path / "fresh"
     args = ["--results_path", results, *NET,
@@ -699,7 +707,7 @@ def test_a_truncated_texture_stops_the_run(capsys, tmp_path, data, dtd_root):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in err
-    assert errors[0].startswith("Error: cannot read image") and errors[0].endswith("(a texture of AUG_PATH)")
+    assert message in errors[0] and errors[0].endswith("(a texture of AUG_PATH)")
     assert not (results / CLASS_DIR.parent / "mvtec_tire2").exists()  # the run stopped at the first class
 
 

@@ -28,6 +28,7 @@ from datasets.base import (  # noqa: F401  (DatasetSplit re-exported: the loader
     DatasetSplit,
     Mask,
     IMAGE_EXTENSIONS,
+    is_broken_link,
     list_images,
     other_files,
     subfolders,
@@ -158,6 +159,15 @@ class MVTecDataset(AnomalyDataset):
                          hint="a class folder needs train/good and test/<good|defect type> folders")
             return []
         folders = subfolders(split_dir)
+        for name in sorted(os.listdir(split_dir)):
+            if not name.startswith(".") and is_broken_link(os.path.join(split_dir, name)):
+                problems.add("folder that is a broken link", self.relative(os.path.join(split_dir, name)),
+                             plural="folders that are broken links", hint="fix the links or remove them")
+        loose = [self.relative(path) for path in other_files(split_dir, extensions=())]
+        if loose:
+            LOGGER.warning("%s: %d file(s) left out, directly in %s and not in one of its <good|defect type> folders: %s",
+                           self.classname, len(loose), self.relative(split_dir),
+                           ", ".join(loose[:3]) + (", ..." if len(loose) > 3 else ""))
         if train and not any(folder in self.NORMAL_FOLDERS for folder in folders):
             problems.add("missing training folder", self.relative(os.path.join(split_dir, self.NORMAL_FOLDERS[0])),
                          hint="put the defect-free training images there")

@@ -440,6 +440,24 @@ def test_broken_links_to_images_and_masks_are_named(tmp_path):
     (cls / "ground_truth" / "cut" / "000_mask.png").symlink_to(tmp_path / "gone_mask.png")
     with pytest.raises(GlassError, match=r"1 mask that is a broken link \(part/ground_truth/cut/000_mask.png; the link"):
         MVTecDataset(tmp_path, DTD, classname="part", split=DatasetSplit.TEST)
+    # A defect type's folder that is a link to nowhere: left out silently, its images would change the metrics.
+    (cls / "ground_truth" / "cut" / "000_mask.png").unlink()
+    save(sorted((TIRE / "ground_truth" / "cut").iterdir())[0], cls / "ground_truth" / "cut" / "000_mask.png")
+    (cls / "test" / "hole").symlink_to(tmp_path / "moved" / "hole")
+    with pytest.raises(GlassError, match=r"1 folder that is a broken link \(part/test/hole; fix the links or remove them\)"):
+        MVTecDataset(tmp_path, DTD, classname="part", split=DatasetSplit.TEST)
+
+
+def test_files_directly_in_a_split_folder_are_named_as_left_out(tmp_path, caplog):
+    cls = tmp_path / "part"
+    for i, path in enumerate(first(TIRE / "train" / "good", 2)):
+        save(path, cls / "train" / "good" / f"{i:03d}.png")
+    save(first(TIRE / "train" / "good", 1, start=2)[0], cls / "train" / "002.png")  # not in train/good
+    (cls / "train" / ".DS_Store").write_bytes(b"\0")  # hidden: not named
+    assert len(MVTecDataset(tmp_path, DTD, classname="part")) == 2
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning == ("part: 1 file(s) left out, directly in part/train and not in one of its <good|defect type> "
+                       "folders: part/train/002.png")
 
 
 def test_data_of_another_layout_or_a_class_folder_gets_the_right_hint(tmp_path):

@@ -531,8 +531,10 @@ CACHE_FOLDER_PREFIX = ".glass-feature-cache-"
 _FOLDER_PATTERN = re.compile(re.escape(CACHE_FOLDER_PREFIX) + r"(\d+)-")
 
 
-def gigabytes(nbytes: float) -> str:
-    """A byte count as ``"1.23 GB"`` (GiB) for messages."""
+def byte_size(nbytes: float) -> str:
+    """A byte count for messages: ``"1.23 GB"`` (GiB), or ``"45.6 MB"`` (MiB) below a tenth of a GiB."""
+    if abs(nbytes) < 2**30 / 10:
+        return f"{nbytes / 2**20:.1f} MB"
     return f"{nbytes / 2**30:.2f} GB"
 
 
@@ -599,25 +601,27 @@ def plan_cache(mode: str, sizes: Dict[str, int], folder: str) -> CachePlan:
             fits = need[content] <= share * memory if memory is not None else (
                 mode == "ram" or need[content] <= UNKNOWN_MEMORY_RAM_LIMIT)
             if fits:
-                known = f"{gigabytes(memory)} available" if memory is not None else "available memory unknown"
-                return CachePlan("ram", content, need[content], f"{gigabytes(need[content])} in memory ({known})")
+                known = f"{byte_size(memory)} available" if memory is not None else "available memory unknown"
+                return CachePlan("ram", content, need[content], f"{byte_size(need[content])} in memory ({known})")
         if mode == "ram":
             raise GlassError(
-                f"--cache ram needs {gigabytes(min(need.values()))} but {gigabytes(memory or 0)} of memory is available: "
+                f"--cache ram needs {byte_size(min(need.values()))} but {byte_size(memory or 0)} of memory is available: "
                 "use --cache auto, disk or off"
             )
     disk = free_disk(folder)
     for content in CACHE_CONTENTS:
         if disk is None or need[content] * 1.1 + DISK_MARGIN_BYTES <= disk:
-            return CachePlan("disk", content, need[content], f"{gigabytes(need[content])} on disk under {folder}")
+            return CachePlan("disk", content, need[content], f"{byte_size(need[content])} on disk under {folder}")
     if mode == "disk":
+        smallest = min(need.values())
         raise GlassError(
-            f"--cache disk needs {gigabytes(min(need.values()))} but {gigabytes(disk or 0)} is free under {folder}: "
-            "use --cache off or free some space"
+            f"--cache disk needs {byte_size(smallest * 1.1 + DISK_MARGIN_BYTES)} of free disk space ({byte_size(smallest)} "
+            f"of features, 10 % more and {byte_size(DISK_MARGIN_BYTES)} to spare) but {byte_size(disk or 0)} is free "
+            f"under {folder}: use --cache off or free some space"
         )
     return CachePlan("off", reason=(
-        f"the cache would need {gigabytes(min(need.values()))}: more than half of the available memory "
-        f"({gigabytes(memory or 0)}) and more than the free disk space ({gigabytes(disk or 0)})"
+        f"the cache would need {byte_size(min(need.values()))}: more than half of the available memory "
+        f"({byte_size(memory or 0)}) and more than the free disk space ({byte_size(disk or 0)})"
     ))
 
 

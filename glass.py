@@ -1470,10 +1470,10 @@ class GLASS(torch.nn.Module):
         kept = dataset.preload_images(budget)
         if kept:
             LOGGER.info("Training images decoded and resized once: %d images, %s in memory", len(dataset),
-                        common.gigabytes(kept))
+                        common.byte_size(kept))
         else:
             LOGGER.info("Training images decoded at every epoch: kept, they would need more than %s",
-                        common.gigabytes(budget))
+                        common.byte_size(budget))
         textures = len(getattr(dataset, "anomaly_source_paths", []))
         draws = epochs * min(len(dataset), self.sample_limit + (training_data.batch_size or 1))  # an epoch stops past --limit
         if not textures or draws < textures:
@@ -1481,10 +1481,10 @@ class GLASS(torch.nn.Module):
         kept_textures = dataset.preload_textures(budget - kept)
         if kept_textures:
             LOGGER.info("Textures decoded and resized once: %d textures, %s in memory", len(dataset.resized_textures),
-                        common.gigabytes(kept_textures))
+                        common.byte_size(kept_textures))
         else:
             LOGGER.info("Textures decoded at every draw: kept, they would need more than %s",
-                        common.gigabytes(budget - kept))
+                        common.byte_size(budget - kept))
 
     def setup_feature_caches(self, center_data: DataLoader, val_data: DataLoader,
                              training_data: Optional[DataLoader] = None) -> None:

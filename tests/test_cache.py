@@ -252,8 +252,14 @@ def test_plan_chooses_memory_then_disk_then_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "free_disk", lambda folder: 2**30)
     plan = common.plan_cache("auto", sizes, str(tmp_path))
     assert plan.storage == "off" and "more than half of the available memory" in plan.reason
-    with pytest.raises(common.GlassError, match="--cache disk needs"):
+    with pytest.raises(common.GlassError, match=r"--cache disk needs 4.90 GB of free disk space \(4.00 GB of features, "
+                                                r"10 % more and 0.50 GB to spare\) but 1.00 GB is free under "):
         common.plan_cache("disk", sizes, str(tmp_path))
+    # A nearly full small disk: the sizes in MB, not "needs 0.00 GB but 0.00 GB is free".
+    monkeypatch.setattr(common, "free_disk", lambda folder: 150 * 2**10)
+    with pytest.raises(common.GlassError, match=r"needs 0.50 GB of free disk space \(0.5 MB of features, .* but "
+                                                r"0.1 MB is free"):
+        common.plan_cache("disk", {"embeddings": 2**20, "maps": 2**19}, str(tmp_path))
     assert common.plan_cache("off", sizes, str(tmp_path)).storage == "off"
 
 

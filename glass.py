@@ -931,6 +931,10 @@ class GLASS(torch.nn.Module):
     def read_training_checkpoint(self) -> Optional[dict]:
         """The class folder's ``ckpt.pth`` (None when absent); a damaged file is a GlassError."""
         path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            what = "a link to nowhere" if os.path.islink(path) and not os.path.exists(path) else "not a file"
+            raise GlassError(f"{path} is {what}: move it away (training resumes from that file, so it is not "
+                             "passed over)")
         if not os.path.isfile(path):
             return None
         fix = f"delete it to train {os.path.basename(self.ckpt_dir)} from the start"

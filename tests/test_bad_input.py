@@ -606,6 +606,25 @@ def test_truncated_training_checkpoint(capsys, results, data, dtd_root):
                  "cannot read checkpoint", "ckpt.pth", "delete it to train mvtec_tire from the start")
 
 
+@pytest.mark.parametrize("kind", ["folder", "link to nowhere"])
+def test_a_training_checkpoint_that_is_not_a_file_stops_training(capsys, results, data, dtd_root, kind):
+    # Passed over as absent, it made a folder with a best checkpoint count as finished (by the reference?).
+    ckpt = results / CLASS_DIR / "ckpt.pth"
+    ckpt.unlink()
+    if kind == "folder":
+        ckpt.mkdir()
+    else:
+        ckpt.symlink_to(results / "moved" / "ckpt.pth")
+    best = (results / CLASS_DIR / "ckpt_best_0.pth").read_bytes()
+    assert run_main(cli_args(results, data, dtd_root, net=["--meta_epochs", "2"])) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert "Traceback" not in err and len(errors) == 1
+    assert errors[0].endswith(f"ckpt.pth is {'not a file' if kind == 'folder' else 'a link to nowhere'}: move it away "
+                              "(training resumes from that file, so it is not passed over)")
+    assert (results / CLASS_DIR / "ckpt_best_0.pth").read_bytes() == best
+
+
 def test_checkpoint_of_another_configuration(capsys, results, data, dtd_root):
     config = results / CLASS_DIR / "config.json"
     config.unlink()  # without its config.json only the checkpoint itself can tell

@@ -238,7 +238,11 @@ def keep_freed_memory() -> bool:
     """
     if not glibc_version():
         return False
-    if os.environ.get("GLASS_MALLOC", "") == "system" or any(name in os.environ for name in _MALLOC_ENVIRONMENT) \
+    setting = os.environ.get("GLASS_MALLOC", "")
+    if setting not in ("", "system"):
+        LOGGER.warning("GLASS_MALLOC=%s is not a setting and is ignored: its one value is 'system' (glibc's own "
+                       "malloc settings); unset it to keep freed memory for reuse", setting)
+    if setting == "system" or any(name in os.environ for name in _MALLOC_ENVIRONMENT) \
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:

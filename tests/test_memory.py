@@ -82,3 +82,15 @@ def test_freed_memory_is_reused_without_page_faults(size, count):
 def test_the_users_own_malloc_settings_are_left_alone(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     assert utils.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("value", ["bogus", "System"])
+def test_a_glass_malloc_value_that_means_nothing_is_named(value):
+    # In a child process: keep_freed_memory changes the malloc of the process it runs in.
+    script = "import logging, sys; sys.path.insert(0, sys.argv[1]); import utils; logging.basicConfig(); " \
+             "print(utils.keep_freed_memory())"
+    done = subprocess.run([sys.executable, "-c", script, str(Path(utils.__file__).parent)], capture_output=True,
+                          text=True, env={**os.environ, "GLASS_MALLOC": value}, check=True)
+    assert done.stdout.strip() == "True"  # ignored: as without it
+    assert done.stderr.startswith(f"WARNING:utils:GLASS_MALLOC={value} is not a setting and is ignored: its one "
+                                  "value is 'system'") and len(done.stderr.splitlines()) == 1

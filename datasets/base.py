@@ -103,7 +103,21 @@ def missing_file_problem(kind: str, path: str, unreadable_hint: str = "replace o
         return f"{kind} that is a broken link", f"the link points to {os.readlink(path)}, which does not exist: fix or remove it"
     if not os.path.isfile(path):
         return f"missing {kind}", ""
+    if over_pixel_limit(path):
+        return (f"{kind} over Pillow's pixel limit", f"Pillow refuses images of more than {2 * PIL.Image.MAX_IMAGE_PIXELS} "
+                "pixels as possible decompression bombs: downscale them")
     return f"unreadable {kind}", unreadable_hint
+
+
+def over_pixel_limit(path: str) -> bool:
+    """Whether Pillow refuses to open the image at ``path`` for its size (``PIL.Image.DecompressionBombError``)."""
+    try:
+        with PIL.Image.open(path):
+            return False
+    except PIL.Image.DecompressionBombError:
+        return True
+    except Exception:  # unreadable for another reason
+        return False
 
 
 def subfolders(folder: str) -> List[str]:

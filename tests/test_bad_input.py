@@ -180,6 +180,15 @@ def test_unreadable_image(capsys, results, data, dtd_root):
     assert_fails(capsys, results, cli_args(results, data, dtd_root), "unreadable image", broken.name)
 
 
+def test_an_image_over_pillows_pixel_limit_is_named_as_such(capsys, monkeypatch, results, data, dtd_root):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 140_000)  # tire's 320 x 427 pass; twice the limit does not
+    large = sorted((data / "tire" / "test" / "good").iterdir())[0]
+    PIL.Image.open(large).resize((640, 854)).save(large)
+    assert_fails(capsys, results, cli_args(results, data, dtd_root), "1 image over Pillow's pixel limit",
+                 f"{large.name}; Pillow refuses images of more than 280000 pixels as possible decompression bombs: "
+                 "downscale them")
+
+
 def test_an_image_too_elongated_to_resize(capsys, results, data, dtd_root, tmp_path):
     thin = data / "tire" / "train" / "good" / "thin.png"
     PIL.Image.new("L", (3_000_000, 1), 128).save(thin)  # resized to 64 px high: 192,000,000 x 64 pixels (memory ran out)

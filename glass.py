@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -384,7 +385,9 @@ def cpu_copy(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def read_checkpoint_file(path: str, device: torch.device | str = "cpu", fix: str = "delete it and train again") -> dict:
     """``torch.load(path, weights_only=True)`` as a dict; a damaged or foreign file is a GlassError."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the error says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise GlassError(f"cannot read checkpoint {path} ({utils.exception_summary(exc)}): it is damaged or not a checkpoint; {fix}") from None
     if not isinstance(state, dict) or "discriminator" not in state:

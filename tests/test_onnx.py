@@ -4,9 +4,11 @@ import csv
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -343,6 +345,13 @@ def test_bare_checkpoint_options_and_files_are_checked_first(class_dir, tmp_path
     assert pth2onnx.main(["--class_dir", str(class_dir), "--checkpoint", str(notes), "--no_check"]) == 2
     line = one_error_line(capsys)
     assert "cannot read checkpoint" in line and "give a ckpt_best_<epoch>.pth written by GLASS" in line
+    foreign = tmp_path / "foreign.pth"
+    with open(foreign, "wb") as handle:
+        pickle.dump({"a": 1}, handle, protocol=4)  # torch's loader warns about the protocol before it refuses
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pth2onnx.main(["--class_dir", str(class_dir), "--checkpoint", str(foreign), "--no_check"]) == 2
+    assert "cannot read checkpoint" in one_error_line(capsys) and not caught
 
 
 @pytest.mark.parametrize("option, says", [

@@ -1394,7 +1394,7 @@ class GLASS(torch.nn.Module):
         loader = self._judge_loader(training_data)
         total = None
         with torch.no_grad(), isolated_rng():
-            for batch in loader:
+            for batch in utils.iter_loader(loader):
                 batch_mean = batch["image"].to(torch.float).mean(dim=0)
                 total = batch_mean if total is None else total + batch_mean
         mean_image = utils.torch_format_2_numpy_img((total / len(loader)).cpu().numpy())
@@ -1560,8 +1560,8 @@ class GLASS(torch.nn.Module):
         self.embedder.eval()
         probe_done = False
         with torch.no_grad(), isolated_rng():
-            for batch in tqdm.tqdm(loader, desc="Caching training features", leave=False, unit="batch",
-                                   disable=None):
+            for batch in tqdm.tqdm(utils.iter_loader(loader), desc="Caching training features", leave=False,
+                                   unit="batch", disable=None):
                 images = batch["image"].to(torch.float).to(self.device)
                 indices = [int(i) for i in batch["index"]]
                 features, grids, maps = self._embed_plain(images)
@@ -1589,7 +1589,7 @@ class GLASS(torch.nn.Module):
         masks: List[np.ndarray] = []
         order: List[int] = []
         with torch.no_grad(), isolated_rng():
-            for batch in tqdm.tqdm(loader, desc="Caching test features", leave=False, unit="batch",
+            for batch in tqdm.tqdm(utils.iter_loader(loader), desc="Caching test features", leave=False, unit="batch",
                                    disable=None):
                 images = batch["image"].to(torch.float).to(self.device)
                 indices = [int(i) for i in batch["index"]] if "index" in batch else \
@@ -1625,7 +1625,7 @@ class GLASS(torch.nn.Module):
             for indices in cache.batches:
                 yield len(indices), cache.embeddings(indices, self._embed_plain_maps, self.device)
             return
-        for batch in center_data:
+        for batch in utils.iter_loader(center_data):
             images = batch["image"].to(torch.float).to(self.device)
             yield images.shape[0], self._embed_plain(images)[0]
 
@@ -1663,7 +1663,7 @@ class GLASS(torch.nn.Module):
         history: Dict[str, List[float]] = {k: [] for k in ("loss", "p_true", "p_fake", "r_t", "r_g", "r_f")}
         sample_num = 0
         epoch_str = ""
-        for step, batch in enumerate(training_data):
+        for step, batch in enumerate(utils.iter_loader(training_data)):
             _kill_hook(epoch, step)
             stats = self._train_step(batch)
             if step == 0:  # TensorBoard grid of the epoch's first LAS batch (utils.py, "Reports")
@@ -1802,7 +1802,8 @@ class GLASS(torch.nn.Module):
                 return self._predict_cached(cache, dataloader, keep_images)
             images, scores, segmentations, labels_gt, masks_gt, order = [], [], [], [], [], []
             lazy = not keep_images and LazyImages.supports(dataloader)
-            for batch in tqdm.tqdm(dataloader, desc="Inferring...", leave=False, unit="batch", disable=None):
+            for batch in tqdm.tqdm(utils.iter_loader(dataloader), desc="Inferring...", leave=False, unit="batch",
+                                   disable=None):
                 labels_gt.extend(np.asarray(batch["is_anomaly"]).tolist())
                 if batch.get("mask_gt", None) is not None:
                     masks_gt.append(batch["mask_gt"].numpy())

@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # torch, OpenCV and metrics (scikit-learn) are imported by the functions that use them, so that main.py's
 # --help, which needs this module's errors and signal handling, answers without loading them.
 LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -125,11 +126,16 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+# The handlers that each open interruptions_deferred() replaced, innermost last (main thread only).
+_DEFERRED_HANDLERS: List[Dict[int, Any]] = []
+
+
 @contextlib.contextmanager
 def interruptions_deferred() -> Iterator[None]:
     """While inside, SIGINT, SIGTERM and SIGHUP wait: on leaving, each one that came is raised again and handled as
     it would have been (in the main thread; elsewhere no change). For steps that must not be cut in two, such as
-    starting a worker process and recording that it runs."""
+    starting a worker process and recording that it runs. A process forked inside gets the handlers back at once
+    (:func:`_restore_handlers_in_child`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -137,13 +143,39 @@ def interruptions_deferred() -> Iterator[None]:
     signums = [signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
                if signal.getsignal(signum) is not signal.SIG_IGN]
     previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in signums}
+    _DEFERRED_HANDLERS.append(previous)
     try:
         yield
     finally:
+        _DEFERRED_HANDLERS.pop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for signum in dict.fromkeys(arrived):
             signal.raise_signal(signum)
+
+
+def _restore_handlers_in_child() -> None:
+    """At-fork hook: a child forked inside :func:`interruptions_deferred` (a DataLoader worker) gets the handlers
+    that it replaced, so that Ctrl-C and torch's SIGTERM still end the child. A signal that the child got before
+    this hook ran is dropped there: a Ctrl-C reaches the parent too (same process group), which stops its workers."""
+    for previous in reversed(_DEFERRED_HANDLERS):  # the outermost deferral's handlers last: the original ones
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _DEFERRED_HANDLERS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_restore_handlers_in_child)
+
+
+def iter_loader(loader: Iterable[T]) -> Iterator[T]:
+    """``iter(loader)`` with SIGINT, SIGTERM and SIGHUP deferred until it returns (:func:`interruptions_deferred`).
+
+    A DataLoader with workers forks them there, and Python runs its at-fork hooks (logging's) around each fork:
+    a Ctrl-C that comes during a hook is raised inside it, printed as "Exception ignored" and lost (the run went on,
+    or a worker died and the run failed). Deferred, it is raised once the iterator, and each worker, exists."""
+    with interruptions_deferred():
+        return iter(loader)
 
 
 def quiet_tensorboard_thread_errors() -> None:

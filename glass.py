@@ -37,7 +37,7 @@ import metrics
 import utils
 from datasets import LOADERS
 from datasets import inputs as image_inputs
-from datasets.base import WIDE_MODES, elongation_problem, image_header, load_image, warn_wide_images
+from datasets.base import WIDE_MODES, elongation_problem, image_header, is_broken_link, load_image, warn_wide_images
 from loss import FocalLoss
 from model import (
     Discriminator, FusedHead, LayerPooling, LinearWithKnownRows, OneDNNLinearMode, Projection, fuse_head,
@@ -935,7 +935,7 @@ class GLASS(torch.nn.Module):
         """The class folder's ``ckpt.pth`` (None when absent); a damaged file is a GlassError."""
         path = os.path.join(self.ckpt_dir, TRAINING_CHECKPOINT)
         if os.path.lexists(path) and not os.path.isfile(path):
-            what = "a link to nowhere" if os.path.islink(path) and not os.path.exists(path) else "not a file"
+            what = "a link to nowhere" if is_broken_link(path) else "not a file"
             raise GlassError(f"{path} is {what}: move it away (training resumes from that file, so it is not "
                              "passed over)")
         if not os.path.isfile(path):

@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import List, Optional, Sequence
 
-from datasets.base import IMAGE_EXTENSIONS, is_image
+from datasets.base import IMAGE_EXTENSIONS, is_broken_link, is_image
 from utils import GlassError
 
 HEATMAP_SUFFIX, OVERLAY_SUFFIX = "_heatmap.png", "_overlay.png"  # written per image besides predictions.csv
@@ -28,7 +28,7 @@ def collect_images(inputs: Sequence[str], output_dir: Optional[str] = None) -> L
             matches = files_below(item)
         elif os.path.isfile(item):
             matches = [item]
-        elif os.path.islink(item) and not os.path.exists(item):
+        elif is_broken_link(item):
             raise GlassError(f"{item} is a broken link (to {os.readlink(item)}, which does not exist): fix or remove it")
         else:
             matches = sorted(glob.glob(item, recursive=True))
